@@ -1,0 +1,3 @@
+"""fedmed: federated learning for hospitals (CNN + Transformer fusion on Flower)."""
+
+__version__ = "0.1.0"

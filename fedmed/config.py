@@ -1,0 +1,298 @@
+"""Typed configuration loaded from YAML, with ``key=value`` overrides.
+
+The YAML files in ``configs/`` are the single source of settings. Only the edges (CLIs,
+Flower app handlers) call :func:`load_config`; everything below takes these typed objects.
+Unknown keys, wrong types and out-of-range values are errors that name the key and file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "NotesConfig",
+    "TrainConfig",
+    "FederationConfig",
+    "PrivacyConfig",
+    "TrackingConfig",
+    "SiteConfig",
+    "FedmedConfig",
+    "load_config",
+    "load_site_config",
+    "apply_overrides",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where a site's data lives and how it becomes tensors."""
+
+    root: str | None = Field(None, description="folder with one sub-folder per site")
+    sites: list[str] | None = Field(None, description="site folders to use (default: all)")
+    classes: list[str] = Field(..., min_length=2, description="label names, in output order")
+    id_column: str = "patient_id"
+    label_column: str = "label"
+    notes_column: str | None = None
+    numeric: list[str] = Field(default_factory=list)
+    categorical: dict[str, list[str]] = Field(
+        default_factory=dict, description="column -> allowed values (fixed vocabulary)"
+    )
+    ignore_columns: list[str] = Field(default_factory=list)
+    image_size: int = Field(64, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    window: tuple[float, float] | None = Field(
+        None, description="DICOM (center, width); default: the file's VOI LUT / full range"
+    )
+    clahe: bool = False
+    denoise: bool = False
+    augment: bool = True
+    imputation: Literal["median", "knn"] = "median"
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    split_seed: int = 0
+    cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+class NotesConfig(_Strict):
+    """Optional free-text notes encoder (a small `transformers` encoder, no downloads)."""
+
+    enabled: bool = False
+    encoder_dir: str | None = Field(None, description="local transformers model dir")
+    tokenizer_dir: str | None = Field(None, description="local tokenizer dir (else trained)")
+    vocab_size: int = Field(2000, ge=100, le=100_000)
+    max_length: int = Field(48, ge=4, le=512)
+    hidden_size: int = Field(64, ge=16, le=1024)
+    layers: int = Field(1, ge=1, le=24)
+    heads: int = Field(2, ge=1, le=32)
+
+
+class ModelConfig(_Strict):
+    """The fusion model (papers): image CNN + record Transformer + cross-attention fusion."""
+
+    variant: Literal["fusion", "image", "record"] = "fusion"
+    backbone: str = Field("small_cnn", description="fedmed-registered name or any timm name")
+    pretrained_path: str | None = Field(None, description="local weights file for the backbone")
+    embed_dim: int = Field(64, ge=8, le=2048)
+    record_layers: int = Field(2, ge=1, le=12)
+    heads: int = Field(4, ge=1, le=32)
+    fusion_heads: int = Field(4, ge=1, le=32)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    multilabel: bool = False
+    dp_compatible: bool = Field(True, description="GroupNorm, no in-place ops (Opacus-ready)")
+    notes: NotesConfig = Field(default_factory=NotesConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        for name in ("heads", "fusion_heads"):
+            if self.embed_dim % getattr(self, name):
+                raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by {name}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Local training (one site, or a pooled set)."""
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    patience: int = Field(5, ge=0, le=10_000, description="early stopping on val AUC; 0 = off")
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
+    class_weights: bool = True
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    amp: bool = True
+    seed: int = 0
+    grad_clip: float | None = Field(None, gt=0.0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+class FederationConfig(_Strict):
+    """Server-side federation settings."""
+
+    rounds: int = Field(10, ge=1, le=100_000)
+    strategy: str = "fedavg"
+    min_sites: int = Field(2, ge=1)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    proximal_mu: float = Field(0.0, ge=0.0)
+    server_lr: float = Field(0.01, gt=0.0)
+    round_timeout: float = Field(600.0, gt=0.0)
+    central_test: str | None = Field(None, description="site folder held out for central eval")
+    strategy_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrivacyConfig(_Strict):
+    """Sample-level DP at the site (Opacus)."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0.0)
+    target_delta: float = Field(1e-3, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(None, description="default: sqlite:///<output>/mlflow.db")
+    experiment: str = "fedmed"
+
+
+class FedmedConfig(_Strict):
+    """The whole job: data, model, training, federation, privacy, tracking."""
+
+    name: str = "fedmed"
+    output_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class SiteConfig(_Strict):
+    """One hospital's own settings: its data and the caps it enforces."""
+
+    site: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    data_dir: str
+    max_epsilon: float | None = Field(None, gt=0.0)
+    max_delta: float | None = Field(None, gt=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(None, gt=0.0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    cache_dir: str | None = None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``a.b=value`` strings; values are YAML (``3``, ``true``, ``[a, b]``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from exc
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); unknown keys are caught by validation."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {dotted}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, keys: list[tuple[str, ...]]) -> None:
+    """Make relative paths in the file relative to the file's folder, not the CWD."""
+    for key in keys:
+        node = raw
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
+            p = Path(node[key[-1]]).expanduser()
+            if not p.is_absolute() and not str(node[key[-1]]).startswith(("sqlite:", "http")):
+                node[key[-1]] = str((base / p).resolve())
+
+
+_PATH_KEYS = [("data", "root"), ("data", "cache_dir"), ("model", "pretrained_path"),
+              ("federation", "central_test"), ("output_dir",),
+              ("model", "notes", "encoder_dir"), ("model", "notes", "tokenizer_dir")]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    raw: dict[str, Any] | None = None,
+) -> FedmedConfig:
+    """Load a :class:`FedmedConfig` from YAML (or a dict) plus ``key=value`` overrides.
+
+    Relative paths inside the file resolve against the file's folder. Raises
+    :class:`ConfigError` naming every bad key and the file.
+    """
+    source = str(path) if path is not None else "<dict>"
+    data = _read_yaml(path) if path is not None else dict(raw or {})
+    if path is not None:
+        _resolve_paths(data, Path(path).resolve().parent, _PATH_KEYS)
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    data = apply_overrides(data, ov)
+    if ov:
+        source += " (with overrides " + ", ".join(ov) + ")"
+    try:
+        return FedmedConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_site_config(
+    path: str | Path, overrides: list[str] | dict[str, Any] | None = None
+) -> SiteConfig:
+    """Load one hospital's :class:`SiteConfig`; relative ``data_dir`` is file-relative."""
+    data = _read_yaml(path)
+    _resolve_paths(data, Path(path).resolve().parent, [("data_dir",), ("cache_dir",)])
+    ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    data = apply_overrides(data, ov)
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None
