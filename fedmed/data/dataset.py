@@ -1,0 +1,179 @@
+"""The torch Dataset of sample dicts (see the table in ``docs/architecture.md``).
+
+Record features are encoded once in ``__init__`` (the encoder is fitted on the training
+patients only, in :func:`build_splits`); images come from an :class:`ImageCache` so each
+file is decoded once. Augmentation applies to the training split only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from fedmed.config import DataConfig
+from fedmed.data.images import ImageCache, Preprocess
+from fedmed.data.records import RecordEncoder
+from fedmed.data.site import LoadSummary, SiteData
+from fedmed.data.splits import split_patients
+
+__all__ = ["SiteDataset", "SiteSplits", "train_augment", "build_splits", "class_counts"]
+
+log = logging.getLogger(__name__)
+Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def train_augment() -> v2.Compose:
+    """Light, label-preserving augmentation: flip, rotate ±15° and zoom 0.9–1.1, noise σ=0.02.
+
+    Rotation and zoom are one bilinear affine warp (one resampling, half the cost of two).
+    Gaussian noise clips to [0, 1] (``clip=True``), so the output stays a valid image.
+    """
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=15, scale=(0.9, 1.1),
+                        interpolation=v2.InterpolationMode.BILINEAR),
+        v2.GaussianNoise(sigma=0.02, clip=True),
+    ])
+
+
+class SiteDataset(Dataset):
+    """Sample dicts for some rows of a site's ``samples`` table.
+
+    ``cache`` None means images are not loaded: every sample gets a zero image and
+    ``has_image`` 0 (e.g. a record-only model). ``tokenizer`` (``list[str] -> dict(input_ids,
+    attention_mask)``) adds ``notes_ids``/``notes_mask``; notes are tokenised once here.
+    """
+
+    def __init__(
+        self,
+        samples: pd.DataFrame,
+        records: pd.DataFrame,
+        *,
+        encoder: RecordEncoder,
+        spec: Preprocess,
+        cache: ImageCache | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tokenizer: Tokenizer | None = None,
+        notes_column: str | None = None,
+    ) -> None:
+        self.samples = samples.reset_index(drop=True)
+        self.cache, self.spec, self.transform = cache, spec, transform
+        self.labels = np.array(self.samples["label"], dtype=np.int64)
+        self.paths: list[str | None] = [p if isinstance(p, str) else None
+                                        for p in self.samples["image_path"]]
+        has_rec = np.array(self.samples["has_record"], dtype=bool)
+        use_img = np.array(self.samples["has_image"], dtype=bool) & (cache is not None)
+        self.has_image = torch.tensor(use_img, dtype=torch.float32)
+        self.has_record = torch.tensor(has_rec, dtype=torch.float32)
+        rows = records.reindex(self.samples["patient_id"].where(has_rec))
+        enc = encoder.transform(rows)
+        enc["num"][~has_rec] = 0.0
+        enc["num_missing"][~has_rec] = True
+        enc["cat"][~has_rec] = 0
+        self.num = torch.from_numpy(np.ascontiguousarray(enc["num"], dtype=np.float32))
+        self.num_missing = torch.from_numpy(np.ascontiguousarray(enc["num_missing"], dtype=bool))
+        self.cat = torch.from_numpy(np.ascontiguousarray(enc["cat"], dtype=np.int64))
+        self.notes: dict[str, torch.Tensor] | None = None
+        if tokenizer is not None:
+            if not notes_column:
+                raise ValueError("a notes tokenizer was given but data.notes_column is not set")
+            texts = rows[notes_column] if notes_column in rows.columns else pd.Series(
+                index=rows.index, dtype=object)
+            texts = ["" if not isinstance(t, str) else t for t in texts.tolist()]
+            tok = tokenizer(texts)
+            self.notes = {"notes_ids": torch.as_tensor(tok["input_ids"], dtype=torch.int64),
+                          "notes_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.int64)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _image(self, i: int) -> torch.Tensor:
+        if self.has_image[i] == 0:
+            return torch.zeros(self.spec.channels, self.spec.size, self.spec.size)
+        arr = self.cache.load(self.paths[i])  # type: ignore[union-attr]
+        img = torch.from_numpy(arr.astype(np.float32) / 255.0)
+        if self.transform is not None:
+            img = self.transform(img).clamp(0.0, 1.0)
+        return img
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {
+            "image": self._image(i),
+            "num": self.num[i],
+            "num_missing": self.num_missing[i],
+            "cat": self.cat[i],
+            "has_image": self.has_image[i],
+            "has_record": self.has_record[i],
+            "label": torch.tensor(self.labels[i], dtype=torch.int64),
+        }
+        if self.notes is not None:
+            item["notes_ids"] = self.notes["notes_ids"][i]
+            item["notes_mask"] = self.notes["notes_mask"][i]
+        return item
+
+
+def class_counts(dataset: SiteDataset, n_classes: int | None = None) -> np.ndarray:
+    """Samples per class (for class weights); length ``n_classes`` when given."""
+    minlength = n_classes if n_classes is not None else 0
+    return np.bincount(dataset.labels, minlength=minlength).astype(np.int64)
+
+
+@dataclass
+class SiteSplits:
+    """A site's train/val/test datasets plus the encoder fitted on its training patients."""
+
+    train: SiteDataset
+    val: SiteDataset
+    test: SiteDataset
+    encoder: RecordEncoder
+    indices: dict[str, np.ndarray]
+    summary: LoadSummary
+
+
+def build_splits(
+    site: SiteData,
+    data_cfg: DataConfig,
+    *,
+    cache: ImageCache | None = None,
+    tokenizer: Tokenizer | None = None,
+    augment: bool | None = None,
+    progress: bool = True,
+) -> SiteSplits:
+    """Split patients, fit the :class:`RecordEncoder` on TRAIN patients only, build datasets.
+
+    With a ``cache``, every image is decoded up front (``cache.prepare``) so unreadable files
+    fail at once with one :class:`~fedmed.data.images.ImageError`. Without one, images are
+    not loaded (zero images, ``has_image`` 0). ``augment`` defaults to ``data_cfg.augment``.
+    """
+    samples = site.samples
+    spec = cache.spec if cache is not None else Preprocess.from_config(data_cfg)
+    if cache is not None:
+        paths = samples.loc[samples["has_image"], "image_path"].tolist()
+        if paths:
+            cache.prepare(paths, progress=progress)
+    elif bool(samples["has_image"].any()):
+        log.info("build_splits: no image cache given; image samples get zero images")
+    idx = split_patients(samples, val_fraction=data_cfg.val_fraction,
+                         test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed)
+    train_rows = samples.iloc[idx["train"]]
+    train_ids = train_rows.loc[train_rows["has_record"], "patient_id"].unique()
+    encoder = RecordEncoder(numeric=data_cfg.numeric, categorical=data_cfg.categorical,
+                            imputation=data_cfg.imputation)
+    encoder.fit(site.records.loc[list(train_ids)])
+    augment = data_cfg.augment if augment is None else augment
+    common: dict[str, Any] = {"encoder": encoder, "spec": spec, "cache": cache,
+                              "tokenizer": tokenizer, "notes_column": data_cfg.notes_column}
+    sets = {name: SiteDataset(samples.iloc[pos], site.records,
+                              transform=train_augment() if augment and name == "train" else None,
+                              **common)
+            for name, pos in idx.items()}
+    return SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,
+                      indices=idx, summary=site.summary)

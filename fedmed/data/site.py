@@ -1,0 +1,307 @@
+"""Load and validate one site folder (see ``docs/architecture.md``) into samples + records.
+
+Validation collects every problem in the folder and raises one :class:`SiteDataError`
+listing them, each naming the file, column, 1-based line numbers and counts — never a
+patient id, a value of a feature, or a raw row. Label names and file paths may be named.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedmed.config import DataConfig
+from fedmed.data.records import RecordEncoder, RecordError, normalise_value, read_table, to_numeric
+
+__all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
+
+_SHOW = 10  # line numbers / paths shown per problem
+SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site"]
+
+
+class SiteDataError(ValueError):
+    """A site folder breaks the on-disk contract; the message lists every problem found."""
+
+
+@dataclass
+class LoadSummary:
+    """Counts for a loaded site. ``both``/``image_only``/``record_only`` count patients."""
+
+    site: str
+    patients: int = 0
+    images: int = 0
+    samples: int = 0
+    both: int = 0
+    image_only: int = 0
+    record_only: int = 0
+    label_counts: dict[str, int] = field(default_factory=dict)
+    missing_values: dict[str, int] = field(default_factory=dict)
+    unknown_categories: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable two-column table (counts only) for printing."""
+        rows: list[tuple[str, str]] = [("site", self.site)]
+        rows += [(k, str(getattr(self, k))) for k in ("patients", "images", "samples")]
+        rows += [("  with image + record", str(self.both)), ("  image only", str(self.image_only)),
+                 ("  record only", str(self.record_only)), ("samples per label", "")]
+        rows += [(f"  {k}", str(v)) for k, v in self.label_counts.items()]
+        if self.missing_values:
+            rows.append(("missing values", ""))
+            rows += [(f"  {k}", str(v)) for k, v in self.missing_values.items()]
+        unknown = {k: v for k, v in self.unknown_categories.items() if v}
+        rows.append(("unknown categories", "" if unknown else "none"))
+        rows += [(f"  {k}", str(v)) for k, v in unknown.items()]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in rows)
+
+    @classmethod
+    def merge(cls, parts: list["LoadSummary"], *, site: str) -> "LoadSummary":
+        """Sum counts over sites (patients never collide once prefixed by site)."""
+        out = cls(site=site)
+        for p in parts:
+            for k in ("patients", "images", "samples", "both", "image_only", "record_only"):
+                setattr(out, k, getattr(out, k) + getattr(p, k))
+            for k in ("label_counts", "missing_values", "unknown_categories"):
+                merged = dict(getattr(out, k))
+                for key, n in getattr(p, k).items():
+                    merged[key] = merged.get(key, 0) + int(n)
+                setattr(out, k, merged)
+        return out
+
+
+@dataclass
+class SiteData:
+    """One site: ``samples`` (one row per sample) and ``records`` (indexed by patient id)."""
+
+    name: str
+    site_dir: Path
+    samples: pd.DataFrame
+    records: pd.DataFrame
+    summary: LoadSummary
+
+
+def _lines(index: pd.Index) -> str:
+    word = ("row" if index.name == "row" else "line") + ("s" if len(index) > 1 else "")
+    shown = ", ".join(str(i) for i in list(index[:_SHOW]))
+    more = f" and {len(index) - _SHOW} more" if len(index) > _SHOW else ""
+    return f"{word} {shown}{more}"
+
+
+def _ids(col: pd.Series) -> pd.Series:
+    """Patient ids as stripped strings ("007" stays "007"); empty → NaN."""
+    if pd.api.types.is_numeric_dtype(col):
+        return col.map(normalise_value).astype(object)
+    out = col.astype("string").str.strip().astype(object)
+    return out.where(out.notna() & (out != ""), np.nan)
+
+
+def _labels(col: pd.Series) -> pd.Series:
+    return col.map(normalise_value).astype(object)
+
+
+def _check_labels(df: pd.DataFrame, col: str, classes: dict[str, int], path: Path,
+                  problems: list[str], *, allow_empty: bool) -> pd.Series:
+    labels = _labels(df[col])
+    if not allow_empty and labels.isna().any():
+        problems.append(f"{path}: column {col!r} is empty on {int(labels.isna().sum())} "
+                        f"row(s) ({_lines(df.index[labels.isna()])})")
+    bad = labels.notna() & ~labels.isin(list(classes))
+    if bad.any():
+        counts = labels[bad].value_counts()
+        vals = ", ".join(f"{str(v)[:40]!r} ({n})" for v, n in counts.items())
+        problems.append(f"{path}: column {col!r} has {int(bad.sum())} label(s) not in "
+                        f"data.classes {list(classes)}: {vals} ({_lines(df.index[bad])})")
+    return labels
+
+
+def _check_columns(df: pd.DataFrame, required: list[str], allowed: list[str], path: Path,
+                   cfg: DataConfig, problems: list[str]) -> bool:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        problems.append(f"{path}: missing required column(s) {missing}")
+    extra = [c for c in df.columns if c not in allowed and c not in cfg.ignore_columns]
+    if extra:
+        problems.append(f"{path}: column(s) {extra} are not in the config; add them to "
+                        "`data.ignore_columns` to skip them (or to data.numeric / "
+                        "data.categorical to use them)")
+    return not missing
+
+
+def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
+                  problems: list[str]) -> tuple[pd.DataFrame, pd.Series] | None:
+    df = read_table(path)
+    idc, labc = cfg.id_column, cfg.label_column
+    features = [*cfg.numeric, *cfg.categorical] + ([cfg.notes_column] if cfg.notes_column else [])
+    required = list(dict.fromkeys([idc, labc, *features]))
+    complete = _check_columns(df, required, required, path, cfg, problems)
+    ids = _ids(df[idc]) if idc in df.columns else None
+    if ids is not None and ids.isna().any():
+        problems.append(f"{path}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
+                        f"({_lines(df.index[ids.isna()])})")
+    dup = ids.notna() & ids.duplicated(keep=False) if ids is not None else None
+    if dup is not None and dup.any():
+        problems.append(f"{path}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
+                        f"appear on more than one row ({int(dup.sum())} rows: "
+                        f"{_lines(df.index[dup])}); records hold one row per patient")
+    labels = (_check_labels(df, labc, classes, path, problems, allow_empty=False)
+              if labc in df.columns else None)
+    for col in (c for c in cfg.numeric if c in df.columns):
+        bad = df[col].notna() & to_numeric(df[col]).isna()
+        bad &= df[col].astype("string").str.strip().fillna("") != ""
+        if bad.any():
+            problems.append(f"{path}: numeric column {col!r} has {int(bad.sum())} value(s) that "
+                            f"are not finite numbers ({_lines(df.index[bad])})")
+    if not complete or ids is None or labels is None:
+        return None
+    out = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="patient_id"))
+    for col in features:
+        out[col] = to_numeric(df[col]).to_numpy() if col in cfg.numeric else df[col].to_numpy()
+    return out, pd.Series(labels.to_numpy(), index=out.index)
+
+
+def _rel(p: str, site_dir: Path) -> str:
+    try:
+        return str(Path(p).relative_to(site_dir))
+    except ValueError:
+        return p
+
+
+def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
+                 rec_labels: pd.Series | None, problems: list[str]) -> pd.DataFrame | None:
+    """``rec_labels`` None means the records could not be read: skip label cross-checks."""
+    df = read_table(path)
+    idc, labc = cfg.id_column, cfg.label_column
+    if not _check_columns(df, ["image", idc], ["image", idc, labc], path, cfg, problems):
+        return None
+    ids, files = _ids(df[idc]), df["image"].astype("string").str.strip()
+    for col, vals in (("image", files.isna() | (files == "")), (idc, ids.isna())):
+        if vals.any():
+            problems.append(f"{path}: column {col!r} is empty on {int(vals.sum())} row(s) "
+                            f"({_lines(df.index[vals])})")
+    files = files.fillna("")
+    full = [str(Path(f) if Path(f).is_absolute() else (site_dir / f).absolute()) if f else ""
+            for f in files]
+    absent = [f for f, p in zip(files, full) if f and not os.path.isfile(p)]
+    if absent:
+        shown = ", ".join(_rel(f, site_dir) for f in absent[:_SHOW])
+        more = f" and {len(absent) - _SHOW} more" if len(absent) > _SHOW else ""
+        problems.append(f"{path}: {len(absent)} image file(s) in column 'image' do not exist: "
+                        f"{shown}{more}")
+    own = (_check_labels(df, labc, classes, path, problems, allow_empty=True)
+           if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
+    lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
+    rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
+    clash = own.notna() & rec.notna() & (own != rec)
+    if clash.any():
+        problems.append(f"{path}: column {labc!r} disagrees with the patient's label in the "
+                        f"records on {int(clash.sum())} row(s) ({_lines(df.index[clash])})")
+    orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
+    if orphan.any():
+        problems.append(f"{path}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
+                        f"record to take it from ({_lines(df.index[orphan])})")
+    label = own.where(own.notna(), rec)
+    return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
+                         "label": label.to_numpy()})
+
+
+def _records_path(site_dir: Path) -> Path | None:
+    found = [site_dir / n for n in ("records.csv", "records.parquet") if (site_dir / n).is_file()]
+    if len(found) > 1:
+        raise SiteDataError(f"{site_dir}: both records.csv and records.parquet exist; keep one")
+    return found[0] if found else None
+
+
+def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = None) -> SiteData:
+    """Read and validate ``records.*`` and/or ``images.csv`` in ``site_dir``.
+
+    Image-only and record-only patients are kept (``has_record`` / ``has_image`` False).
+    Raises :class:`SiteDataError` listing every problem (file, column, line numbers, counts).
+    """
+    site_dir = Path(site_dir).expanduser().absolute()
+    if not site_dir.is_dir():
+        raise SiteDataError(f"site folder not found: {site_dir}")
+    name = name or site_dir.name
+    rec_path, img_path = _records_path(site_dir), site_dir / "images.csv"
+    if rec_path is None and not img_path.is_file():
+        raise SiteDataError(f"{site_dir}: no records.csv, records.parquet or images.csv "
+                            "(see docs/architecture.md for the site folder layout)")
+    classes = {normalise_value(c): i for i, c in enumerate(data_cfg.classes)}
+    problems: list[str] = []
+    try:
+        loaded = _load_records(rec_path, data_cfg, classes, problems) if rec_path else None
+        records, rec_labels = loaded if loaded else (None, None)
+        if rec_path is None:  # image-only site: labels must come from images.csv
+            rec_labels = pd.Series(dtype=object)
+        images = (_load_images(img_path, site_dir, data_cfg, classes, rec_labels, problems)
+                  if img_path.is_file() else None)
+    except RecordError as exc:
+        raise SiteDataError(str(exc)) from None
+    if problems:
+        raise SiteDataError(f"site {name!r} ({site_dir}): {len(problems)} problem(s):\n  - "
+                            + "\n  - ".join(problems))
+    if records is None or rec_labels is None:
+        feats = [*data_cfg.numeric, *data_cfg.categorical]
+        feats += [data_cfg.notes_column] if data_cfg.notes_column else []
+        records = pd.DataFrame(columns=feats, index=pd.Index([], name="patient_id", dtype=object))
+        rec_labels = pd.Series(dtype=object)
+    return _assemble(name, site_dir, data_cfg, classes, records, rec_labels, images)
+
+
+def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
+              records: pd.DataFrame, rec_labels: pd.Series,
+              images: pd.DataFrame | None) -> SiteData:
+    rec_ids = set(records.index)
+    img_ids = set(images["patient_id"]) if images is not None else set()
+    parts = []
+    if images is not None:
+        parts.append(images.assign(has_image=True))
+    only = [i for i in records.index if i not in img_ids]
+    parts.append(pd.DataFrame({"patient_id": only, "image_path": None,
+                               "label": rec_labels.loc[only].to_numpy(), "has_image": False}))
+    samples = pd.concat(parts, ignore_index=True)
+    samples["patient_id"] = samples["patient_id"].astype(str)
+    samples["image_path"] = samples["image_path"].astype(object).where(samples["has_image"], None)
+    samples["label"] = samples["label"].map(classes).astype(np.int64)
+    samples["has_image"] = samples["has_image"].astype(bool)
+    samples["has_record"] = samples["patient_id"].isin(rec_ids)
+    samples["site"] = name
+    samples = samples[SAMPLE_COLUMNS]
+    counts = np.bincount(samples["label"].to_numpy(), minlength=len(cfg.classes))
+    features = [*cfg.numeric, *cfg.categorical]
+    unknown = RecordEncoder(numeric=[], categorical=cfg.categorical).unknown_counts(records)
+    summary = LoadSummary(
+        site=name, patients=len(rec_ids | img_ids),
+        images=0 if images is None else len(images), samples=len(samples),
+        both=len(rec_ids & img_ids), image_only=len(img_ids - rec_ids),
+        record_only=len(rec_ids - img_ids),
+        label_counts={c: int(n) for c, n in zip(cfg.classes, counts)},
+        missing_values={c: int(records[c].isna().sum()) for c in features},
+        unknown_categories=unknown,
+    )
+    return SiteData(name=name, site_dir=site_dir, samples=samples, records=records,
+                    summary=summary)
+
+
+def combine_sites(sites: list[SiteData], name: str = "pooled") -> SiteData:
+    """Pool sites: patient ids become ``"<site>/<id>"``; ``site`` keeps each sample's site."""
+    if not sites:
+        raise ValueError("combine_sites needs at least one site")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must be unique to pool them, got {names}")
+    samples = pd.concat([s.samples.assign(patient_id=s.name + "/" + s.samples["patient_id"])
+                         for s in sites], ignore_index=True)
+    records = pd.concat([s.records.set_axis(s.name + "/" + s.records.index.astype(str))
+                         for s in sites if len(s.records)] or [sites[0].records])
+    records.index.name = "patient_id"
+    root = Path(os.path.commonpath([str(s.site_dir) for s in sites]))
+    summary = LoadSummary.merge([s.summary for s in sites], site=name)
+    return SiteData(name=name, site_dir=root, samples=samples, records=records, summary=summary)

@@ -1,0 +1,138 @@
+"""fedmed.data.dataset: the sample-dict contract, train-only fitting and augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fedmed.data.dataset import build_splits, class_counts, train_augment
+from fedmed.data.images import ImageCache, ImageError, Preprocess
+from fedmed.data.records import to_numeric
+from fedmed.data.site import load_site
+
+# key -> (dtype, shape) for data_cfg: 1 channel, 16x16, 2 numeric, 2 categorical
+CONTRACT = {
+    "image": (torch.float32, (1, 16, 16)),
+    "num": (torch.float32, (2,)),
+    "num_missing": (torch.bool, (2,)),
+    "cat": (torch.int64, (2,)),
+    "has_image": (torch.float32, ()),
+    "has_record": (torch.float32, ()),
+    "label": (torch.int64, ()),
+}
+
+
+@pytest.fixture
+def splits(make_site, data_cfg):
+    site = load_site(make_site(), data_cfg)
+    cache = ImageCache(data_cfg.cache_dir, Preprocess.from_config(data_cfg))
+    return site, build_splits(site, data_cfg, cache=cache, progress=False)
+
+
+def test_items_follow_the_contract(splits):
+    _, sp = splits
+    for ds in (sp.train, sp.val, sp.test):
+        for i in range(len(ds)):
+            item = ds[i]
+            assert set(item) == set(CONTRACT)
+            for key, (dtype, shape) in CONTRACT.items():
+                assert item[key].dtype == dtype and tuple(item[key].shape) == shape, key
+            assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+
+
+def test_missing_modalities(splits):
+    site, sp = splits
+    seen = {"image_only": 0, "record_only": 0}
+    for ds in (sp.train, sp.val, sp.test):
+        for i in range(len(ds)):
+            item = ds[i]
+            if item["has_record"] == 0:
+                seen["image_only"] += 1
+                assert item["num"].eq(0).all() and item["num_missing"].all()
+                assert item["cat"].eq(0).all() and item["has_image"] == 1
+            if item["has_image"] == 0:
+                seen["record_only"] += 1
+                assert item["image"].eq(0).all() and item["has_record"] == 1
+    assert seen == {"image_only": 2, "record_only": 4}
+
+
+def test_encoder_fitted_on_train_patients_only(splits):
+    site, sp = splits
+    train_ids = site.samples.iloc[sp.indices["train"]]["patient_id"].unique()
+    train_rec = site.records.loc[[i for i in train_ids if i in site.records.index]]
+    assert sp.encoder.mean[0] == pytest.approx(to_numeric(train_rec["age"]).mean())
+    assert sp.encoder.mean[0] != pytest.approx(to_numeric(site.records["age"]).mean())
+    held = site.samples.iloc[np.concatenate([sp.indices["val"], sp.indices["test"]])]
+    assert not set(held["patient_id"]) & set(train_ids)
+
+
+def test_augmentation_is_train_only(splits):
+    _, sp = splits
+    assert sp.train.transform is not None and sp.val.transform is None and sp.test.transform is None
+    i = int(np.flatnonzero(sp.train.has_image.numpy())[0])
+    torch.manual_seed(0)
+    a, b = sp.train[i]["image"], sp.train[i]["image"]
+    assert not torch.equal(a, b)  # noise makes two draws differ
+    j = int(np.flatnonzero(sp.val.has_image.numpy())[0])
+    assert torch.equal(sp.val[j]["image"], sp.val[j]["image"])
+
+
+def test_train_augment_keeps_shape_and_range():
+    out = train_augment()(torch.rand(3, 16, 16))
+    assert out.shape == (3, 16, 16) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_loader_batches_and_class_counts(splits):
+    site, sp = splits
+    batch = next(iter(DataLoader(sp.train, batch_size=4)))
+    assert batch["image"].shape == (4, 1, 16, 16) and batch["label"].shape == (4,)
+    counts = class_counts(sp.train, 2)
+    assert counts.sum() == len(sp.train) and (counts > 0).all()
+    total = sum(class_counts(d, 2) for d in (sp.train, sp.val, sp.test))
+    assert total.tolist() == list(site.summary.label_counts.values())
+    assert sp.summary is site.summary and sp.train.labels.dtype == np.int64
+
+
+def test_notes_are_tokenised_once(make_site, data_cfg):
+    import pandas as pd
+
+    site_dir = make_site()
+    rec = pd.read_csv(site_dir / "records.csv", dtype=str)
+    rec["notes"] = ["cough" if k % 2 else "no complaints today" for k in range(len(rec))]
+    rec.to_csv(site_dir / "records.csv", index=False)
+    data_cfg.notes_column = "notes"
+    calls = []
+
+    def tokenizer(texts):
+        calls.append(len(texts))
+        ids = torch.zeros(len(texts), 6, dtype=torch.long)
+        for k, t in enumerate(texts):
+            n = min(len(t.split()), 6)
+            ids[k, :n] = torch.arange(1, n + 1)
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+    sp = build_splits(load_site(site_dir, data_cfg), data_cfg, cache=None, tokenizer=tokenizer,
+                      progress=False)
+    assert len(calls) == 3  # once per split, in __init__
+    item = sp.train[0]
+    assert item["notes_ids"].dtype == torch.int64 and item["notes_ids"].shape == (6,)
+    assert item["notes_mask"].shape == (6,)
+
+
+def test_without_cache_images_are_not_loaded(make_site, data_cfg):
+    sp = build_splits(load_site(make_site(), data_cfg), data_cfg, cache=None, progress=False)
+    item = sp.train[0]
+    assert item["image"].shape == (1, 16, 16) and item["has_image"] == 0
+
+
+def test_corrupt_image_fails_up_front(make_site, data_cfg):
+    site_dir = make_site()
+    (site_dir / "images" / "p002_0.png").write_bytes(b"garbage")
+    (site_dir / "images" / "p003_0.png").write_bytes(b"")
+    site = load_site(site_dir, data_cfg)
+    cache = ImageCache(data_cfg.cache_dir, Preprocess.from_config(data_cfg))
+    with pytest.raises(ImageError, match="2 of 47 images could not be read") as err:
+        build_splits(site, data_cfg, cache=cache, progress=False)
+    assert "p002_0.png" in str(err.value) and "SECRET" not in str(err.value)
