@@ -1,0 +1,325 @@
+"""Image backbones through one factory: fedmed's registered CNNs, else any timm model.
+
+Every backbone has the same surface: ``num_features`` (channels / token width),
+``output`` (``"map"`` → ``forward`` returns ``(B, C, h, w)``; ``"tokens"`` → ``(B, N, D)``)
+and ``default_cfg`` (preprocessing defaults: input size, mean, std). Nothing is ever
+downloaded: weights come only from a local file (``pretrained_path``).
+
+``dp_compatible=True`` makes the network Opacus-ready: BatchNorm → GroupNorm (affine
+parameters carried over) and every ``inplace`` flag off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_CFGS",
+    "SmallCNN",
+    "create_backbone",
+    "list_backbones",
+    "load_state_dict_file",
+    "make_dp_compatible",
+    "register_backbone",
+]
+
+log = logging.getLogger(__name__)
+
+_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+#: Preprocessing defaults per registered backbone (timm models use their pretrained_cfg).
+DEFAULT_CFGS: dict[str, dict[str, Any]] = {
+    "small_cnn": {"input_size": 64, "mean": 0.0, "std": 1.0, "first_conv": "blocks.0.0"},
+}
+
+
+def register_backbone(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a backbone factory ``fn(*, in_chans) -> nn.Module`` under ``fn.__name__``."""
+    name = fn.__name__
+    if name in _BACKBONES:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _BACKBONES[name] = fn
+    return fn
+
+
+def list_backbones() -> list[str]:
+    """Names registered with :func:`register_backbone` (any timm name works too)."""
+    return sorted(_BACKBONES)
+
+
+def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class SmallCNN(nn.Module):
+    """Three [conv-GN-ReLU ×2, maxpool] blocks (w, 2w, 4w channels); DP-safe by design."""
+
+    def __init__(self, in_chans: int = 1, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_chans
+        for c in (width, 2 * width, 4 * width):
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c, 3, padding=1),
+                    _group_norm(c, 8),
+                    nn.ReLU(inplace=False),
+                    nn.Conv2d(c, c, 3, padding=1),
+                    _group_norm(c, 8),
+                    nn.ReLU(inplace=False),
+                    nn.MaxPool2d(2),
+                )
+            )
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.num_features = 4 * width
+        self.output = "map"
+        self.default_cfg = dict(DEFAULT_CFGS["small_cnn"])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` → feature map ``(B, 4w, H/8, W/8)``."""
+        return self.blocks(x)
+
+
+@register_backbone
+def small_cnn(*, in_chans: int, width: int = 32) -> SmallCNN:
+    return SmallCNN(in_chans=in_chans, width=width)
+
+
+class TimmBackbone(nn.Module):
+    """A headless timm model (``num_classes=0, global_pool=""``) behind the backbone surface.
+
+    ``forward`` calls the model itself (so Opacus' module hooks fire) and returns its
+    unpooled features; NHWC maps (Swin-like) come back as NCHW, ViT-like models give tokens.
+    ``num_features`` / ``output`` are measured by :func:`create_backbone` with one probe pass.
+    """
+
+    def __init__(self, model: nn.Module, *, name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.num_features = int(model.num_features)
+        self._nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size", (3, 224, 224))
+        self.default_cfg = {
+            "input_size": int(size[-1]),
+            "mean": cfg.get("mean", (0.485, 0.456, 0.406)),
+            "std": cfg.get("std", (0.229, 0.224, 0.225)),
+            "first_conv": cfg.get("first_conv"),
+        }
+        self.output = "map"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model(x)
+        if self._nhwc and f.ndim == 4:
+            f = f.permute(0, 3, 1, 2)
+        return f
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pth``/``.pt``/``.bin``/``.safetensors`` (CPU, tensors only).
+
+    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints and a ``module.`` prefix.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+    for key in ("state_dict", "model", "state_dict_ema", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_weights(model: nn.Module, path: str | Path, *, in_chans: int) -> None:
+    """Load what matches (strict=False); adapt input convs to ``in_chans``; error if none."""
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    keep: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        target = own[k]
+        if v.shape != target.shape:
+            if v.ndim == 4 and v.shape[0] == target.shape[0] and v.shape[2:] == target.shape[2:]:
+                from timm.models import adapt_input_conv
+
+                v = adapt_input_conv(in_chans, v, base_chans=v.shape[1])
+            if v.shape != target.shape:
+                skipped.append(f"{k} {tuple(v.shape)}→{tuple(target.shape)}")
+                continue
+        keep[k] = v.to(target.dtype)
+    if not keep:
+        sample = ", ".join(list(sd)[:5])
+        raise ValueError(
+            f"no weights in {path} match the backbone (file keys start: {sample}); "
+            "is it a state dict for this architecture?"
+        )
+    missing, _ = model.load_state_dict(keep, strict=False)
+    log.info(
+        "loaded %d/%d tensors from %s (%d model tensors not in file, %d shape mismatches)",
+        len(keep), len(sd), path, len(missing), len(skipped),
+    )
+    if skipped:
+        log.warning("skipped tensors with mismatched shapes: %s", "; ".join(skipped[:10]))
+
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """BatchNorm → GroupNorm(gcd(32, C), C) keeping affine params; turn off ``inplace``.
+
+    Works in place on ``model`` and returns it. timm's BatchNormAct keeps its activation.
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _bn_to_gn(child))
+        else:
+            make_dp_compatible(child)
+    for m in model.modules():
+        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
+            m.inplace = False
+        _break_inplace_residual(m)
+    return model
+
+
+class _Clone(nn.Module):
+    """Identity that returns a copy: a later in-place op then never hits a hooked output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def _break_inplace_residual(block: nn.Module) -> None:
+    """timm ResNet blocks do ``x += shortcut`` on the last norm's output.
+
+    Opacus' backward hooks make that output a view that must not be modified in place,
+    so the (unused) ``drop_path`` slot gets a parameter-free clone; state-dict keys stay.
+    """
+    try:
+        from timm.models.resnet import BasicBlock, Bottleneck
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return
+    if isinstance(block, (BasicBlock, Bottleneck)) and block.se is None:
+        if block.drop_path is None or isinstance(block.drop_path, nn.Identity):
+            block.drop_path = _Clone()
+
+
+def _bn_to_gn(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    c = bn.num_features
+    groups = math.gcd(32, c)
+    gn: nn.GroupNorm
+    act_like = hasattr(bn, "act") and hasattr(bn, "drop")
+    if act_like:  # timm BatchNormAct2d: norm + drop + act in one module
+        from timm.layers import GroupNormAct
+
+        gn = GroupNormAct(c, num_groups=groups, eps=bn.eps, affine=bn.affine)
+        gn.act, gn.drop = bn.act, bn.drop
+    else:
+        gn = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine)
+    if bn.affine:
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight)
+            gn.bias.copy_(bn.bias)
+    return gn.to(device=bn.weight.device if bn.affine else None)
+
+
+def _unknown(name: str) -> ValueError:
+    import timm
+
+    close = timm.list_models(f"*{name}*")[:8]
+    hint = f" Close timm names: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"unknown backbone {name!r}. Registered: {', '.join(list_backbones())}; "
+        f"any timm model name also works (see timm.list_models()).{hint}"
+    )
+
+
+def create_backbone(
+    name: str,
+    *,
+    in_chans: int,
+    pretrained_path: str | Path | None = None,
+    dp_compatible: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a headless backbone by name: registered names first, else timm (random init).
+
+    ``pretrained_path``: a local state dict; keys load with ``strict=False`` (input convs are
+    adapted to ``in_chans``) and a file that matches nothing is an error. Extra ``kwargs``
+    go to the factory (e.g. ``img_size=64`` for a timm ViT). Raises ``ValueError`` for an
+    unknown name, listing the registered ones.
+    """
+    if name in _BACKBONES:
+        model = _BACKBONES[name](in_chans=in_chans, **kwargs)
+        target = model
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise _unknown(name)
+        inner = timm.create_model(
+            name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **kwargs
+        )
+        model = TimmBackbone(inner, name=name)
+        if isinstance(kwargs.get("img_size"), int):
+            model.default_cfg["input_size"] = kwargs["img_size"]
+        target = inner
+    if pretrained_path:
+        _load_weights(target, pretrained_path, in_chans=in_chans)
+    if dp_compatible:
+        make_dp_compatible(model)
+    if isinstance(model, TimmBackbone):
+        _probe(model, in_chans=in_chans)
+    return model
+
+
+def _probe(model: TimmBackbone, *, in_chans: int) -> None:
+    """One forward/backward on a single zero image (64 px, else the model's input size).
+
+    Sets ``output`` ("map" or "tokens") and ``num_features`` from the real output, and
+    freezes parameters the forward never uses (e.g. a classifier-head norm): DP optimizers
+    need a per-sample gradient for every trainable parameter.
+    """
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        try:  # small and fast; fixed-size models (ViT, Swin) reject it
+            f = model(torch.zeros(1, in_chans, 64, 64))
+        except Exception:  # noqa: BLE001 - retry at the size the model was built for
+            size = model.default_cfg["input_size"]
+            f = model(torch.zeros(1, in_chans, size, size))
+        grads = torch.autograd.grad(f.float().mean(), params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    model.output = "tokens" if f.ndim == 3 else "map"
+    model.num_features = int(f.shape[-1] if f.ndim == 3 else f.shape[1])
+    unused = [p for p, g in zip(params, grads) if g is None]
+    for p in unused:
+        p.requires_grad_(False)
+    if unused:
+        log.info("%s: froze %d parameters its forward does not use", model.name, len(unused))
