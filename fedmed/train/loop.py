@@ -1,0 +1,244 @@
+"""Local training and evaluation: the same loop serves one site, a pooled set and a round.
+
+Plain PyTorch (AdamW, cosine schedule, AMP on GPU, early stopping on validation AUC) so
+that the Flower apps stay thin glue around :func:`train_epochs` and :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fedmed.config import TrainConfig
+from fedmed.device import amp_enabled, autocast
+from fedmed.metrics import compute_metrics
+
+__all__ = [
+    "FitResult",
+    "make_optimizer",
+    "split_batch",
+    "train_epochs",
+    "predict",
+    "evaluate",
+    "fit",
+]
+
+
+def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Move a sample-dict batch to the device and separate model inputs from the label."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label"}
+    return inputs, batch["label"].to(device, non_blocking=True)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW (or Adam) over trainable parameters, as in the founding papers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu/2)·||w - w_global||² over trainable parameters."""
+    sq = sum(((p - a) ** 2).sum() for p, a in zip(_trainable(model), anchor))
+    return 0.5 * mu * sq
+
+
+def _trainable(model: nn.Module) -> Iterable[torch.Tensor]:
+    return (p for p in model.parameters() if p.requires_grad)
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epochs: int = 1,
+    amp: bool = True,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    proximal_mu: float = 0.0,
+    grad_clip: float | None = None,
+    max_steps_per_epoch: int | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> dict[str, float]:
+    """Run ``epochs`` passes; returns mean loss, samples seen, steps and seconds.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term anchored at the weights the model
+    had on entry (the global model of the round). ``scheduler`` steps once per epoch.
+    """
+    model.train()
+    use_amp = amp_enabled(device, amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not torch.cuda.is_bf16_supported())
+    anchor = [p.detach().clone() for p in _trainable(model)] if proximal_mu > 0 else None
+    total_loss = torch.zeros((), device=device)
+    samples = steps = 0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        it = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for step, batch in enumerate(it):
+            if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
+                break
+            inputs, target = split_batch(batch, device)
+            if target.numel() == 0:  # Poisson sampling (DP) can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, use_amp):
+                logits = model(**inputs)
+            loss = loss_fn(logits.float(), target)
+            if anchor is not None:
+                loss = loss + _proximal_term(model, anchor, proximal_mu)
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.detach() * len(target)
+            samples += len(target)
+            steps += 1
+        if scheduler is not None:
+            scheduler.step()
+    seconds = time.perf_counter() - start
+    mean_loss = float(total_loss) / max(samples, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"{desc}: training loss is {mean_loss}; lower the learning rate")
+    return {"loss": mean_loss, "samples": samples, "steps": steps, "seconds": seconds}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp: bool = True,
+    loss_fn: nn.Module | None = None,
+    multilabel: bool = False,
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Labels, probabilities ``(N, C)`` and the mean loss (when a loss is given)."""
+    model.eval()
+    use_amp = amp_enabled(device, amp)
+    ys, ps = [], []
+    total, n = 0.0, 0
+    for batch in loader:
+        inputs, target = split_batch(batch, device)
+        with autocast(device, use_amp):
+            logits = model(**inputs).float()
+        if loss_fn is not None:
+            total += float(loss_fn(logits, target)) * len(target)
+            n += len(target)
+        probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
+        ys.append(target.cpu().numpy())
+        ps.append(probs.cpu().numpy())
+    if not ys:
+        return np.zeros(0, dtype=int), np.zeros((0, 0)), None
+    return np.concatenate(ys), np.concatenate(ps), (total / n if n else None)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    n_classes: int,
+    amp: bool = True,
+    loss_fn: nn.Module | None = None,
+    multilabel: bool = False,
+) -> dict[str, Any]:
+    """All metrics of :func:`fedmed.metrics.compute_metrics` on one loader."""
+    y, p, loss = predict(model, loader, device=device, amp=amp, loss_fn=loss_fn, multilabel=multilabel)
+    if len(y) == 0:
+        return {"n": 0}
+    if multilabel:  # report the argmax view so the same table applies
+        p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+    return compute_metrics(y, p, n_classes=n_classes, loss=loss)
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    """Early-stopping score: validation AUC, or -loss where AUC is undefined."""
+    auc = metrics.get("auc", float("nan"))
+    if auc is not None and math.isfinite(auc):
+        return float(auc)
+    return -float(metrics.get("loss", float("inf")))
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: per-epoch history and the best (restored) epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val: dict[str, Any] = field(default_factory=dict)
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    *,
+    cfg: TrainConfig,
+    loss_fn: nn.Module,
+    device: torch.device,
+    n_classes: int,
+    multilabel: bool = False,
+    epochs: int | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train with early stopping on validation AUC; the best weights are restored.
+
+    One progress bar over epochs shows train loss and validation AUC.
+    """
+    epochs = epochs or cfg.epochs
+    optimizer = make_optimizer(model, cfg)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        if cfg.scheduler == "cosine" else None
+    )
+    result = FitResult()
+    best_score, best_state, bad = -math.inf, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not cfg.progress)
+    for epoch in bar:
+        tr = train_epochs(
+            model, train_loader, loss_fn=loss_fn, optimizer=optimizer, device=device,
+            amp=cfg.amp, scheduler=scheduler, grad_clip=cfg.grad_clip,
+            max_steps_per_epoch=cfg.max_steps_per_epoch, desc=f"epoch {epoch}",
+        )
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": tr["loss"], "lr": optimizer.param_groups[0]["lr"]}
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device=device, n_classes=n_classes, amp=cfg.amp,
+                           loss_fn=loss_fn, multilabel=multilabel)
+            row.update({f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"})
+            score = _score(val)
+            if score > best_score:
+                best_score, bad = score, 0
+                best_state = copy.deepcopy(model.state_dict())
+                result.best_epoch, result.best_val = epoch, val
+            else:
+                bad += 1
+            bar.set_postfix(loss=f"{tr['loss']:.3f}", val_auc=f"{val.get('auc', float('nan')):.3f}")
+        result.history.append(row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if val_loader is not None and cfg.patience and bad >= cfg.patience:
+            result.stopped_early = True
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.history)
+    result.seconds = time.perf_counter() - start
+    return result

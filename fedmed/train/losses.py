@@ -1,0 +1,79 @@
+"""Losses for imbalanced clinical labels: weighted cross-entropy or focal loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FocalLoss", "class_weights_from_counts", "make_loss"]
+
+
+def class_weights_from_counts(counts: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1; absent classes get weight 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    present = w[counts > 0]
+    if present.size:
+        w = w / present.mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class focal loss (Lin et al. 2017) on softmax outputs.
+
+    Hand-rolled: torchvision ships only the sigmoid (binary) variant.
+    """
+
+    def __init__(self, *, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        logp_t = logp.gather(1, target[:, None]).squeeze(1)
+        loss = -((1.0 - logp_t.exp()) ** self.gamma) * logp_t
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum().clamp_min(1e-12)
+        return loss.mean()
+
+
+class _MultiLabelBCE(nn.Module):
+    """Sigmoid outputs for multi-label heads; single-label targets become one-hot."""
+
+    def __init__(self, n_classes: int, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.register_buffer("pos_weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 1:
+            target = F.one_hot(target, self.n_classes)
+        return F.binary_cross_entropy_with_logits(
+            logits.float(), target.float(), pos_weight=self.pos_weight
+        )
+
+
+def make_loss(
+    *,
+    kind: str,
+    n_classes: int,
+    class_counts: np.ndarray | None = None,
+    use_class_weights: bool = True,
+    focal_gamma: float = 2.0,
+    multilabel: bool = False,
+) -> nn.Module:
+    """The training loss named in config (``ce`` or ``focal``), class-weighted when asked."""
+    weight = None
+    if use_class_weights and class_counts is not None:
+        weight = class_weights_from_counts(class_counts)
+    if multilabel:
+        return _MultiLabelBCE(n_classes, weight)
+    if kind == "focal":
+        return FocalLoss(gamma=focal_gamma, weight=weight)
+    if kind == "ce":
+        return nn.CrossEntropyLoss(weight=weight)
+    raise ValueError(f"unknown loss {kind!r}; valid: 'ce', 'focal'")
