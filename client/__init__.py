@@ -1,0 +1,1 @@
+"""fedmed.client: a hospital site — Flower ClientApp and the ``fedmed-client`` CLI."""

@@ -1,0 +1,130 @@
+"""``fedmed-client``: run one hospital site (a Flower SuperNode) next to its data.
+
+The site's own config names its data folder and its privacy caps; the node retries while
+the coordinator is not up yet and trains/evaluates whenever the server asks. Data never
+leaves the site: replies carry weights and metrics only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fedmed.config import ConfigError, SiteConfig, load_site_config
+from fedmed.flower import Tls, flower_env, free_port, interrupt_on_sigterm, server_healthy, spawn, stop
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmed-client", description=__doc__.splitlines()[0])
+    p.add_argument("--site", required=True, help="this site's name, e.g. hospital_a")
+    p.add_argument("--config", "-c", type=Path, help="site YAML (see configs/site_example.yaml)")
+    p.add_argument("--data-dir", type=Path, help="site data folder (instead of / overriding the YAML)")
+    p.add_argument("--server", default="127.0.0.1:9092", help="coordinator address host:port")
+    p.add_argument("--port", type=int, help="this node's local runtime port (default: a free one)")
+    p.add_argument("--work-dir", type=Path, help="node state folder (default ~/.fedmed/sites/<site>)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP: only for tests on one machine")
+    p.add_argument("--root-certificates", type=Path, help="CA certificate that signed the server's")
+    p.add_argument("--auth-key", type=Path, help="this site's private key (its .pub is given to the server)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the coordinator shuts down (one federation), instead of serving on")
+    p.add_argument("--grace", type=float, default=20.0,
+                   help="with --once: seconds the server must stay unreachable before exiting")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="site config overrides")
+    return p
+
+
+def site_config(args: argparse.Namespace) -> SiteConfig:
+    """The site's config from its YAML and flags; the site name must match."""
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        overrides.append(f"data_dir={args.data_dir.resolve()}")
+    if args.config is not None:
+        cfg = load_site_config(args.config, overrides)
+        if cfg.site != args.site:
+            raise ValueError(f"--site {args.site} but {args.config} is the config of site {cfg.site}")
+        return cfg
+    if args.data_dir is None:
+        raise ValueError("give the site's data with --config SITE.yaml or --data-dir DIR")
+    from fedmed.config import apply_overrides, parse_overrides
+
+    raw = apply_overrides({"site": args.site}, parse_overrides(overrides))
+    return SiteConfig.model_validate(raw)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = site_config(args)
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"site {cfg.site}: data folder {data_dir} does not exist")
+    if not args.insecure and args.root_certificates is None:
+        raise ValueError("no --root-certificates given: pass the coordinator's CA certificate, "
+                         "or --insecure to run without TLS on a trusted network")
+    tls = Tls(ca=args.root_certificates.resolve()) if args.root_certificates else None
+    work = (args.work_dir or Path.home() / ".fedmed" / "sites" / cfg.site).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    site_yaml = work / "site.yaml"
+    site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    env = flower_env(work / ".flwr")
+    port = args.port or free_port()
+    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port),
+                 "--node-config", f"site='{cfg.site}' site-config='{site_yaml}'"]
+    if tls is None:
+        node_args.append("--insecure")
+    else:
+        node_args += ["--root-certificates", str(tls.ca)]
+    if args.auth_key is not None:
+        if not args.auth_key.is_file():
+            raise FileNotFoundError(f"site key not found: {args.auth_key}")
+        node_args += ["--auth-supernode-private-key", str(args.auth_key.resolve())]
+    log_path = work / "supernode.log"
+    print(f"fedmed-client: site {cfg.site} joining {args.server} "
+          f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
+    node = spawn(node_args, env=env, log_path=log_path)
+    try:
+        return _supervise(node, args, tls, log_path)
+    finally:
+        stop(node)
+
+
+def _supervise(node, args: argparse.Namespace, tls: Tls | None, log_path: Path) -> int:
+    """Keep the node running; with ``--once`` leave after the coordinator has gone away."""
+    seen_server = False
+    gone_since: float | None = None
+    while True:
+        code = node.poll()
+        if code is not None:
+            tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
+            print(f"fedmed-client: the node stopped (exit {code}):\n{tail}", file=sys.stderr)
+            return 0 if code == 0 else 1
+        if args.once:
+            if server_healthy(args.server, tls=tls):
+                seen_server, gone_since = True, None
+            elif seen_server:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > args.grace:
+                    print("fedmed-client: the coordinator has shut down; leaving", flush=True)
+                    return 0
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    interrupt_on_sigterm()
+    try:
+        return run(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"fedmed-client: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmed-client: stopped", file=sys.stderr)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A site's runtime: which hospital this node is, its data, model, loaders and loss.
+
+The site is named by the SuperNode's ``node_config``: ``site-config`` (path of the site's
+YAML, real deployment) or ``partition-id`` mapped through the run config's ``sites`` list
+(simulation). Loaded data is memoised per process, so a warm process (simulation) does not
+read and split the site again every round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+from torch.utils.data import DataLoader
+
+import fedmed
+from fedmed.config import FedmedConfig, SiteConfig, load_site_config
+from fedmed.device import select_device
+from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything
+from fedmed.train.losses import make_loss
+
+__all__ = ["SiteRuntime", "runtime_for", "resolve_site"]
+
+_CACHE: dict[str, "SiteRuntime"] = {}
+
+
+@dataclass
+class SiteRuntime:
+    site: str
+    cfg: FedmedConfig
+    site_cfg: SiteConfig
+    device: torch.device
+    model: torch.nn.Module
+    loaders: dict[str, DataLoader]
+    loss_fn: torch.nn.Module
+    n_classes: int
+
+    def reseed(self, seed: int) -> None:
+        """Reseed torch and the training loader's shuffling for this round."""
+        seed_everything(seed)
+        gen = self.loaders["train"].generator
+        if gen is not None:
+            gen.manual_seed(seed)
+
+
+def resolve_site(context: Context) -> SiteConfig:
+    """This node's :class:`SiteConfig` from node_config (deployment) or run_config (simulation)."""
+    node = context.node_config
+    if "site-config" in node:
+        return load_site_config(str(node["site-config"]))
+    if "partition-id" in node:
+        sites = [s for s in str(context.run_config.get("sites", "")).split(",") if s]
+        root = str(context.run_config.get("data-root", ""))
+        pid = int(node["partition-id"])
+        if not sites or not root:
+            raise ValueError("simulation run config needs 'sites' and 'data-root'")
+        if pid >= len(sites):
+            raise ValueError(f"partition-id {pid} but only {len(sites)} sites are configured")
+        return SiteConfig(site=sites[pid], data_dir=str(Path(root) / sites[pid]),
+                          device=str(context.run_config.get("device", "auto")))
+    raise ValueError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
+
+
+def _check_version(job: dict[str, Any]) -> None:
+    want = job.get("fedmed_version")
+    if want is not None and want != fedmed.__version__:
+        raise RuntimeError(
+            f"the server runs fedmed {want} but this site has fedmed {fedmed.__version__} installed; "
+            "the site only runs the fedmed it has approved — upgrade both to the same version")
+
+
+def runtime_for(job: dict[str, Any], context: Context) -> SiteRuntime:
+    """Build (or reuse) this site's runtime for the server's job."""
+    _check_version(job)
+    site_cfg = resolve_site(context)
+    key = hashlib.sha256(json.dumps([job, site_cfg.model_dump(mode="json")], sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    if key in _CACHE:
+        return _CACHE[key]
+    raw = {k: v for k, v in job.items() if k in ("name", "data", "model", "train", "privacy")}
+    raw["federation"] = {k: v for k, v in job.get("federation", {}).items()}
+    raw["train"] = {**raw["train"], "device": site_cfg.device, "progress": False}
+    if site_cfg.cache_dir:
+        raw["data"] = {**raw["data"], "cache_dir": site_cfg.cache_dir}
+    cfg = FedmedConfig.model_validate(raw)
+    bundle = load_site_bundle(cfg, site_dir=site_cfg.data_dir, progress=False)
+    device = select_device(site_cfg.device)
+    model = model_from_config(cfg).to(device)
+    loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                           num_workers=cfg.data.num_workers)
+    loss_fn = make_loss(kind=cfg.train.loss, n_classes=bundle.n_classes,
+                        class_counts=bundle.class_counts(), use_class_weights=cfg.train.class_weights,
+                        focal_gamma=cfg.train.focal_gamma, multilabel=cfg.model.multilabel).to(device)
+    rt = SiteRuntime(site=site_cfg.site, cfg=cfg, site_cfg=site_cfg, device=device, model=model,
+                     loaders=loaders, loss_fn=loss_fn, n_classes=bundle.n_classes)
+    _CACHE.clear()  # one job per process at a time; drop stale data
+    _CACHE[key] = rt
+    return rt

@@ -1,0 +1,216 @@
+"""Starting Flower's real deployment engine from fedmed's CLIs.
+
+Flower 1.41 has no Python API to start a SuperLink or SuperNode, so fedmed spawns them as
+child processes (their own process group, killed with the parent), polls the SuperLink's
+``/health`` endpoint, and drives runs through the ``flwr`` CLI with a private
+``FLWR_HOME`` per run so that parallel federations never share state or ports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = [
+    "Tls",
+    "free_port",
+    "flower_env",
+    "spawn",
+    "stop",
+    "interrupt_on_sigterm",
+    "server_healthy",
+    "wait_healthy",
+    "write_app_dir",
+    "write_connection",
+    "flwr",
+    "APP_CONFIG_DEFAULTS",
+]
+
+# The run config keys the ServerApp/ClientApp read; `flwr run -c` may only set known keys.
+APP_CONFIG_DEFAULTS: dict[str, Any] = {
+    "fedmed-config": "",
+    "out-dir": "",
+    "resume": False,
+    "mlflow-uri": "",
+    "sites": "",
+    "data-root": "",
+    "device": "auto",
+}
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificates for the SuperLink (server side) or the CA a site trusts."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (tests and the demo start many processes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: private home, no telemetry, no update checks."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra or {})
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to SIGTERM the child when its parent dies, and give it its own group."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (works without PATH set up)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+def spawn(args: Sequence[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start a Flower executable (``flower-superlink``, ...) logging to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "ab")
+    cmd = [_bin(args[0]), *args[1:]]
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=preexec, start_new_session=preexec is None)
+
+
+def stop(proc: subprocess.Popen | None, *, timeout: float = 15.0) -> int | None:
+    """Terminate a spawned process and its whole group (Flower's SuperExec children too)."""
+    if proc is None:
+        return None
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # leftover group members (SuperExec) of a process that already exited
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.returncode
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd, a test) unwinds like Ctrl-C, so children are stopped."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _ssl_context(tls: Tls | None) -> ssl.SSLContext | None:
+    if tls is None or tls.ca is None:
+        return None
+    return ssl.create_default_context(cafile=str(tls.ca))
+
+
+def server_healthy(address: str, *, tls: Tls | None = None, timeout: float = 2.0) -> bool:
+    """True when the SuperLink at ``host:port`` answers ``GET /health``."""
+    scheme = "https" if tls is not None and tls.enabled else "http"
+    try:
+        with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=timeout,
+                                    context=_ssl_context(tls)) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def wait_healthy(address: str, *, tls: Tls | None = None, timeout: float = 60.0,
+                 proc: subprocess.Popen | None = None, log_path: Path | None = None) -> None:
+    """Poll the SuperLink's health endpoint; fail fast if its process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server_healthy(address, tls=tls):
+            return
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:] if log_path and log_path.exists() else ""
+            raise RuntimeError(f"the Flower SuperLink exited with code {proc.returncode}:\n{tail}")
+        time.sleep(0.25)
+    raise TimeoutError(f"the Flower SuperLink at {address} did not become healthy within {timeout:.0f}s")
+
+
+def write_app_dir(path: Path, *, name: str = "fedmed") -> Path:
+    """A Flower app folder holding only ``pyproject.toml``.
+
+    Its components name fedmed's installed modules, so the FAB carries no code: every site
+    runs the fedmed it has installed (a FAB with its own modules would shadow them).
+    """
+    import fedmed
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg_lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in APP_CONFIG_DEFAULTS.items())
+    version = fedmed.__version__
+    (path / "pyproject.toml").write_text(
+        "[build-system]\nrequires = [\"hatchling\"]\nbuild-backend = \"hatchling.build\"\n\n"
+        f"[project]\nname = \"{name}\"\nversion = \"{version}\"\n"
+        "description = \"fedmed federation (components from the installed fedmed package)\"\n"
+        "license = \"Apache-2.0\"\ndependencies = []\n\n"
+        "[tool.flwr.app]\npublisher = \"fedmed\"\n\n"
+        "[tool.flwr.app.components]\n"
+        "serverapp = \"fedmed.server.app:app\"\nclientapp = \"fedmed.client.app:app\"\n\n"
+        f"[tool.flwr.app.config]\n{cfg_lines}\n"
+    )
+    return path
+
+
+def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``name`` for the flwr CLI."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    if tls is not None and tls.enabled:
+        lines.append(f'root-certificates = "{Path(tls.ca).resolve()}"')
+    else:
+        lines.append("insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def flwr(args: Sequence[str], *, env: dict[str, str], timeout: float | None = None,
+         stream_to: Any = None) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI (``run``, ``log``, ``ls``, ``supernode register``)."""
+    return subprocess.run([_bin("flwr"), *args], env=env, text=True, timeout=timeout,
+                          stdout=stream_to if stream_to is not None else subprocess.PIPE,
+                          stderr=subprocess.STDOUT if stream_to is not None else subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)

@@ -1,0 +1,136 @@
+"""The fixed vocabulary of what travels between the server and a site.
+
+A site's reply holds only ``"arrays"`` (model weights), ``"metrics"`` (numbers) and
+``"site"`` (its public name). Everything here is checked on both ends: a site never builds
+another key, and the server rejects malformed or non-finite updates, naming the site.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+__all__ = [
+    "REPLY_KEYS",
+    "CONFIG_KEY",
+    "SITE_KEY",
+    "make_reply",
+    "reply_site",
+    "screen_train_replies",
+    "Rejected",
+    "encode_job",
+    "decode_job",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"
+SITE_KEY = "site"
+REPLY_KEYS = frozenset({"arrays", "metrics", SITE_KEY})
+JOB_KEY = "fedmed-job"
+
+
+def encode_job(job: dict[str, Any]) -> str:
+    """The federation's settings (model/train/data schema) as JSON for a ConfigRecord."""
+    return json.dumps(job, sort_keys=True)
+
+
+def decode_job(config: ConfigRecord) -> dict[str, Any]:
+    if JOB_KEY not in config:
+        raise ValueError(f"the server's message has no {JOB_KEY!r}: server and site run different fedmed versions")
+    return json.loads(str(config[JOB_KEY]))
+
+
+def make_reply(
+    request: Message,
+    *,
+    site: str,
+    metrics: dict[str, float | int | list[float] | list[int]],
+    arrays: ArrayRecord | None = None,
+) -> Message:
+    """Build a site's reply from numbers and weights only (the privacy allow-list)."""
+    clean: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        if isinstance(value, (np.integer, np.floating)):
+            value = value.item()
+        if isinstance(value, (list, tuple)):
+            value = [float(v) for v in value]
+        if not isinstance(value, (int, float, list)):
+            raise TypeError(f"metric {key!r} is not numeric; only numbers leave a site")
+        if isinstance(value, float) and not math.isfinite(value):
+            continue  # MetricRecord cannot say NaN reliably; absent means undefined
+        clean[key] = value
+    content = RecordDict({"metrics": MetricRecord(clean), SITE_KEY: ConfigRecord({"name": site})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=request)
+
+
+def reply_site(msg: Message) -> str:
+    """The site name a reply carries (or its node id when it has none)."""
+    try:
+        return str(msg.content[SITE_KEY]["name"])
+    except Exception:  # noqa: BLE001 - error replies carry no content
+        return f"node-{msg.metadata.src_node_id}"
+
+
+@dataclass
+class Rejected:
+    site: str
+    reason: str
+
+
+def screen_train_replies(
+    replies: Iterable[Message], reference: ArrayRecord
+) -> tuple[list[Message], list[Rejected]]:
+    """Keep replies whose arrays match the global model's names/shapes and are finite.
+
+    Error replies (a site crashed or timed out) and malformed updates are returned as
+    :class:`Rejected` with a reason; the federation goes on with the rest.
+    """
+    ref = {k: (tuple(a.shape), a.dtype) for k, a in reference.items()}
+    ok: list[Message] = []
+    rejected: list[Rejected] = []
+    for msg in replies:
+        site = reply_site(msg)
+        if msg.has_error():
+            rejected.append(Rejected(site, f"site failed: {msg.error.reason}"))
+            continue
+        extra = set(msg.content.keys()) - REPLY_KEYS
+        if extra:
+            rejected.append(Rejected(site, f"unexpected reply keys {sorted(extra)}"))
+            continue
+        if "arrays" not in msg.content or "metrics" not in msg.content:
+            rejected.append(Rejected(site, "reply lacks arrays or metrics"))
+            continue
+        arrays = msg.content["arrays"]
+        reason = None
+        if set(arrays.keys()) != set(ref):
+            reason = "update has different parameter names than the global model"
+        else:
+            for key, arr in arrays.items():
+                if tuple(arr.shape) != ref[key][0]:
+                    reason = f"parameter {key} has shape {tuple(arr.shape)}, expected {ref[key][0]}"
+                    break
+                values = arr.numpy()
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    reason = f"parameter {key} contains NaN or Inf"
+                    break
+        n = msg.content["metrics"].get("num-examples", 0)
+        if reason is None and (not isinstance(n, (int, float)) or n <= 0):
+            reason = "num-examples missing or not positive"
+        if reason:
+            rejected.append(Rejected(site, reason))
+        else:
+            ok.append(msg)
+    for r in rejected:
+        log.warning("round update from site %s rejected: %s", r.site, r.reason)
+    return ok, rejected

@@ -1,0 +1,1 @@
+"""fedmed.server: the coordinator — Flower ServerApp, aggregation, checkpoints, tracking, CLI."""

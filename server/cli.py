@@ -1,0 +1,181 @@
+"""``fedmed-server``: start the coordinator (Flower SuperLink), run one federation, exit.
+
+It waits for the minimum number of sites, runs the rounds, evaluates, saves checkpoints
+and the report, and exits 0 only when the federation completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedmed.config import ConfigError, load_config
+from fedmed.flower import (
+    Tls,
+    flower_env,
+    flwr,
+    interrupt_on_sigterm,
+    spawn,
+    stop,
+    wait_healthy,
+    write_app_dir,
+    write_connection,
+)
+
+__all__ = ["main", "build_parser"]
+
+CONNECTION = "fedmed"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmed-server", description=__doc__.splitlines()[0])
+    p.add_argument("--config", "-c", default="configs/default.yaml", help="federation YAML config")
+    p.add_argument("--rounds", type=int, help="number of rounds (federation.rounds)")
+    p.add_argument("--strategy", help="aggregation strategy (federation.strategy)")
+    p.add_argument("--min-sites", type=int, help="sites needed per round (federation.min_sites)")
+    p.add_argument("--round-timeout", type=float, help="seconds to wait for sites (federation.round_timeout)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
+    p.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet/Control/Runtime APIs)")
+    p.add_argument("--out", help="run folder (default <output_dir>/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped federation from its last round")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<run folder>/mlflow.db)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP: only for tests on one machine")
+    p.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM)")
+    p.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
+    p.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
+    p.add_argument("--auth-keys", type=Path, nargs="*", default=[],
+                   help="public keys (.pub) of the invited sites: only they may join")
+    p.add_argument("--startup-timeout", type=float, default=90.0)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    ov = list(args.overrides)
+    for flag, key in (("rounds", "federation.rounds"), ("strategy", "federation.strategy"),
+                      ("min_sites", "federation.min_sites"), ("round_timeout", "federation.round_timeout")):
+        if getattr(args, flag) is not None:
+            ov.append(f"{key}={getattr(args, flag)}")
+    return ov
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    given = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
+    if any(given) and not all(given):
+        raise ValueError("TLS needs all of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
+    if all(given):
+        for p in given:
+            if not p.is_file():
+                raise FileNotFoundError(f"TLS file not found: {p}")
+        return Tls(ca=args.ssl_ca_certfile.resolve(), cert=args.ssl_certfile.resolve(),
+                   key=args.ssl_keyfile.resolve())
+    if not args.insecure:
+        raise ValueError("no TLS certificates given: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile "
+                         "(see `fedmed certs`), or --insecure to run without TLS on a trusted network")
+    if args.auth_keys:
+        raise ValueError("site authentication (--auth-keys) needs TLS; Flower refuses it with --insecure")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name
+    out = out.resolve()
+    if out.exists() and (out / "state.pkl").exists() and not args.resume:
+        raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    tls = _tls(args)
+    flwr_home = out / ".flwr"
+    env = flower_env(flwr_home)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    app_dir = write_app_dir(out / "flwr-app")
+
+    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    address = f"{connect_host}:{args.port}"
+    link_args = ["flower-superlink", "--host", args.host, "--port", str(args.port),
+                 "--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
+    if tls is None:
+        link_args.append("--insecure")
+    else:
+        link_args += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
+                      "--ssl-keyfile", str(tls.key)]
+        if args.auth_keys:
+            link_args.append("--enable-supernode-auth")
+    log_path = out / "superlink.log"
+    print(f"fedmed-server: starting the coordinator on {args.host}:{args.port} "
+          f"({'TLS' if tls else 'INSECURE, no TLS'}); run folder {out}", flush=True)
+    link = spawn(link_args, env=env, log_path=log_path)
+    try:
+        wait_healthy(address, tls=tls, timeout=args.startup_timeout, proc=link, log_path=log_path)
+        write_connection(flwr_home, name=CONNECTION, address=address, tls=tls)
+        for key in args.auth_keys:
+            res = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env=env, timeout=60)
+            if res.returncode != 0:
+                raise RuntimeError(f"could not register site key {Path(key).name}: {res.stdout[-500:]}")
+            print(f"fedmed-server: invited site key {Path(key).name}", flush=True)
+        run_cfg = {"fedmed-config": str(out / "config.json"), "out-dir": str(out),
+                   "resume": bool(args.resume), "mlflow-uri": args.mlflow_uri or ""}
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
+        res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {(res.stdout or '')[-1500:]} {(res.stderr or '')[-1500:]}")
+        run_id = _run_id(res.stdout)
+        print(f"fedmed-server: federation submitted (run {run_id}); waiting for "
+              f"{cfg.federation.min_sites} site(s)", flush=True)
+        flwr(["log", str(run_id), CONNECTION], env=env, stream_to=sys.stdout)
+        status, details = _run_status(run_id, env)
+        if status != "finished:completed":
+            print(f"fedmed-server: federation ended with status {status}: {details}", file=sys.stderr)
+            return 1
+        summary = out / "summary.json"
+        print(f"fedmed-server: federation completed; report {out / 'report.html'}; "
+              f"summary {summary}", flush=True)
+        return 0
+    finally:
+        stop(link)
+
+
+def _run_id(stdout: str) -> int:
+    start = stdout.find("{")
+    try:
+        data = json.loads(stdout[start:])
+        return int(data["run-id"])
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(f"could not read the run id from flwr run: {stdout[-500:]}") from exc
+
+
+def _run_status(run_id: int, env: dict[str, str], attempts: int = 20) -> tuple[str, str]:
+    """The run's final status from ``flwr ls`` (``flwr log`` exits 0 even on failure)."""
+    status, details = "unknown", ""
+    for _ in range(attempts):
+        res = flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env=env, timeout=60)
+        try:
+            data = json.loads(res.stdout[res.stdout.find("{"):])
+            run = data["runs"][0]
+            status, details = str(run.get("status")), str(run.get("status-details", ""))
+        except (ValueError, KeyError, IndexError):
+            pass
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+    return status, details
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    interrupt_on_sigterm()
+    try:
+        return run(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        print(f"fedmed-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmed-server: interrupted; resume later with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The round driver: Flower strategies' hooks, plus what hospitals need around them.
+
+``Strategy.start`` runs rounds but cannot resume, screen updates or report per site, so
+fedmed drives the same public hooks (``configure_train`` → ``send_and_receive`` →
+``aggregate_train``, then evaluation) itself and adds: waiting for the minimum number of
+sites with a timeout, rejecting NaN/Inf or mis-shaped updates (naming the site), per-site
+and worst-site evaluation, central evaluation, per-round checkpoints and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+import fedmed
+
+from fedmed.config import FedmedConfig
+from fedmed.messages import JOB_KEY, encode_job, reply_site, screen_train_replies
+from fedmed.task import model_from_config, seed_everything
+from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
+from fedmed.server.strategies import make_strategy
+
+__all__ = ["run_federation", "job_for_sites", "aggregate_site_metrics", "round_lr"]
+
+log = logging.getLogger("fedmed.server")
+
+HEADLINE = ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece", "loss")
+
+
+class GridLike(Protocol):
+    def get_node_ids(self) -> Any: ...
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any: ...
+
+
+def job_for_sites(cfg: FedmedConfig) -> dict[str, Any]:
+    """What each site needs to build the same model and train it: no paths, no secrets."""
+    d = cfg.model_dump(mode="json")
+    data = {k: v for k, v in d["data"].items() if k not in ("root", "sites", "cache_dir")}
+    return {"fedmed_version": fedmed.__version__, "name": cfg.name, "data": data, "model": d["model"], "train": d["train"],
+            "federation": {k: d["federation"][k] for k in ("rounds", "local_epochs", "proximal_mu")},
+            "privacy": d["privacy"]}
+
+
+def config_hash(cfg: FedmedConfig) -> str:
+    """A stable fingerprint of the settings that change results (resume must match)."""
+    job = job_for_sites(cfg)
+    job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items() if k != "rounds"}
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def round_lr(cfg: FedmedConfig, rnd: int) -> float:
+    """Cosine schedule over rounds (the papers' cosine schedule, stretched over the federation)."""
+    if cfg.train.scheduler != "cosine" or cfg.federation.rounds <= 1:
+        return cfg.train.lr
+    frac = (rnd - 1) / cfg.federation.rounds
+    return cfg.train.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def aggregate_site_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Weighted mean (by ``num-examples``) and worst site of every headline metric."""
+    out: dict[str, float] = {}
+    for key in HEADLINE:
+        vals = [(m[key], m.get("num-examples", 1)) for m in per_site.values() if key in m]
+        if not vals:
+            continue
+        w = sum(n for _, n in vals)
+        out[f"fed_{key}"] = float(sum(v * n for v, n in vals) / max(w, 1))
+        worst = max if key in ("ece", "loss") else min
+        out[f"fed_worst_{key}"] = float(worst(v for v, _ in vals))
+    return out
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def _wait_for_sites(grid: GridLike, minimum: int, timeout: float) -> int:
+    """Block until ``minimum`` sites are connected; a clear error after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= minimum:
+            return n
+        if n != last:
+            log.info("waiting for sites: %d connected, %d needed", n, minimum)
+            last = n
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {n} of the {minimum} required sites connected within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    per_site: dict[str, dict[str, float]] = {}
+    failed: list[str] = []
+    for msg in replies:
+        site = reply_site(msg)
+        if msg.has_error() or "metrics" not in msg.content:
+            failed.append(site)
+            log.warning("evaluation at site %s failed: %s", site,
+                        msg.error.reason if msg.has_error() else "no metrics")
+            continue
+        per_site[site] = {k: v for k, v in msg.content["metrics"].items()}
+    return per_site, failed
+
+
+def run_federation(
+    grid: GridLike,
+    cfg: FedmedConfig,
+    *,
+    out_dir: Path,
+    resume: bool = False,
+    central_eval: Callable[[dict[str, np.ndarray]], dict[str, dict[str, Any]]] | None = None,
+    on_round: Callable[[dict[str, Any], FederationState], None] | None = None,
+    stop_after: int | None = None,
+) -> FederationState:
+    """Run (or resume) ``cfg.federation.rounds`` rounds; returns the final state.
+
+    ``central_eval(arrays)`` returns ``{"val": metrics, "test": metrics}`` on the
+    server's held-out data; the best model is chosen by central validation AUC (else by
+    the sites' weighted AUC). ``stop_after`` ends the run early after that round (tests).
+    """
+    fed = cfg.federation
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chash = config_hash(cfg)
+    if resume:
+        state = load_state(out_dir)
+        if state.config_hash != chash:
+            raise ValueError("--resume: the configuration differs from the stopped federation's "
+                             f"(checkpoint {state.config_hash}, now {chash}); resume needs the same config")
+        log.info("resuming after round %d of %d", state.round, fed.rounds)
+    else:
+        seed_everything(cfg.train.seed)
+        model = model_from_config(cfg)
+        init = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        state = FederationState(arrays=init, strategy=make_strategy(fed), config_hash=chash)
+    strategy = state.strategy
+    job = encode_job(job_for_sites(cfg))
+    meta = {"config": cfg.model_dump(mode="json")}
+
+    for rnd in range(state.round + 1, fed.rounds + 1):
+        t0 = time.perf_counter()
+        connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
+        current = _to_record(state.arrays)
+        config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd)})
+        replies = list(grid.send_and_receive(
+            strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout))
+        ok, rejected = screen_train_replies(replies, current)
+        row: dict[str, Any] = {"round": rnd, "sites_connected": connected,
+                               "sites_trained": [reply_site(m) for m in ok],
+                               "sites_rejected": {r.site: r.reason for r in rejected}}
+        if ok:
+            agg, train_metrics = strategy.aggregate_train(rnd, ok)
+            if agg is not None:
+                state.arrays = _to_numpy(agg)
+            if train_metrics is not None:
+                row.update({f"train_{k}": float(v) for k, v in train_metrics.items()
+                            if isinstance(v, (int, float))})
+            row["train_per_site"] = {reply_site(m): {k: v for k, v in m.content["metrics"].items()}
+                                     for m in ok}
+        else:
+            log.warning("round %d: no usable update (%d rejected); the global model is unchanged",
+                        rnd, len(rejected))
+        if fed.fraction_evaluate > 0:
+            ev_msgs = strategy.configure_evaluate(rnd, _to_record(state.arrays),
+                                                  ConfigRecord({JOB_KEY: job}), grid)
+            ev_replies = list(grid.send_and_receive(ev_msgs, timeout=fed.round_timeout))
+            per_site, failed = _evaluate_sites(ev_replies)
+            row["per_site"] = per_site
+            row["sites_eval_failed"] = failed
+            row.update(aggregate_site_metrics(per_site))
+        if central_eval is not None:
+            central = central_eval(state.arrays)
+            for split, metrics in central.items():
+                row.update({f"central_{split}_{k}": v for k, v in metrics.items()
+                            if isinstance(v, (int, float))})
+                if "confusion_matrix" in metrics:
+                    row[f"central_{split}_confusion_matrix"] = metrics["confusion_matrix"]
+        score = row.get("central_val_auc", row.get("fed_auc", float("nan")))
+        row["seconds"] = time.perf_counter() - t0
+        state.round = rnd
+        state.history.append(row)
+        save_model(out_dir / "last_model.pt", state.arrays, meta={**meta, "round": rnd})
+        if score is not None and math.isfinite(score) and score > state.best_score:
+            state.best_score, state.best_round = float(score), rnd
+            save_model(out_dir / "best_model.pt", state.arrays, meta={**meta, "round": rnd, "score": score})
+        save_state(out_dir, state)
+        log.info("round %d/%d: %d sites trained, %d rejected, central val AUC %s, %.1fs", rnd,
+                 fed.rounds, len(ok), len(rejected), _fmt(row.get("central_val_auc")), row["seconds"])
+        if on_round is not None:
+            on_round(row, state)
+        if stop_after is not None and rnd >= stop_after:
+            break
+    return state
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-"

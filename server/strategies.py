@@ -1,0 +1,58 @@
+"""Aggregation strategies by name: Flower's own Message-API strategies, configured from YAML."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from flwr.serverapp import strategy as fl
+
+from fedmed.config import FederationConfig
+
+__all__ = ["STRATEGIES", "make_strategy", "list_strategies"]
+
+
+def _common(cfg: FederationConfig) -> dict[str, Any]:
+    return {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_sites,
+        "min_evaluate_nodes": cfg.min_sites if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_sites,
+    }
+
+
+def _fedopt(cls: type) -> Callable[[FederationConfig], fl.Strategy]:
+    # eta is the server learning rate; eta_l is only logged by Flower (sites use train.lr).
+    return lambda cfg: cls(**_common(cfg), eta=cfg.server_lr, **cfg.strategy_args)
+
+
+STRATEGIES: dict[str, Callable[[FederationConfig], fl.Strategy]] = {
+    "fedavg": lambda cfg: fl.FedAvg(**_common(cfg), **cfg.strategy_args),
+    # FedProx puts proximal-mu into every train message; the site adds the proximal term.
+    "fedprox": lambda cfg: fl.FedProx(**_common(cfg), proximal_mu=cfg.proximal_mu, **cfg.strategy_args),
+    "fedadam": _fedopt(fl.FedAdam),
+    "fedyogi": _fedopt(fl.FedYogi),
+    "fedadagrad": _fedopt(fl.FedAdagrad),
+    "fedavgm": lambda cfg: fl.FedAvgM(**_common(cfg), server_learning_rate=cfg.strategy_args.get(
+        "server_learning_rate", 1.0), server_momentum=cfg.strategy_args.get("server_momentum", 0.9)),
+    "fedmedian": lambda cfg: fl.FedMedian(**_common(cfg), **cfg.strategy_args),
+    "fedtrimmedavg": lambda cfg: fl.FedTrimmedAvg(**_common(cfg), **{"beta": 0.2, **cfg.strategy_args}),
+    "krum": lambda cfg: fl.Krum(**_common(cfg), **{"num_malicious_nodes": 0, **cfg.strategy_args}),
+}
+
+
+def list_strategies() -> list[str]:
+    return sorted(STRATEGIES)
+
+
+def make_strategy(cfg: FederationConfig) -> fl.Strategy:
+    """Build the strategy named in ``federation.strategy``; the error lists valid names."""
+    name = cfg.strategy.lower()
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {cfg.strategy!r}; valid: {', '.join(list_strategies())}")
+    if name == "fedprox" and cfg.proximal_mu <= 0:
+        raise ValueError("strategy fedprox needs federation.proximal_mu > 0 (e.g. 0.01)")
+    try:
+        return STRATEGIES[name](cfg)
+    except TypeError as exc:
+        raise ValueError(f"federation.strategy_args do not fit {name}: {exc}") from None
