@@ -134,6 +134,7 @@ class FederationConfig(_Strict):
     min_sites: int = Field(2, ge=1)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
     server_lr: float = Field(0.01, gt=0.0)

@@ -74,6 +74,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: private home, no telemetry, no update checks."""
     env = dict(os.environ)
+    # Flower starts its helpers (flower-superexec, flwr-clientapp) by name: make sure the
+    # ones of this environment are found even when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

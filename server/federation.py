@@ -173,7 +173,7 @@ def run_federation(
         else:
             log.warning("round %d: no usable update (%d rejected); the global model is unchanged",
                         rnd, len(rejected))
-        if fed.fraction_evaluate > 0:
+        if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
             ev_msgs = strategy.configure_evaluate(rnd, _to_record(state.arrays),
                                                   ConfigRecord({JOB_KEY: job}), grid)
             ev_replies = list(grid.send_and_receive(ev_msgs, timeout=fed.round_timeout))
