@@ -123,15 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extra_commands() -> dict[str, Callable[[Any], None]]:
-    """Sub-commands defined by other modules (simulation, explanations)."""
-    out: dict[str, Callable[[Any], None]] = {}
-    try:
-        from fedmed.simulate import add_cli as add_simulate
+# Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
+_COMMAND_MODULES = ("fedmed.demo", "fedmed.simulate", "fedmed.compare", "fedmed.explain")
 
-        out["simulate"] = add_simulate
-    except ImportError:
-        pass
+
+def _extra_commands() -> dict[str, Callable[[Any], None]]:
+    """``add_cli`` of every sub-command module that is present."""
+    import importlib
+
+    out: dict[str, Callable[[Any], None]] = {}
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        out[name.rsplit(".", 1)[-1]] = module.add_cli
     return out
 
 
