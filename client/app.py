@@ -40,17 +40,63 @@ def train(msg: Message, context: Context) -> Message:
     # One seed per (run seed, round, site): reruns and resumed runs repeat exactly.
     rt.reseed(rt.cfg.train.seed + 1000 * rnd + zlib.crc32(rt.site.encode()) % 997)
     lr = float(config.get("lr", rt.cfg.train.lr))
-    optimizer = make_optimizer(rt.model, rt.cfg.train, lr=lr)
-    stats = train_epochs(
-        rt.model, rt.loaders["train"], loss_fn=rt.loss_fn, optimizer=optimizer, device=rt.device,
-        epochs=rt.cfg.federation.local_epochs, amp=rt.cfg.train.amp,
-        proximal_mu=float(config.get("proximal-mu", 0.0)), grad_clip=rt.cfg.train.grad_clip,
-        max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch, desc=f"{rt.site} round {rnd}",
-    )
-    metrics = {"num-examples": len(rt.loaders["train"].dataset), "train_loss": stats["loss"],
-               "train_seconds": stats["seconds"], "train_steps": stats["steps"]}
+    mu = float(config.get("proximal-mu", 0.0))
+    metrics: dict = {"num-examples": len(rt.loaders["train"].dataset)}
+    if rt.cfg.privacy.enabled:
+        stats, metrics["epsilon"] = _private_round(rt, lr=lr, mu=mu, rnd=rnd,
+                                                   federation=str(config.get("federation-id", "run")))
+    else:
+        optimizer = make_optimizer(rt.model, rt.cfg.train, lr=lr)
+        stats = train_epochs(
+            rt.model, rt.loaders["train"], loss_fn=rt.loss_fn, optimizer=optimizer, device=rt.device,
+            epochs=rt.cfg.federation.local_epochs, amp=rt.cfg.train.amp, proximal_mu=mu,
+            grad_clip=rt.cfg.train.grad_clip, max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch,
+            desc=f"{rt.site} round {rnd}",
+        )
+    metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
     arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in rt.model.state_dict().items()})
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+
+
+def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federation: str) -> tuple[dict, float]:
+    """One round of DP-SGD on a copy of the global model; returns stats and ε spent so far.
+
+    Raises :class:`BudgetError` (the server sees the site's reason) when the plan exceeds the
+    site's caps or its budget is spent; the federation goes on without it.
+    """
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp
+
+    p, site = rt.cfg.privacy, rt.site_cfg
+    if mu > 0:
+        raise ValueError("FedProx's proximal term is not covered by DP-SGD's per-sample clipping; "
+                         "use fedavg/fedadam/... with privacy.enabled")
+    check_caps(p, site)
+    train_ds = rt.loaders["train"].dataset
+    plan = plan_dp(privacy=p, n_train=len(train_ds), batch_size=rt.cfg.train.batch_size,
+                   rounds=rt.cfg.federation.rounds, local_epochs=rt.cfg.federation.local_epochs)
+    state_dir = Path(site.state_dir) if site.state_dir else Path.home() / ".fedmed" / "sites" / site.site
+    ledger = PrivacyLedger(state_dir / "privacy" / f"{federation}.json", accountant=p.accountant)
+    cap = min(p.target_epsilon, site.max_epsilon or float("inf"))
+    spent = ledger.epsilon(p.target_delta)
+    projected = ledger.epsilon(p.target_delta, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
+    if projected > cap * 1.01:
+        raise BudgetError(f"site {rt.site}: privacy budget spent (ε={spent:.3g} of {cap:.3g}; another "
+                          f"round would reach {projected:.3g}); it stops training")
+    work = copy.deepcopy(rt.model)  # Opacus hooks stay off the cached model
+    optimizer = make_optimizer(work, rt.cfg.train, lr=lr)
+    gen = torch.Generator().manual_seed(rt.cfg.train.seed + rnd)
+    dp_model, dp_opt, loader, engine = make_private(work, optimizer, train_ds, plan=plan, ledger=ledger,
+                                                    generator=gen)
+    stats = train_epochs(dp_model, loader, loss_fn=rt.loss_fn, optimizer=dp_opt, device=rt.device,
+                         epochs=rt.cfg.federation.local_epochs, amp=False, desc=f"{rt.site} round {rnd} (DP)")
+    ledger.record(engine.accountant.history)
+    rt.model.load_state_dict(dp_model._module.state_dict())
+    return stats, ledger.epsilon(p.target_delta)
 
 
 @app.evaluate()

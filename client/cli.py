@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     tls = Tls(ca=args.root_certificates.resolve()) if args.root_certificates else None
     work = (args.work_dir or Path.home() / ".fedmed" / "sites" / cfg.site).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if cfg.state_dir is None:  # the privacy ledger lives with the node's state
+        cfg = cfg.model_copy(update={"state_dir": str(work)})
     site_yaml = work / "site.yaml"
     site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     env = flower_env(work / ".flwr")

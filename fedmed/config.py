@@ -179,8 +179,11 @@ class SiteConfig(_Strict):
     max_epsilon: float | None = Field(None, gt=0.0)
     max_delta: float | None = Field(None, gt=0.0, lt=1.0)
     max_grad_norm: float | None = Field(None, gt=0.0)
+    budget: Literal["refuse", "spend"] = Field(
+        "refuse", description="refuse a DP plan above max_epsilon, or train until it is spent")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     cache_dir: str | None = None
+    state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

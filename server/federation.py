@@ -154,7 +154,7 @@ def run_federation(
         t0 = time.perf_counter()
         connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
         current = _to_record(state.arrays)
-        config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd)})
+        config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd), "federation-id": chash})
         replies = list(grid.send_and_receive(
             strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout))
         ok, rejected = screen_train_replies(replies, current)
@@ -178,6 +178,9 @@ def run_federation(
                                                   ConfigRecord({JOB_KEY: job}), grid)
             ev_replies = list(grid.send_and_receive(ev_msgs, timeout=fed.round_timeout))
             per_site, failed = _evaluate_sites(ev_replies)
+            for site, m in row.get("train_per_site", {}).items():
+                if "epsilon" in m and site in per_site:
+                    per_site[site]["epsilon"] = m["epsilon"]
             row["per_site"] = per_site
             row["sites_eval_failed"] = failed
             row.update(aggregate_site_metrics(per_site))

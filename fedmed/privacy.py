@@ -1,0 +1,154 @@
+"""Sample-level differential privacy at a site: one call that wraps Opacus.
+
+Noise is calibrated once from the federation's target (ε, δ) over *all* planned rounds ×
+local epochs with Poisson sampling, and the site's accountant is saved after every round
+(:class:`PrivacyLedger`), so ε is cumulative over the whole federation and survives
+restarts. The site's own caps decide: a plan above its cap is refused, and a site whose
+budget is spent stops and says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from fedmed.config import PrivacyConfig, SiteConfig
+
+__all__ = [
+    "BudgetError",
+    "DPPlan",
+    "plan_dp",
+    "check_caps",
+    "PrivacyLedger",
+    "make_private",
+]
+
+
+class BudgetError(RuntimeError):
+    """The site refuses (plan above its cap) or has spent its privacy budget."""
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The noise a site adds, fixed for the whole federation."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    target_epsilon: float
+    target_delta: float
+    max_grad_norm: float
+    accountant: str
+
+
+def plan_dp(*, privacy: PrivacyConfig, n_train: int, batch_size: int, rounds: int,
+            local_epochs: int) -> DPPlan:
+    """Noise multiplier reaching ``privacy.target_epsilon`` after all planned rounds."""
+    if n_train <= 0:
+        raise ValueError("DP needs a non-empty training split")
+    # q = 1/k exactly, so that Opacus' own sample rate (1 / len(loader)) is the planned one.
+    per_epoch = max(1, round(n_train / batch_size))
+    q = 1.0 / per_epoch
+    steps = per_epoch * local_epochs
+    sigma = get_noise_multiplier(target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
+                                 sample_rate=q, steps=steps * rounds, accountant=privacy.accountant)
+    return DPPlan(noise_multiplier=float(sigma), sample_rate=q, steps_per_round=steps, rounds=rounds,
+                  target_epsilon=privacy.target_epsilon, target_delta=privacy.target_delta,
+                  max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant)
+
+
+def check_caps(privacy: PrivacyConfig, site: SiteConfig) -> None:
+    """Refuse a job whose privacy settings exceed what this site allows."""
+    problems = []
+    if site.max_epsilon is not None and privacy.target_epsilon > site.max_epsilon and site.budget == "refuse":
+        problems.append(f"target ε={privacy.target_epsilon:g} exceeds this site's cap ε≤{site.max_epsilon:g}")
+    if site.max_delta is not None and privacy.target_delta > site.max_delta:
+        problems.append(f"δ={privacy.target_delta:g} exceeds this site's cap δ≤{site.max_delta:g}")
+    if site.max_grad_norm is not None and privacy.max_grad_norm > site.max_grad_norm:
+        problems.append(f"clipping norm {privacy.max_grad_norm:g} exceeds this site's cap {site.max_grad_norm:g}")
+    if problems:
+        raise BudgetError(f"site {site.site} refuses the privacy plan: " + "; ".join(problems))
+
+
+class PrivacyLedger:
+    """The site's accountant history for one federation, kept on the site's disk."""
+
+    def __init__(self, path: Path, *, accountant: str) -> None:
+        self.path = path
+        self.accountant = accountant
+        self.history: list[tuple[float, float, int]] = []
+        if path.exists():
+            data = json.loads(path.read_text())
+            if data.get("accountant") != accountant:
+                raise BudgetError(f"{path}: accountant {data.get('accountant')} recorded, {accountant} asked")
+            self.history = [tuple(h) for h in data["history"]]
+
+    def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
+        """ε spent so far (plus an ``extra`` (σ, q, steps) not yet taken)."""
+        hist = self.history + ([extra] if extra else [])
+        if not hist:
+            return 0.0
+        engine = PrivacyEngine(accountant=self.accountant)
+        engine.accountant.history = list(hist)
+        return float(engine.accountant.get_epsilon(delta))
+
+    def record(self, history: list[tuple[float, float, int]]) -> None:
+        """Save the accountant's history atomically after a round."""
+        self.history = [tuple(h) for h in history]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}))
+        os.replace(tmp, self.path)
+
+
+def _collate_with_empty(batch: list[dict[str, torch.Tensor]], template: dict[str, torch.Tensor]):
+    """Poisson sampling can draw an empty batch: return empty tensors of the right shape."""
+    if batch:
+        return default_collate(batch)
+    return {k: torch.zeros((0, *v.shape), dtype=v.dtype) for k, v in template.items()}
+
+
+def poisson_loader(dataset: Dataset, *, sample_rate: float, generator: torch.Generator | None = None) -> DataLoader:
+    """Each sample joins each step independently with probability ``sample_rate`` (DP-SGD)."""
+    template = {k: torch.as_tensor(v) for k, v in dataset[0].items()}
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
+                                            generator=generator)
+    return DataLoader(dataset, batch_sampler=sampler,
+                      collate_fn=functools.partial(_collate_with_empty, template=template))
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    *,
+    plan: DPPlan,
+    ledger: PrivacyLedger,
+    generator: torch.Generator | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+    """Wrap model, optimizer and a Poisson loader for DP-SGD; the accountant resumes the ledger.
+
+    Raises :class:`ValueError` when the model has layers Opacus cannot handle (build it with
+    ``model.dp_compatible=true``).
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true")
+    engine = PrivacyEngine(accountant=plan.accountant)
+    engine.accountant.history = list(ledger.history)
+    loader = poisson_loader(dataset, sample_rate=plan.sample_rate, generator=generator)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, poisson_sampling=False)
+    return model, optimizer, loader, engine
