@@ -13,6 +13,7 @@ import zlib
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, runtime_for
 from fedmed.messages import CONFIG_KEY, decode_job, make_reply
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -20,7 +21,7 @@ from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 __all__ = ["app"]
 
 log = logging.getLogger("fedmed.client")
-app = ClientApp()
+app = ClientApp(mods=[privacy_guard])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     env = flower_env(work / ".flwr")
     port = args.port or free_port()
     node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port),
-                 "--node-config", f"site='{cfg.site}' site-config='{site_yaml}'"]
+                 "--node-config",
+                 f"site='{cfg.site}' site-config='{site_yaml}' audit-log='{work / 'audit.jsonl'}'"]
     if tls is None:
         node_args.append("--insecure")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ def resolve_site(context: Context) -> SiteConfig:
     if "site-config" in node:
         return load_site_config(str(node["site-config"]))
     if "partition-id" in node:
-        sites = [s for s in str(context.run_config.get("sites", "")).split(",") if s]
-        root = str(context.run_config.get("data-root", ""))
+        # `fedmed simulate` (run_simulation leaves run_config empty) passes them by environment.
+        sites = [s for s in str(context.run_config.get("sites", "")
+                                or os.environ.get("FEDMED_SIM_SITES", "")).split(",") if s]
+        root = str(context.run_config.get("data-root", "") or os.environ.get("FEDMED_SIM_DATA_ROOT", ""))
         pid = int(node["partition-id"])
         if not sites or not root:
             raise ValueError("simulation run config needs 'sites' and 'data-root'")

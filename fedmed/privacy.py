@@ -142,6 +142,7 @@ def make_private(
     Raises :class:`ValueError` when the model has layers Opacus cannot handle (build it with
     ``model.dp_compatible=true``).
     """
+    model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true")

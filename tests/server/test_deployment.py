@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -108,6 +109,13 @@ def test_three_sites_federate_for_real(synth_config, synth_root, cache_dir, tmp_
     metrics = client.get_run(run_id).data.metrics
     assert any(k.startswith("site.hospital_a.") for k in metrics), sorted(metrics)
     assert (out / "report.html").exists() and (out / "curves.png").exists()
+    # What left each site (its own audit log): only the reply vocabulary, no patient ids.
+    for site in SITES:
+        audit = (tmp_path / "sites" / site / "audit.jsonl").read_text()
+        lines = [json.loads(line) for line in audit.splitlines()]
+        assert len(lines) >= 4 and all(set(x["keys"]) <= {"arrays", "metrics", "site"} for x in lines)
+        ids = pd.read_csv(synth_root / site / "records.csv", dtype=str)["patient_id"]
+        assert not any(pid in audit for pid in ids)
 
 
 @pytest.mark.slow
