@@ -1,0 +1,248 @@
+"""Temperature scaling (Guo et al. 2017) and reliability diagrams.
+
+One scalar ``T > 0`` divides the logits; it is fitted on a validation split by minimising
+the negative log-likelihood and leaves every prediction (the argmax) unchanged. Hand-rolled
+(~15 lines of LBFGS on ``log T``): no maintained library ships it for plain PyTorch
+(``netcal`` / ``temperature_scaling`` are unmaintained and not dependencies here).
+
+Federated fitting: each site sends only its summed NLL on a shared grid of temperatures
+(:func:`nll_curve`, numbers, no patient data); the server adds the curves and takes the
+minimum (:func:`fit_temperature_from_curves`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedmed.metrics import expected_calibration_error
+
+__all__ = [
+    "fit_temperature",
+    "collect_logits",
+    "reliability_diagram",
+    "calibrate",
+    "nll_curve",
+    "temperature_grid",
+    "fit_temperature_from_curves",
+    "add_cli",
+]
+
+N_BINS = 15  # the same bins as fedmed.metrics.expected_calibration_error
+
+
+def _as_tensors(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
+        raise ValueError(f"need logits (N, C) and labels (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
+    if len(y) == 0:
+        raise ValueError("cannot fit a temperature on an empty set")
+    return z, y
+
+
+def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
+    """The ``T > 0`` minimising the mean NLL of ``softmax(logits / T)`` (LBFGS on ``log T``).
+
+    ``T > 1`` softens over-confident predictions, ``T < 1`` sharpens under-confident ones.
+    The result is clipped to [0.05, 20]. Raises ``ValueError`` on empty or mis-shaped input.
+    """
+    z, y = _as_tensors(logits, labels)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return float(np.clip(t, 0.05, 20.0)) if np.isfinite(t) else 1.0
+
+
+def temperature_grid(n: int = 121, lo: float = 0.05, hi: float = 20.0) -> np.ndarray:
+    """Log-spaced temperatures every site evaluates for the federated fit."""
+    return np.geomspace(lo, hi, n)
+
+
+def nll_curve(logits: Any, labels: Any, temperatures: np.ndarray | None = None) -> np.ndarray:
+    """Summed NLL of a site's validation logits at each temperature (what a site sends)."""
+    z, y = _as_tensors(logits, labels)
+    ts = temperature_grid() if temperatures is None else np.asarray(temperatures, dtype=float)
+    return np.array([float(F.cross_entropy(z / t, y, reduction="sum")) for t in ts])
+
+
+def fit_temperature_from_curves(
+    curves: list[np.ndarray], temperatures: np.ndarray | None = None
+) -> float:
+    """Server side of the federated fit: the grid temperature with the least total NLL."""
+    if not curves:
+        raise ValueError("no site sent an NLL curve")
+    ts = temperature_grid() if temperatures is None else np.asarray(temperatures, dtype=float)
+    total = np.sum(np.stack([np.asarray(c, dtype=float) for c in curves]), axis=0)
+    if total.shape != ts.shape:
+        raise ValueError(f"curves have {total.shape[0]} points, the grid {len(ts)}")
+    return float(ts[int(np.argmin(total))])
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader, model in eval mode."""
+    model.eval().to(device)
+    zs, ys = [], []
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "label"}
+        zs.append(model(**inputs).float().cpu().numpy().astype(np.float64))
+        ys.append(batch["label"].numpy())
+    if not zs:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    return np.concatenate(zs), np.concatenate(ys).astype(np.int64)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Path,
+                        title: str, n_bins: int = N_BINS) -> Path:
+    """PNG: accuracy per confidence bin, the gap to the diagonal, sample counts; ECE in the title."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
+    conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
+    counts = np.bincount(bins, minlength=n_bins)
+    acc = np.array([correct[bins == b].mean() if counts[b] else 0.0 for b in range(n_bins)])
+    mconf = np.array([conf[bins == b].mean() if counts[b] else 0.0 for b in range(n_bins)])
+    ece = expected_calibration_error(labels, probs, n_bins=n_bins)
+    fig = Figure(figsize=(4.8, 5.6))
+    ax, axc = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    used = counts > 0
+    ax.bar(centers[used], acc[used], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centers[used], (mconf - acc)[used], bottom=acc[used], width=width, color="tab:red",
+           alpha=0.35, edgecolor="tab:red", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE = {ece:.4f} (n = {len(labels)})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    axc.bar(centers, counts, width=width, color="gray", edgecolor="black")
+    axc.set_xlabel("confidence (top class)")
+    axc.set_ylabel("samples")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def calibrate(
+    model: nn.Module,
+    val_loader: DataLoader,
+    test_loader: DataLoader,
+    *,
+    device: torch.device | str = "cpu",
+    out_dir: str | Path | None = None,
+    title: str = "test",
+) -> dict[str, float]:
+    """Fit ``T`` on the validation loader; ECE and NLL on the test loader before and after.
+
+    Returns ``{temperature, ece_before, ece_after, nll_before, nll_after, accuracy, n_val,
+    n_test}``. With ``out_dir``: ``reliability_before.png``, ``reliability_after.png``,
+    ``calibration.json`` and ``calibration.html``. Raises ``ValueError`` on an empty split.
+    """
+    zv, yv = collect_logits(model, val_loader, device)
+    zt, yt = collect_logits(model, test_loader, device)
+    if len(yv) == 0 or len(yt) == 0:
+        raise ValueError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
+    t = fit_temperature(zv, yv)
+    before, after = _softmax(zt), _softmax(zt / t)
+    res = {
+        "temperature": t,
+        "ece_before": expected_calibration_error(yt, before),
+        "ece_after": expected_calibration_error(yt, after),
+        "nll_before": _nll(before, yt),
+        "nll_after": _nll(after, yt),
+        "accuracy": float((before.argmax(1) == yt).mean()),
+        "n_val": int(len(yv)),
+        "n_test": int(len(yt)),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        reliability_diagram(before, yt, path=out / "reliability_before.png", title=f"{title}: before")
+        reliability_diagram(after, yt, path=out / "reliability_after.png",
+                            title=f"{title}: after temperature scaling (T = {t:.2f})")
+        (out / "calibration.json").write_text(json.dumps(res, indent=2))
+        _write_html(out, res, title)
+    return res
+
+
+def _write_html(out: Path, res: dict[str, float], title: str) -> Path:
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float)
+                   else f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in res.items())
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>calibration: {e(title)}</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:2em}td{border:1px solid #ccc;"
+            "padding:3px 8px}img{max-width:45%;margin:.5em}</style></head><body>"
+            f"<h1>Calibration: {e(title)}</h1><p>Temperature fitted on the validation split, "
+            f"measured on the test split.</p><table>{rows}</table>"
+            "<img src='reliability_before.png' alt='before'><img src='reliability_after.png' alt='after'>"
+            "</body></html>")
+    path = out / "calibration.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from fedmed.device import select_device
+    from fedmed.explain import _read_checkpoint, _trained_pooled, load_checkpoint, site_split
+
+    ckpt = Path(args.checkpoint)
+    model, cfg = load_checkpoint(ckpt, config_path=args.config)
+    if cfg.model.multilabel:
+        raise ValueError("temperature scaling here is for single-label (softmax) models")
+    pooled = _trained_pooled(ckpt) if args.pooled is None else args.pooled
+    enc = _read_checkpoint(ckpt).get("encoder")
+    splits = site_split(cfg, args.site_dir, split=("val", "test"), pooled=pooled, encoder_state=enc)
+    loaders = {s: DataLoader(d, batch_size=128) for s, d in splits.items()}
+    where = Path(args.site_dir).name if args.site_dir else "all-sites"
+    out = Path(args.out) if args.out else ckpt.parent / f"calibration-{where}"
+    res = calibrate(model, loaders["val"], loaders["test"], device=select_device(cfg.train.device),
+                    out_dir=out, title=f"{cfg.name} on {where}")
+    for k, v in res.items():
+        print(f"{k:12s} {v:.4f}" if isinstance(v, float) else f"{k:12s} {v}")
+    print(f"\nwrote {out / 'calibration.html'}")
+    return 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """``fedmed calibrate CHECKPOINT [--site-dir DIR] [--config CFG] [--out DIR]``."""
+    p = subparsers.add_parser("calibrate", help="temperature scaling on a site's val split, ECE before/after")
+    p.add_argument("checkpoint", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
+    p.add_argument("--site-dir", help="site folder: fit on its val split, report on its test split "
+                   "(default: the config's sites pooled)")
+    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
+    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model was trained on the config's sites pooled (default: from metrics.json)")
+    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_calibrate)
