@@ -1,0 +1,115 @@
+"""``fedmed certs`` and ``fedmed site-key``: the files a TLS, site-authenticated federation needs.
+
+- ``fedmed certs --out certs --host coordinator.example.org --host 10.0.0.5`` creates a
+  private CA (``ca.crt``/``ca.key``) and the coordinator's certificate (``server.pem``/
+  ``server.key``) whose subjectAltNames list every host or IP the sites will dial.
+- ``fedmed site-key --site hospital_a --out keys`` creates the site's key pair
+  (``hospital_a`` private, ``hospital_a.pub`` public, OpenSSH ECDSA P-384 as Flower's node
+  authentication expects). Only the ``.pub`` goes to the coordinator (``--auth-keys``).
+
+Built on ``cryptography`` (already a Flower dependency) rather than shelling out to openssl,
+so it works the same on every site's machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["create_certificates", "create_site_key", "add_cli"]
+
+
+def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+    path.write_bytes(data)
+    if private:
+        os.chmod(path, 0o600)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmed"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def create_certificates(out: Path, *, hosts: list[str], days: int = 825) -> dict[str, Path]:
+    """A CA and a server certificate valid for ``hosts`` (DNS names or IP addresses)."""
+    if not hosts:
+        raise ValueError("give at least one --host the sites will connect to (name or IP)")
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    ca_cert = (x509.CertificateBuilder().subject_name(_name("fedmed CA")).issuer_name(_name("fedmed CA"))
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False,
+                                            encipher_only=False, decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    sans: list[Any] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    nopw = serialization.NoEncryption()
+    files = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
+    _write(files["ca_cert"], ca_cert.public_bytes(pem))
+    _write(files["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw), private=True)
+    _write(files["cert"], cert.public_bytes(pem))
+    _write(files["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw), private=True)
+    return files
+
+
+def create_site_key(out: Path, *, site: str) -> tuple[Path, Path]:
+    """An ECDSA (P-384) key pair in OpenSSH format for Flower's node authentication."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv, pub = out / site, out / f"{site}.pub"
+    _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), private=True)
+    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                              serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
+    return priv, pub
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("certs", help="create a CA and the coordinator's TLS certificate")
+    p.add_argument("--out", type=Path, default=Path("certs"))
+    p.add_argument("--host", action="append", default=[], help="name or IP the sites dial (repeat)")
+    p.add_argument("--days", type=int, default=825)
+
+    def run_certs(a: Any) -> int:
+        files = create_certificates(a.out, hosts=a.host, days=a.days)
+        print("\n".join(f"{k:8s} {v}" for k, v in files.items()))
+        print("give ca.crt to every site; keep ca.key offline")
+        return 0
+
+    p.set_defaults(func=run_certs)
+    k = sub.add_parser("site-key", help="create a site's key pair for node authentication")
+    k.add_argument("--site", required=True)
+    k.add_argument("--out", type=Path, default=Path("keys"))
+
+    def run_key(a: Any) -> int:
+        priv, pub = create_site_key(a.out, site=a.site)
+        print(f"private {priv} (stays at the site)\npublic  {pub} (send to the coordinator: --auth-keys)")
+        return 0
+
+    k.set_defaults(func=run_key)
