@@ -5,7 +5,7 @@
   ``server.key``) whose subjectAltNames list every host or IP the sites will dial.
 - ``fedmed site-key --site hospital_a --out keys`` creates the site's key pair
   (``hospital_a`` private, ``hospital_a.pub`` public, OpenSSH ECDSA P-384 as Flower's node
-  authentication expects). Only the ``.pub`` goes to the coordinator (``--auth-keys``).
+  authentication expects). Only the ``.pub`` goes to the coordinator (``--auth-key``).
 
 Built on ``cryptography`` (already a Flower dependency) rather than shelling out to openssl,
 so it works the same on every site's machine.
@@ -109,7 +109,7 @@ def add_cli(sub: Any) -> None:
 
     def run_key(a: Any) -> int:
         priv, pub = create_site_key(a.out, site=a.site)
-        print(f"private {priv} (stays at the site)\npublic  {pub} (send to the coordinator: --auth-keys)")
+        print(f"private {priv} (stays at the site)\npublic  {pub} (send to the coordinator: --auth-key)")
         return 0
 
     k.set_defaults(func=run_key)

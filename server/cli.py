@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM)")
     p.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
     p.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
-    p.add_argument("--auth-keys", type=Path, nargs="*", default=[],
-                   help="public keys (.pub) of the invited sites: only they may join")
+    p.add_argument("--auth-key", dest="auth_keys", type=Path, action="append", default=[],
+                   help="public key (.pub) of an invited site (repeat per site): only they may join")
     p.add_argument("--startup-timeout", type=float, default=90.0)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
@@ -76,7 +76,7 @@ def _tls(args: argparse.Namespace) -> Tls | None:
         raise ValueError("no TLS certificates given: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile "
                          "(see `fedmed certs`), or --insecure to run without TLS on a trusted network")
     if args.auth_keys:
-        raise ValueError("site authentication (--auth-keys) needs TLS; Flower refuses it with --insecure")
+        raise ValueError("site authentication (--auth-key) needs TLS; Flower refuses it with --insecure")
     return None
 
 

@@ -27,7 +27,7 @@ def test_tls_and_site_auth(synth_config, synth_root, cache_dir, tmp_path):
     server = subprocess.Popen(
         [str(BIN / "fedmed-server"), "-c", str(cfg_path), "--host", "127.0.0.1", "--port", str(port),
          "--out", str(out), "--ssl-ca-certfile", str(certs["ca_cert"]), "--ssl-certfile", str(certs["cert"]),
-         "--ssl-keyfile", str(certs["key"]), "--auth-keys", *[str(keys[s][1]) for s in SITES]],
+         "--ssl-keyfile", str(certs["key"]), *[a for s in SITES for a in ("--auth-key", str(keys[s][1]))]],
         env=env, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
     procs = {}
     for site in [*SITES, "intruder"]:
