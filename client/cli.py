@@ -86,34 +86,55 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"site key not found: {args.auth_key}")
         node_args += ["--auth-supernode-private-key", str(args.auth_key.resolve())]
     log_path = work / "supernode.log"
+    if log_path.exists():  # keep the previous session's log beside the new one
+        log_path.replace(log_path.with_suffix(".log.1"))
     print(f"fedmed-client: site {cfg.site} joining {args.server} "
           f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
-    node = spawn(node_args, env=env, log_path=log_path)
-    try:
-        return _supervise(node, args, tls, log_path)
-    finally:
-        stop(node)
+    return _supervise(lambda: spawn(node_args, env=env, log_path=log_path), args, tls, log_path)
 
 
-def _supervise(node, args: argparse.Namespace, tls: Tls | None, log_path: Path) -> int:
-    """Keep the node running; with ``--once`` leave after the coordinator has gone away."""
+def _joined(log_path: Path) -> bool:
+    """Whether the coordinator accepted this node (Flower logs its SuperNode ID)."""
+    return log_path.exists() and "SuperNode ID:" in log_path.read_text(errors="replace")
+
+
+def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path) -> int:
+    """Keep the node running and restart it when the coordinator refused or dropped it.
+
+    With ``--once`` the site leaves after the coordinator has gone away: exit 0 when it took
+    part, 3 when the coordinator never accepted it (e.g. its key was not invited).
+    """
+    node = start()
     seen_server = False
     gone_since: float | None = None
-    while True:
-        code = node.poll()
-        if code is not None:
-            tail = log_path.read_text(errors="replace")[-1500:] if log_path.exists() else ""
-            print(f"fedmed-client: the node stopped (exit {code}):\n{tail}", file=sys.stderr)
-            return 0 if code == 0 else 1
-        if args.once:
-            if server_healthy(args.server, tls=tls):
-                seen_server, gone_since = True, None
-            elif seen_server:
-                gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > args.grace:
-                    print("fedmed-client: the coordinator has shut down; leaving", flush=True)
+    backoff = 2.0
+    try:
+        while True:
+            code = node.poll()
+            if code is not None:
+                if args.once and seen_server and not server_healthy(args.server, tls=tls) and _joined(log_path):
                     return 0
-        time.sleep(1.0)
+                reason = "refused or unreachable" if code == 305 else f"exited with code {code}"
+                print(f"fedmed-client: the node {reason}; retrying in {backoff:.0f}s "
+                      f"(log {log_path})", file=sys.stderr, flush=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                node = start()
+            if args.once:
+                if server_healthy(args.server, tls=tls):
+                    seen_server, gone_since = True, None
+                elif seen_server:
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since > args.grace:
+                        if _joined(log_path):
+                            print("fedmed-client: the coordinator has shut down; leaving", flush=True)
+                            return 0
+                        print("fedmed-client: the coordinator never accepted this site "
+                              "(is its public key invited with --auth-key?); leaving", file=sys.stderr)
+                        return 3
+            time.sleep(1.0)
+    finally:
+        stop(node)
 
 
 def main(argv: list[str] | None = None) -> int:

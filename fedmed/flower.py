@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,7 @@ __all__ = [
     "free_port",
     "flower_env",
     "spawn",
+    "redact",
     "stop",
     "interrupt_on_sigterm",
     "server_healthy",
@@ -103,14 +106,36 @@ def _bin(name: str) -> str:
     return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
+# Flower logs the public key of a refused SuperNode; keys stay out of fedmed's logs.
+_KEY_MATERIAL = re.compile(
+    rb"-----BEGIN [A-Z ]+-----.*?-----END [A-Z ]+-----|(?:ssh-ed25519|ecdsa-sha2-nistp\d+|ssh-rsa) [A-Za-z0-9+/=]{20,}")
+
+
+def redact(line: bytes) -> bytes:
+    """Replace PEM blocks and OpenSSH public keys in a log line."""
+    return _KEY_MATERIAL.sub(b"[key redacted]", line)
+
+
+def _pump(src: Any, fh: Any) -> None:
+    for line in iter(src.readline, b""):
+        fh.write(redact(line))
+        fh.flush()
+    fh.close()
+
+
 def spawn(args: Sequence[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start a Flower executable (``flower-superlink``, ...) logging to ``log_path``."""
+    """Start a Flower executable (``flower-superlink``, ...) logging to ``log_path``.
+
+    Its output passes through :func:`redact` on the way to the log file.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")
     cmd = [_bin(args[0]), *args[1:]]
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=preexec, start_new_session=preexec is None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, preexec_fn=preexec, start_new_session=preexec is None)
+    threading.Thread(target=_pump, args=(proc.stdout, fh), daemon=True).start()
+    return proc
 
 
 def stop(proc: subprocess.Popen | None, *, timeout: float = 15.0) -> int | None:

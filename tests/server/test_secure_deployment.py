@@ -39,7 +39,7 @@ def test_tls_and_site_auth(synth_config, synth_root, cache_dir, tmp_path):
             env=env, stdout=open(tmp_path / f"{site}.log", "w"), stderr=subprocess.STDOUT)
     try:
         assert server.wait(900) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        assert procs["intruder"].wait(300) != 0  # refused: its node could not join
+        assert procs["intruder"].wait(300) == 3  # refused: the coordinator never accepted it
         for s in SITES:
             assert procs[s].wait(120) == 0
     finally:
@@ -48,8 +48,9 @@ def test_tls_and_site_auth(synth_config, synth_root, cache_dir, tmp_path):
                 p.kill()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2
-    intruder_log = (tmp_path / "intruder.log").read_text() + (tmp_path / "sites" / "intruder" / "supernode.log").read_text()
-    assert "activate" in intruder_log.lower() or "auth" in intruder_log.lower()
+    assert "never accepted this site" in (tmp_path / "intruder.log").read_text()
+    superlink_log = (out / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log  # the refusal is named
     # The coordinator's log never carries key material.
     pub = keys["intruder"][1].read_text().split()[1]
     for log in [tmp_path / "server.log", out / "superlink.log"]:
