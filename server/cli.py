@@ -130,9 +130,12 @@ def run(args: argparse.Namespace) -> int:
         if status != "finished:completed":
             print(f"fedmed-server: federation ended with status {status}: {details}", file=sys.stderr)
             return 1
-        summary = out / "summary.json"
-        print(f"fedmed-server: federation completed; report {out / 'report.html'}; "
-              f"summary {summary}", flush=True)
+        from fedmed.server.checkpoint import load_state
+        from fedmed.server.report import summary_table
+
+        print("\n" + summary_table(load_state(out).history), flush=True)
+        print(f"\nfedmed-server: federation completed; report {out / 'report.html'}; "
+              f"summary {out / 'summary.json'}", flush=True)
         return 0
     finally:
         stop(link)

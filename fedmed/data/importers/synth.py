@@ -258,15 +258,20 @@ def synthesize(
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
     sd_risk = math.sqrt(_W_IMG**2 + _W_REC**2 + _NOISE**2)
     report = ImportReport(out_dir=out, classes=list(SYNTH_CLASSES))
-    names = site_names(sites)
+    # (folder, scanner/lab/prevalence profile, patients, id prefix, random stream)
+    parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes))]
     if central:
         if central < 10:
             raise ValueError("central must be 0 or at least 10 patients")
-        sizes, names = [*sizes, central], [*names, "central"]
-    for i, (site, n) in enumerate(zip(names, sizes)):
+        # The coordinator's held-out set mixes patients of every site's profile, so central
+        # evaluation measures the federation's population, not one more unseen scanner.
+        per = [central // sites + (1 if p < central % sites else 0) for p in range(sites)]
+        parts += [("central", p, k, f"central{p + 1}", 1000 + p) for p, k in enumerate(per) if k]
+    collected: dict[str, tuple[list[pd.DataFrame], list[pd.DataFrame]]] = {}
+    for site, i, n, prefix, stream in parts:
         # Independent streams per site and purpose: turning notes off, or changing another
         # site's size, leaves this site's latents, labs and pixels unchanged.
-        rng, rng_rec, rng_note, rng_img = (np.random.default_rng([seed, i, k]) for k in range(4))
+        rng, rng_rec, rng_note, rng_img = (np.random.default_rng([seed, stream, k]) for k in range(4))
         sc = _SCANNERS[i % len(_SCANNERS)]
         if i >= len(_SCANNERS):  # more sites than profiles: vary the scanner a little
             sc = _Scanner(**{**sc.__dict__, "gain": sc.gain * rng.uniform(0.9, 1.1),
@@ -282,7 +287,7 @@ def synthesize(
         z_rec = rng.normal(mu, 1.0, n)
         risk = _W_IMG * z_img + _W_REC * z_rec + rng.normal(0, _NOISE, n)
         label = np.where(risk > 0, SYNTH_CLASSES[1], SYNTH_CLASSES[0])
-        ids = [f"{site}-p{j + 1:04d}" for j in range(n)]
+        ids = [f"{prefix}-p{j + 1:04d}" for j in range(n)]
         sex = rng.choice(["F", "M"], n)
 
         records = pd.DataFrame({
@@ -330,6 +335,12 @@ def synthesize(
         keep = [j for j in range(n) if j not in no_record]
         records = records.iloc[keep].reset_index(drop=True)
         images = pd.DataFrame(image_rows)
+        recs, imgs = collected.setdefault(site, ([], []))
+        recs.append(records)
+        imgs.append(images)
+    for site, (recs, imgs) in collected.items():
+        records = pd.concat(recs, ignore_index=True)
+        images = pd.concat(imgs, ignore_index=True)
         write_site(out, site, records=records, images=images)
         report.sites[site] = site_summary(records, images)
 
