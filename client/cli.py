@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from fedmed.config import ConfigError, SiteConfig, load_site_config
+from fedmed.config import SiteConfig, load_site_config
+from fedmed.errors import run_command
 from fedmed.flower import Tls, flower_env, free_port, interrupt_on_sigterm, server_healthy, spawn, stop
 
 __all__ = ["main", "build_parser"]
@@ -140,14 +141,7 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt_on_sigterm()
-    try:
-        return run(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"fedmed-client: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedmed-client: stopped", file=sys.stderr)
-        return 0
+    return run_command("fedmed-client", lambda: run(args), interrupted="stopped", interrupted_code=0)
 
 
 if __name__ == "__main__":

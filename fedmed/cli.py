@@ -13,9 +13,6 @@ from typing import Any, Callable
 
 __all__ = ["main", "build_parser"]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="configs/default.yaml", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
@@ -145,18 +142,11 @@ def _extra_commands() -> dict[str, Callable[[Any], None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedmed.config import ConfigError
+    from fedmed.errors import run_command
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ConfigError, *USER_ERRORS) as exc:
-        print(f"fedmed: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedmed: interrupted", file=sys.stderr)
-        return 130
+    return run_command("fedmed", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedmed.config import ConfigError, load_config
+from fedmed.config import load_config
+from fedmed.errors import run_command
 from fedmed.flower import (
     Tls,
     flower_env,
@@ -170,14 +171,7 @@ def _run_status(run_id: int, env: dict[str, str], attempts: int = 20) -> tuple[s
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt_on_sigterm()
-    try:
-        return run(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
-        print(f"fedmed-server: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedmed-server: interrupted; resume later with --resume", file=sys.stderr)
-        return 130
+    return run_command("fedmed-server", lambda: run(args), interrupted="interrupted; resume later with --resume")
 
 
 if __name__ == "__main__":
