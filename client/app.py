@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import zlib
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.client.guard import privacy_guard
-from fedmed.client.site import SiteRuntime, runtime_for
-from fedmed.messages import CONFIG_KEY, decode_job, make_reply
+from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
+from fedmed.messages import CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
+from fedmed.secagg import generate_keypair, mask_update
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
 __all__ = ["app"]
@@ -55,8 +56,35 @@ def train(msg: Message, context: Context) -> Message:
             desc=f"{rt.site} round {rnd}",
         )
     metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
-    arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in rt.model.state_dict().items()})
+    if "secagg-ids" in config:
+        arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])
+    else:
+        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in rt.model.state_dict().items()})
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+
+
+@app.query()
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: a fresh key pair for this round; only the public half leaves."""
+    rnd = int(msg.content[CONFIG_KEY]["server-round"])
+    private, public = generate_keypair()
+    context.state[SECAGG_KEY] = ConfigRecord({"round": rnd, "private-key": private})
+    site = resolve_site(context).site
+    return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"public-key": public}),
+                                       SITE_KEY: ConfigRecord({"name": site})}), reply_to=msg)
+
+
+def _masked_arrays(rt: SiteRuntime, config: ConfigRecord, context: Context, *, rnd: int,
+                   weight: int) -> ArrayRecord:
+    """Secure aggregation, step 2: the example-weighted update plus pairwise masks."""
+    state = context.state.get(SECAGG_KEY)
+    if state is None or int(state["round"]) != rnd:
+        raise RuntimeError(f"site {rt.site}: no secure-aggregation key for round {rnd}")
+    peers = dict(zip((int(i) for i in config["secagg-ids"]), config["secagg-keys"]))
+    weights = {k: v.detach().cpu().numpy() for k, v in rt.model.state_dict().items()}
+    masked = mask_update(weights, weight=weight, self_id=int(context.node_id), private=state["private-key"],
+                         peers=peers, round_id=rnd)
+    return ArrayRecord(array_dict={k: Array(v) for k, v in masked.items()})
 
 
 def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federation: str) -> tuple[dict, float]:

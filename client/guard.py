@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedmed.messages import REPLY_KEYS, SITE_KEY
+from fedmed.messages import REPLY_KEYS, SECAGG_KEY, SITE_KEY
 
 __all__ = ["privacy_guard", "describe_reply", "GuardError", "AUDIT_ENV"]
 
@@ -49,13 +49,19 @@ def _check(msg: Message) -> None:
     if not keys <= REPLY_KEYS:
         raise GuardError(f"reply blocked: keys {sorted(keys - REPLY_KEYS)} are not allowed to leave the site")
     for key, record in msg.content.items():
-        expected = {"arrays": ArrayRecord, "metrics": MetricRecord, SITE_KEY: ConfigRecord}[key]
+        expected = {"arrays": ArrayRecord, "metrics": MetricRecord, SITE_KEY: ConfigRecord,
+                    SECAGG_KEY: ConfigRecord}[key]
         if not isinstance(record, expected):
             raise GuardError(f"reply blocked: {key!r} must be a {expected.__name__}")
     if SITE_KEY in msg.content:
         site = msg.content[SITE_KEY]
         if set(site.keys()) != {"name"} or not isinstance(site["name"], str):
             raise GuardError("reply blocked: the site record may only hold the site's name")
+    if SECAGG_KEY in msg.content:
+        rec = msg.content[SECAGG_KEY]
+        if set(rec.keys()) != {"public-key"} or not isinstance(rec["public-key"], bytes) \
+                or len(rec["public-key"]) != 32:
+            raise GuardError("reply blocked: the secure-aggregation record may only hold a public key")
     for name, value in msg.content.get("metrics", MetricRecord()).items():
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

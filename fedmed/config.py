@@ -135,12 +135,20 @@ class FederationConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
+    secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _secure_needs_a_sum(self) -> "FederationConfig":
+        if self.secure_aggregation and self.strategy.lower() not in ("fedavg", "fedprox"):
+            raise ValueError("secure_aggregation reveals only the sum of updates: use strategy fedavg or "
+                             f"fedprox, not {self.strategy}")
+        return self
 
 
 class PrivacyConfig(_Strict):

@@ -20,6 +20,7 @@ __all__ = [
     "REPLY_KEYS",
     "CONFIG_KEY",
     "SITE_KEY",
+    "SECAGG_KEY",
     "make_reply",
     "reply_site",
     "screen_train_replies",
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"
 SITE_KEY = "site"
-REPLY_KEYS = frozenset({"arrays", "metrics", SITE_KEY})
+SECAGG_KEY = "secagg"
+REPLY_KEYS = frozenset({"arrays", "metrics", SITE_KEY, SECAGG_KEY})
 JOB_KEY = "fedmed-job"
 
 
@@ -120,7 +122,7 @@ def screen_train_replies(
                 if tuple(arr.shape) != ref[key][0]:
                     reason = f"parameter {key} has shape {tuple(arr.shape)}, expected {ref[key][0]}"
                     break
-                values = arr.numpy()
+                values = arr.numpy()  # masked (secure aggregation) updates are uint64: no NaN check
                 if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                     reason = f"parameter {key} contains NaN or Inf"
                     break

@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 import fedmed
 
 from fedmed.config import FedmedConfig
-from fedmed.messages import JOB_KEY, encode_job, reply_site, screen_train_replies
+from fedmed.messages import (
+    CONFIG_KEY,
+    JOB_KEY,
+    SECAGG_KEY,
+    Rejected,
+    encode_job,
+    reply_site,
+    screen_train_replies,
+)
+from fedmed.secagg import unmask_sum
 from fedmed.task import model_from_config, seed_everything
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
 from fedmed.server.strategies import make_strategy
@@ -116,6 +125,42 @@ def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]]
     return per_site, failed
 
 
+def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: ConfigRecord,
+                  fed: Any) -> tuple[list[Message], list[Rejected], ArrayRecord | None, MetricRecord | None]:
+    """One FedAvg round in which the server only ever holds the masked sum (fedmed.secagg).
+
+    Every site that received the peers' keys must answer, or the masks do not cancel: the
+    round is then skipped and the global model kept.
+    """
+    nodes = sorted(grid.get_node_ids())
+    ask = [Message(content=RecordDict({CONFIG_KEY: ConfigRecord({"server-round": rnd})}),
+                   message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    keys: dict[int, bytes] = {}
+    for msg in grid.send_and_receive(ask, timeout=fed.round_timeout):
+        if not msg.has_error() and SECAGG_KEY in msg.content:
+            keys[int(msg.metadata.src_node_id)] = msg.content[SECAGG_KEY]["public-key"]
+    if len(keys) < fed.min_sites:
+        return [], [Rejected("*", f"only {len(keys)} sites joined secure aggregation")], None, None
+    cfg = ConfigRecord({**dict(config), "server-round": rnd, "secagg-ids": list(keys),
+                        "secagg-keys": list(keys.values())})
+    msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: cfg}), message_type=MessageType.TRAIN,
+                    dst_node_id=n) for n in keys]
+    replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+    ok, rejected = screen_train_replies(replies, current)
+    if len(ok) != len(keys):
+        log.warning("round %d: %d of %d sites answered; masks cannot cancel, the round is skipped",
+                    rnd, len(ok), len(keys))
+        return [], rejected + [Rejected("*", "secure aggregation incomplete: round skipped")], None, None
+    weights = [float(m.content["metrics"]["num-examples"]) for m in ok]
+    dtypes = {k: a.numpy().dtype for k, a in current.items()}
+    summed = unmask_sum([{k: a.numpy() for k, a in m.content["arrays"].items()} for m in ok],
+                        total_weight=sum(weights), dtypes=dtypes)
+    metrics = MetricRecord({k: float(sum(w * float(m.content["metrics"][k]) for w, m in zip(weights, ok)) / sum(weights))
+                            for k in ok[0].content["metrics"].keys()
+                            if k != "num-examples" and isinstance(ok[0].content["metrics"][k], (int, float))})
+    return ok, rejected, _to_record(summed), metrics
+
+
 def run_federation(
     grid: GridLike,
     cfg: FedmedConfig,
@@ -155,14 +200,19 @@ def run_federation(
         connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
         current = _to_record(state.arrays)
         config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd), "federation-id": chash})
-        replies = list(grid.send_and_receive(
-            strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout))
-        ok, rejected = screen_train_replies(replies, current)
+        if fed.secure_aggregation:
+            ok, rejected, agg, train_metrics = _secure_round(grid, rnd, current, config, fed)
+        else:
+            replies = list(grid.send_and_receive(
+                strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout))
+            ok, rejected = screen_train_replies(replies, current)
+            agg = train_metrics = None
         row: dict[str, Any] = {"round": rnd, "sites_connected": connected,
                                "sites_trained": [reply_site(m) for m in ok],
                                "sites_rejected": {r.site: r.reason for r in rejected}}
         if ok:
-            agg, train_metrics = strategy.aggregate_train(rnd, ok)
+            if not fed.secure_aggregation:
+                agg, train_metrics = strategy.aggregate_train(rnd, ok)
             if agg is not None:
                 state.arrays = _to_numpy(agg)
             if train_metrics is not None:
