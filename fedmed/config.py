@@ -136,6 +136,10 @@ class FederationConfig(_Strict):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
+    client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
+        "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")
+    client_dp_noise: float = Field(1.0, ge=0.0, description="noise multiplier for client-level DP")
+    client_dp_clip: float = Field(1.0, gt=0.0, description="clipping norm (initial norm when adaptive)")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
     server_lr: float = Field(0.01, gt=0.0)
@@ -145,6 +149,9 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _secure_needs_a_sum(self) -> "FederationConfig":
+        if self.secure_aggregation and self.client_dp != "off":
+            raise ValueError("client_dp clips each update at the server, which secure_aggregation hides; "
+                             "choose one")
         if self.secure_aggregation and self.strategy.lower() not in ("fedavg", "fedprox"):
             raise ValueError("secure_aggregation reveals only the sum of updates: use strategy fedavg or "
                              f"fedprox, not {self.strategy}")

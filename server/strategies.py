@@ -53,6 +53,17 @@ def make_strategy(cfg: FederationConfig) -> fl.Strategy:
     if name == "fedprox" and cfg.proximal_mu <= 0:
         raise ValueError("strategy fedprox needs federation.proximal_mu > 0 (e.g. 0.01)")
     try:
-        return STRATEGIES[name](cfg)
+        strategy = STRATEGIES[name](cfg)
     except TypeError as exc:
         raise ValueError(f"federation.strategy_args do not fit {name}: {exc}") from None
+    # Client-level DP: Flower's wrappers clip every site's update and add Gaussian noise to
+    # the aggregate; num_sampled_clients is the sites per round (all connected, >= min_sites).
+    if cfg.client_dp == "server-fixed":
+        strategy = fl.DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=cfg.client_dp_noise, clipping_norm=cfg.client_dp_clip,
+            num_sampled_clients=cfg.min_sites)
+    elif cfg.client_dp == "server-adaptive":
+        strategy = fl.DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy, noise_multiplier=cfg.client_dp_noise, num_sampled_clients=cfg.min_sites,
+            initial_clipping_norm=cfg.client_dp_clip)
+    return strategy

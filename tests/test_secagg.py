@@ -78,3 +78,14 @@ def test_secure_federation_equals_plain_fedavg(synth_config, tmp_path):
     diffs = np.concatenate([np.abs(states[True].arrays[n] - p).ravel() for n, p in states[False].arrays.items()])
     assert diffs.mean() < 1e-5 and diffs.max() < 5e-3, (diffs.mean(), diffs.max())
     assert [r["sites_trained"] for r in states[True].history][-1]
+
+
+@pytest.mark.parametrize("mode, cls", [("server-fixed", "DifferentialPrivacyServerSideFixedClipping"),
+                                       ("server-adaptive", "DifferentialPrivacyServerSideAdaptiveClipping")])
+def test_client_level_dp_wraps_the_strategy(mode, cls):
+    from fedmed.config import FederationConfig
+    from fedmed.server.strategies import make_strategy
+
+    strategy = make_strategy(FederationConfig(strategy="fedavg", min_sites=3, client_dp=mode,
+                                              client_dp_noise=0.05, client_dp_clip=2.0))
+    assert type(strategy).__name__ == cls
