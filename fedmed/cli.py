@@ -50,6 +50,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deidentify(args: argparse.Namespace) -> int:
+    from fedmed.data.deid import deidentify_site
+
+    salt_file = Path(args.salt_file)
+    if not salt_file.exists():
+        import secrets
+
+        salt_file.write_bytes(secrets.token_bytes(32))
+        salt_file.chmod(0o600)
+        print(f"created a new secret salt in {salt_file}: keep it at the site, reuse it for later imports")
+    counts = deidentify_site(Path(args.site_dir), Path(args.out), salt=salt_file.read_bytes())
+    print(f"wrote {args.out}: {counts['records']} records, {counts['images']} images "
+          f"({counts['dicom']} DICOM de-identified); patient ids are salted pseudonyms")
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
     from fedmed.data.site import load_site
@@ -103,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--central", type=int, default=0,
                      help="also write <out>/central with N patients (the server's held-out set)")
     syn.set_defaults(func=_cmd_synth)
+
+    deid = data.add_parser("deidentify", help="de-identified copy of a site (DICOM basic profile, pseudonyms)")
+    deid.add_argument("site_dir")
+    deid.add_argument("--out", required=True)
+    deid.add_argument("--salt-file", required=True, help="secret salt (created if absent); keep it at the site")
+    deid.set_defaults(func=_cmd_deidentify)
 
     chk = data.add_parser("check", help="validate every site folder of a config and print summaries")
     _add_config_args(chk)
