@@ -21,6 +21,7 @@ import pandas as pd
 import yaml
 
 __all__ = [
+    "read_source_csv",
     "IMPORTERS",
     "DatasetImportError",
     "ImportReport",
@@ -83,6 +84,19 @@ class ImportReport:
 
         lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
         return "\n".join(lines)
+
+
+def read_source_csv(path: Path, *, what: str = "table") -> pd.DataFrame:
+    """A source CSV as strings, blank lines kept so the index maps to file lines in messages.
+
+    Strings throughout: ids like "007" and codes like "1" keep their spelling.
+    """
+    if not path.is_file():
+        raise DatasetImportError(f"{what} not found: {path}")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetImportError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
 
 
 def site_summary(records: pd.DataFrame | None, images: pd.DataFrame | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from fedmed.data.importers import (
     DatasetImportError,
     check_site_name,
     ImportReport,
+    read_source_csv,
     site_summary,
     write_dataset_config,
     write_site,
@@ -28,13 +29,7 @@ _MAX_CATEGORIES = 50  # more distinct text values than this looks like free text
 
 
 def _read_table(table: Path) -> pd.DataFrame:
-    if not table.is_file():
-        raise DatasetImportError(f"table not found: {table}")
-    try:
-        # Strings throughout: ids like "007" and codes like "1" keep their spelling.
-        df = pd.read_csv(table, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DatasetImportError(f"{table}: not a readable CSV ({type(exc).__name__})") from None
+    df = read_source_csv(table, what="table")
     df.columns = [str(c).strip() for c in df.columns]
     df = df.apply(lambda s: s.str.strip())
     df.index = df.index + 2  # file line numbers (line 1 is the header)

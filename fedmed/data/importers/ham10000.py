@@ -16,6 +16,7 @@ import pandas as pd
 from fedmed.data.importers import (
     DatasetImportError,
     ImportReport,
+    read_source_csv,
     site_summary,
     write_dataset_config,
     write_site,
@@ -31,13 +32,7 @@ _UNKNOWN = "unknown"
 
 
 def _read_metadata(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise DatasetImportError(f"HAM10000 metadata file not found: {path}")
-    try:
-        # skip_blank_lines=False keeps the index aligned with file lines for messages.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DatasetImportError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    df = read_source_csv(path, what="HAM10000 metadata file")
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
         raise DatasetImportError(f"{path}: missing column(s) {missing}")
