@@ -7,7 +7,6 @@ hospital deployment uses — and waits for the federation to finish.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
