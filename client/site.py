@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 import fedmed
 from fedmed.config import FedmedConfig, SiteConfig, load_site_config
 from fedmed.device import select_device
-from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything
-from fedmed.train.losses import make_loss
+from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
 
 __all__ = ["SiteRuntime", "runtime_for", "resolve_site"]
 
@@ -96,9 +95,7 @@ def runtime_for(job: dict[str, Any], context: Context) -> SiteRuntime:
     model = model_from_config(cfg).to(device)
     loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                            num_workers=cfg.data.num_workers)
-    loss_fn = make_loss(kind=cfg.train.loss, n_classes=bundle.n_classes,
-                        class_counts=bundle.class_counts(), use_class_weights=cfg.train.class_weights,
-                        focal_gamma=cfg.train.focal_gamma, multilabel=cfg.model.multilabel).to(device)
+    loss_fn = training_loss(cfg, bundle).to(device)
     rt = SiteRuntime(site=site_cfg.site, cfg=cfg, site_cfg=site_cfg, device=device, model=model,
                      loaders=loaders, loss_fn=loss_fn, n_classes=bundle.n_classes)
     _CACHE.clear()  # one job per process at a time; drop stale data

@@ -14,9 +14,8 @@ import torch
 from fedmed.config import FedmedConfig
 from fedmed.device import select_device
 from fedmed.metrics import format_metrics
-from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything
+from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
 from fedmed.train.loop import evaluate, fit
-from fedmed.train.losses import make_loss
 
 __all__ = ["train_local"]
 
@@ -44,11 +43,7 @@ def train_local(
     model = model_from_config(cfg).to(device)
     loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                            num_workers=cfg.data.num_workers)
-    loss_fn = make_loss(
-        kind=cfg.train.loss, n_classes=bundle.n_classes, class_counts=bundle.class_counts(),
-        use_class_weights=cfg.train.class_weights, focal_gamma=cfg.train.focal_gamma,
-        multilabel=cfg.model.multilabel,
-    ).to(device)
+    loss_fn = training_loss(cfg, bundle).to(device)
     start = time.perf_counter()
     res = fit(model, loaders["train"], loaders["val"], cfg=cfg.train, loss_fn=loss_fn,
               device=device, n_classes=bundle.n_classes, multilabel=cfg.model.multilabel)

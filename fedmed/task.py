@@ -30,8 +30,7 @@ __all__ = [
     "make_loaders",
     "model_from_config",
     "notes_tokenizer",
-    "get_weights",
-    "set_weights",
+    "training_loss",
 ]
 
 
@@ -163,15 +162,10 @@ def model_from_config(cfg: FedmedConfig, *, model_cfg: ModelConfig | None = None
     )
 
 
-def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """The state dict as numpy arrays in a fixed key order (what a site sends)."""
-    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+def training_loss(cfg: FedmedConfig, bundle: SiteBundle) -> nn.Module:
+    """The loss named in ``cfg.train``, class-weighted by the bundle's training labels."""
+    from fedmed.train.losses import make_loss
 
-
-def set_weights(model: nn.Module, arrays: list[np.ndarray]) -> None:
-    """Load arrays produced by :func:`get_weights`; shapes are checked, names kept."""
-    keys = list(model.state_dict().keys())
-    if len(keys) != len(arrays):
-        raise ValueError(f"expected {len(keys)} arrays, got {len(arrays)}")
-    state = {k: torch.as_tensor(np.asarray(a)) for k, a in zip(keys, arrays)}
-    model.load_state_dict(state, strict=True)
+    return make_loss(kind=cfg.train.loss, n_classes=bundle.n_classes, class_counts=bundle.class_counts(),
+                     use_class_weights=cfg.train.class_weights, focal_gamma=cfg.train.focal_gamma,
+                     multilabel=cfg.model.multilabel)

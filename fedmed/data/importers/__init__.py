@@ -60,6 +60,12 @@ class ImportReport:
     config_path: Path | None = None
     notes: list[str] = field(default_factory=list)
 
+    def add_site(self, site: str, *, records: pd.DataFrame | None, images: pd.DataFrame | None) -> Path:
+        """Write one site folder under ``out_dir`` and record its summary row."""
+        path = write_site(self.out_dir, site, records=records, images=images)
+        self.sites[site] = site_summary(records, images)
+        return path
+
     def table(self) -> str:
         """An aligned per-site table (counts only) with a total row, for printing."""
         classes = list(self.classes) or sorted(

@@ -18,9 +18,7 @@ from fedmed.data.importers import (
     check_site_name,
     ImportReport,
     read_source_csv,
-    site_summary,
     write_dataset_config,
-    write_site,
 )
 
 __all__ = ["import_folder"]
@@ -147,8 +145,7 @@ def import_folder(
         ).reset_index(drop=True)
         site_frames[str(site)] = (records, images)
     for site, (records, images) in site_frames.items():
-        write_site(out, site, records=records, images=images)
-        report.sites[site] = site_summary(records, images)
+        report.add_site(site, records=records, images=images)
     if disagree_label:
         report.notes.append(
             f"{disagree_label} patient(s) have images with different labels; records.csv keeps "

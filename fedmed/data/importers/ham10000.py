@@ -17,9 +17,7 @@ from fedmed.data.importers import (
     DatasetImportError,
     ImportReport,
     read_source_csv,
-    site_summary,
     write_dataset_config,
-    write_site,
 )
 
 __all__ = ["HAM_CLASSES", "METADATA_FILE", "import_ham10000"]
@@ -141,8 +139,7 @@ def import_ham10000(
             {"image": image_col, "patient_id": rows["lesion_id"].to_numpy(),
              "label": rows["dx"].to_numpy()}
         )
-        write_site(out, site, records=records, images=images)
-        report.sites[site] = site_summary(records, images)
+        report.add_site(site, records=records, images=images)
     if conflicts:
         report.notes.append(
             f"{conflicts} lesion(s) had images that disagree on age/sex/localization; "

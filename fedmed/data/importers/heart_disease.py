@@ -15,9 +15,7 @@ import pandas as pd
 from fedmed.data.importers import (
     DatasetImportError,
     ImportReport,
-    site_summary,
     write_dataset_config,
-    write_site,
 )
 
 __all__ = ["HEART_CATEGORICAL", "HEART_CLASSES", "HEART_COLUMNS", "HEART_NUMERIC",
@@ -123,8 +121,7 @@ def import_heart_disease(src: str | Path, out: str | Path) -> ImportReport:
     report = ImportReport(out_dir=out, classes=list(HEART_CLASSES))
     tables = {site: _parse_file(path, site) for site, path in paths.items()}
     for site, records in tables.items():
-        write_site(out, site, records=records, images=None)
-        report.sites[site] = site_summary(records, None)
+        report.add_site(site, records=records, images=None)
     report.config_path = write_dataset_config(
         out,
         classes=HEART_CLASSES,

@@ -33,7 +33,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from fedmed.data.importers import ImportReport, site_summary, write_dataset_config, write_site
+from fedmed.data.importers import ImportReport, write_dataset_config
 
 __all__ = ["SYNTH_CLASSES", "SYNTH_NUMERIC", "default_site_sizes", "site_names", "synthesize"]
 
@@ -341,8 +341,7 @@ def synthesize(
     for site, (recs, imgs) in collected.items():
         records = pd.concat(recs, ignore_index=True)
         images = pd.concat(imgs, ignore_index=True)
-        write_site(out, site, records=records, images=images)
-        report.sites[site] = site_summary(records, images)
+        report.add_site(site, records=records, images=images)
 
     report.config_path = write_dataset_config(
         out,
