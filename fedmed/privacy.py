@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.config import PrivacyConfig, SiteConfig
+from fedmed.dp_conv import use_fast_conv2d
 
 __all__ = [
     "BudgetError",
@@ -136,8 +137,14 @@ def make_private(
     plan: DPPlan,
     ledger: PrivacyLedger,
     generator: torch.Generator | None = None,
+    fast_conv: bool = True,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and a Poisson loader for DP-SGD; the accountant resumes the ledger.
+
+    ``fast_conv`` routes ``nn.Conv2d`` per-sample gradients through
+    :func:`fedmed.dp_conv.conv2d_grad_sample` (same values, no im2col copy: the CNN's
+    per-sample gradients were most of DP's extra step time); False uses Opacus' own. The
+    choice is process-wide (Opacus keeps one grad sampler per layer type).
 
     Raises :class:`ValueError` when the model has layers Opacus cannot handle (build it with
     ``model.dp_compatible=true``).
@@ -146,6 +153,7 @@ def make_private(
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true")
+    use_fast_conv2d(fast_conv)
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(ledger.history)
     loader = poisson_loader(dataset, sample_rate=plan.sample_rate, generator=generator)
