@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import zlib
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -17,6 +18,7 @@ from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
 from fedmed.secagg import generate_keypair, mask_update
+from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
 __all__ = ["app"]
@@ -30,7 +32,8 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
     job = decode_job(config)
     rt = runtime_for(job, context)
     rnd = int(config.get("server-round", 0))
-    rt.model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    weights = unpack(msg.content["arrays"], rt.model.state_dict())
+    rt.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     return rt, rnd
 
 
@@ -59,7 +62,7 @@ def train(msg: Message, context: Context) -> Message:
     if "secagg-ids" in config:
         arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])
     else:
-        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in rt.model.state_dict().items()})
+        arrays = pack(rt.model.state_dict(), half=bool(config.get("half-updates", False)))
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
 
 
@@ -81,8 +84,8 @@ def _masked_arrays(rt: SiteRuntime, config: ConfigRecord, context: Context, *, r
     if state is None or int(state["round"]) != rnd:
         raise RuntimeError(f"site {rt.site}: no secure-aggregation key for round {rnd}")
     peers = dict(zip((int(i) for i in config["secagg-ids"]), config["secagg-keys"]))
-    weights = {k: v.detach().cpu().numpy() for k, v in rt.model.state_dict().items()}
-    masked = mask_update(weights, weight=weight, self_id=int(context.node_id), private=state["private-key"],
+    packed = pack(rt.model.state_dict())
+    masked = mask_update({k: a.numpy() for k, a in packed.items()}, weight=weight, self_id=int(context.node_id), private=state["private-key"],
                          peers=peers, round_id=rnd)
     return ArrayRecord(array_dict={k: Array(v) for k, v in masked.items()})
 

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     env = flower_env(work / ".flwr")
     port = args.port or free_port()
-    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port),
+    # --isolation process: the warm runner below executes the ClientApp (fedmed.client.warm).
+    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port), "--isolation", "process",
                  "--node-config",
                  f"site='{cfg.site}' site-config='{site_yaml}' audit-log='{work / 'audit.jsonl'}'"]
     if tls is None:
@@ -91,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
         log_path.replace(log_path.with_suffix(".log.1"))
     print(f"fedmed-client: site {cfg.site} joining {args.server} "
           f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
-    return _supervise(lambda: spawn(node_args, env=env, log_path=log_path), args, tls, log_path)
+    runner_args = [sys.executable, "-m", "fedmed.client.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
+
+    def start() -> list:
+        return [spawn(node_args, env=env, log_path=log_path),
+                spawn(runner_args, env=env, log_path=work / "clientapp.log")]
+
+    return _supervise(start, args, tls, log_path)
 
 
 def _joined(log_path: Path) -> bool:
@@ -105,22 +112,29 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
     With ``--once`` the site leaves after the coordinator has gone away: exit 0 when it took
     part, 3 when the coordinator never accepted it (e.g. its key was not invited).
     """
-    node = start()
+    procs = start()
+    node = procs[0]
     seen_server = False
     gone_since: float | None = None
     backoff = 2.0
     try:
         while True:
             code = node.poll()
+            if code is None and any(p.poll() is not None for p in procs[1:]):
+                code = -1  # the ClientApp runner died: restart the pair
             if code is not None:
+                for p in procs:
+                    stop(p)
                 if args.once and seen_server and not server_healthy(args.server, tls=tls) and _joined(log_path):
                     return 0
-                reason = "refused or unreachable" if code == 305 else f"exited with code {code}"
+                reason = ("refused or unreachable" if code == 305 else "lost its ClientApp runner" if code == -1
+                          else f"exited with code {code}")
                 print(f"fedmed-client: the node {reason}; retrying in {backoff:.0f}s "
                       f"(log {log_path})", file=sys.stderr, flush=True)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
-                node = start()
+                procs = start()
+                node = procs[0]
             if args.once:
                 if server_healthy(args.server, tls=tls):
                     seen_server, gone_since = True, None
@@ -135,7 +149,8 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
                         return 3
             time.sleep(1.0)
     finally:
-        stop(node)
+        for p in procs:
+            stop(p)
 
 
 def main(argv: list[str] | None = None) -> int:

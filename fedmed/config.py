@@ -145,6 +145,8 @@ class FederationConfig(_Strict):
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")
+    update_precision: Literal["fp32", "fp16"] = Field(
+        "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -152,6 +154,8 @@ class FederationConfig(_Strict):
         if self.secure_aggregation and self.client_dp != "off":
             raise ValueError("client_dp clips each update at the server, which secure_aggregation hides; "
                              "choose one")
+        if self.secure_aggregation and self.update_precision != "fp32":
+            raise ValueError("secure_aggregation masks fixed-point integers; use update_precision=fp32 with it")
         if self.secure_aggregation and self.strategy.lower() not in ("fedavg", "fedprox"):
             raise ValueError("secure_aggregation reveals only the sum of updates: use strategy fedavg or "
                              f"fedprox, not {self.strategy}")

@@ -62,6 +62,9 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
     for k, v in row.items():
         if k != "round" and _is_number(v):
             out[_key(k)] = float(v)
+    for phase, v in (row.get("timing") or {}).items():
+        if _is_number(v):
+            out[_key(f"seconds_{phase}")] = float(v)
     for group, fmt in (("per_site", "site.{s}.{m}"), ("train_per_site", "site.{s}.train_{m}")):
         sites = row.get(group)
         if not isinstance(sites, dict):

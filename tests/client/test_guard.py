@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, Metadata, RecordDict
 
 from fedmed.client.app import app
 from fedmed.client.guard import GuardError, privacy_guard
@@ -22,6 +22,7 @@ from fedmed.config import load_config
 from fedmed.messages import JOB_KEY, REPLY_KEYS, encode_job
 from fedmed.server.federation import job_for_sites
 from fedmed.task import model_from_config
+from fedmed.transfer import pack
 
 ALLOWED_METRICS = {
     "num-examples", "train_loss", "train_seconds", "train_steps", "epsilon", "accuracy",
@@ -55,7 +56,7 @@ def test_every_reply_holds_only_weights_metrics_and_site_name(synth_config, synt
     ctx = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml),
                                                      "audit-log": str(tmp_path / "audit.jsonl")},
                   state=RecordDict(), run_config={})
-    arrays = ArrayRecord(torch_state_dict=model_from_config(cfg).state_dict())
+    arrays = pack(model_from_config(cfg).state_dict())
     config = ConfigRecord({JOB_KEY: encode_job(job_for_sites(cfg)), "lr": 1e-3, "federation-id": "t"})
     replies = []
     for rnd in (1, 2):
