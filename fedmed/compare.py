@@ -67,7 +67,8 @@ def pooled_bundle(cfg: FedmedConfig, bundles: dict[str, SiteBundle]) -> SiteBund
     first = next(iter(bundles.values())).splits.train
     sets = {k: SiteDataset(samples.iloc[pos], pooled.records, encoder=encoder, spec=first.spec,
                            cache=first.cache, notes_column=cfg.data.notes_column,
-                           transform=train_augment() if cfg.data.augment and k == "train" else None)
+                           transform=(train_augment(cfg.data.image_size, cfg.data.channels)
+                                      if cfg.data.augment and k == "train" else None))
             for k, pos in idx.items()}
     splits = SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,
                         indices=idx, summary=pooled.summary)

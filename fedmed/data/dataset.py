@@ -30,17 +30,20 @@ log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
-def train_augment() -> v2.Compose:
-    """Light, label-preserving augmentation: flip, rotate ±15° and zoom 0.9–1.1, noise σ=0.02.
+def train_augment(size: int, channels: int = 3) -> v2.Compose:
+    """Label-preserving augmentation that never paints a border: flip, crop-zoom, colour.
 
-    Rotation and zoom are one bilinear affine warp (one resampling, half the cost of two).
-    Gaussian noise clips to [0, 1] (``clip=True``), so the output stays a valid image.
+    ``RandomResizedCrop`` (75–100 % of the area, aspect 0.9–1.1, back to ``size``) zooms
+    without the zero-filled corners a rotation or zoom-out leaves; a network can key on
+    such artificial borders (Grad-CAM mass on the corners). Brightness/contrast jitter
+    (and saturation/hue for RGB) covers device and lighting differences between sites.
     """
+    jitter = (v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+              if channels == 3 else v2.ColorJitter(brightness=0.2, contrast=0.2))
     return v2.Compose([
         v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=15, scale=(0.9, 1.1),
-                        interpolation=v2.InterpolationMode.BILINEAR),
-        v2.GaussianNoise(sigma=0.02, clip=True),
+        v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+        jitter,
     ])
 
 
@@ -172,7 +175,8 @@ def build_splits(
     common: dict[str, Any] = {"encoder": encoder, "spec": spec, "cache": cache,
                               "tokenizer": tokenizer, "notes_column": data_cfg.notes_column}
     sets = {name: SiteDataset(samples.iloc[pos], site.records,
-                              transform=train_augment() if augment and name == "train" else None,
+                              transform=(train_augment(spec.size, spec.channels)
+                                         if augment and name == "train" else None),
                               **common)
             for name, pos in idx.items()}
     return SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,

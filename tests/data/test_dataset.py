@@ -74,14 +74,24 @@ def test_augmentation_is_train_only(splits):
     i = int(np.flatnonzero(sp.train.has_image.numpy())[0])
     torch.manual_seed(0)
     a, b = sp.train[i]["image"], sp.train[i]["image"]
-    assert not torch.equal(a, b)  # noise makes two draws differ
+    assert not torch.equal(a, b)  # random crop and jitter make two draws differ
     j = int(np.flatnonzero(sp.val.has_image.numpy())[0])
     assert torch.equal(sp.val[j]["image"], sp.val[j]["image"])
 
 
-def test_train_augment_keeps_shape_and_range():
-    out = train_augment()(torch.rand(3, 16, 16))
-    assert out.shape == (3, 16, 16) and 0.0 <= out.min() and out.max() <= 1.0
+@pytest.mark.parametrize("channels", [1, 3])
+def test_train_augment_keeps_shape_and_range(channels):
+    out = train_augment(16, channels)(torch.rand(channels, 16, 16))
+    assert out.shape == (channels, 16, 16) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_train_augment_never_paints_a_border():
+    """No zero-filled corners (rotation/zoom-out): a flat image stays flat-ish everywhere."""
+    torch.manual_seed(0)
+    aug = train_augment(24, 3)
+    for _ in range(20):
+        out = aug(torch.full((3, 24, 24), 0.5))
+        assert out.min() > 0.3, "augmentation introduced dark (zero-filled) pixels"
 
 
 def test_loader_batches_and_class_counts(splits):
