@@ -88,6 +88,10 @@ class ModelConfig(_Strict):
     variant: Literal["fusion", "image", "record"] = "fusion"
     backbone: str = Field("small_cnn", description="fedmed-registered name or any timm name")
     pretrained_path: str | None = Field(None, description="local weights file for the backbone")
+    image_mean: list[float] | None = Field(
+        None, description="per-channel input mean, [0, 1] units (default: the backbone's)")
+    image_std: list[float] | None = Field(
+        None, description="per-channel input std, > 0 (default: the backbone's)")
     embed_dim: int = Field(64, ge=8, le=2048)
     record_layers: int = Field(2, ge=1, le=12)
     heads: int = Field(4, ge=1, le=32)

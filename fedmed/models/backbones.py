@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 __all__ = [
@@ -36,7 +37,10 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 #: Preprocessing defaults per registered backbone (timm models use their pretrained_cfg).
 DEFAULT_CFGS: dict[str, dict[str, Any]] = {
-    "small_cnn": {"input_size": 64, "mean": 0.0, "std": 1.0, "first_conv": "blocks.0.0"},
+    # ImageNet statistics (timm's constants): centred, unit-scale inputs for a random-init
+    # CNN; raw [0, 1] pixels (mean 0.0, std 1.0 before) kept it from learning HAM10000.
+    "small_cnn": {"input_size": 64, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+                  "first_conv": "blocks.0.0"},
 }
 
 

@@ -11,6 +11,7 @@ replaced per sample by a learned embedding. Everything is Opacus-compatible when
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -38,7 +39,16 @@ def _mask(m: torch.Tensor | None, batch: int, ref: torch.Tensor) -> torch.Tensor
 
 
 class ImageBranch(nn.Module):
-    """Backbone → per-location tokens ``(B, h*w, D)`` + mean-pooled ``F_img (B, D)``."""
+    """Backbone → per-location tokens ``(B, h*w, D)`` + pooled ``F_img (B, D)``.
+
+    Images arrive in [0, 1]; they are standardised here with ``image_mean``/``image_std``
+    (default: the backbone's ``default_cfg``), held as non-persistent buffers so
+    checkpoints and federated updates are unchanged. Un-centred inputs left the
+    random-init CNN stuck on one class on HAM10000.
+    ``F_img`` is ``LayerNorm(proj(mean of the map))``: pool first, then normalise, as
+    timm heads do; normalising every location before pooling (the earlier design) learned
+    more slowly in short HAM10000 runs. Tokens for cross-attention keep their LayerNorm.
+    """
 
     def __init__(
         self,
@@ -48,6 +58,8 @@ class ImageBranch(nn.Module):
         embed_dim: int,
         pretrained_path: str | Path | None = None,
         dp_compatible: bool = True,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
@@ -56,6 +68,11 @@ class ImageBranch(nn.Module):
             pretrained_path=pretrained_path,
             dp_compatible=dp_compatible,
         )
+        stats = dict(self.backbone.default_cfg)
+        stats.update({k: v for k, v in (("mean", image_mean), ("std", image_std)) if v is not None})
+        mean, std = _input_stats(stats, in_chans)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.proj = nn.Linear(self.backbone.num_features, embed_dim)
         self.norm = nn.LayerNorm(embed_dim)
         self.missing = nn.Embedding(1, embed_dim)
@@ -64,18 +81,40 @@ class ImageBranch(nn.Module):
     def forward(
         self, image: torch.Tensor, has_image: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.backbone(image)
+        x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        f = self.backbone(x)
         if f.ndim == 4:  # (B, C, h, w) → (B, h*w, C)
             self.feature_hw = (int(f.shape[2]), int(f.shape[3]))
             f = f.flatten(2).transpose(1, 2)
         else:
             self.feature_hw = None
-        tokens = self.norm(self.proj(f))
+        proj = self.proj(f)
+        tokens, pooled = self.norm(proj), self.norm(proj.mean(dim=1))
         b = tokens.shape[0]
         m = _mask(has_image, b, tokens)
         miss = self.missing(torch.zeros(b, 1, dtype=torch.long, device=tokens.device))
         tokens = tokens * m + miss * (1 - m)
-        return tokens, tokens.mean(dim=1)
+        pooled = pooled * m[:, 0] + miss[:, 0] * (1 - m[:, 0])
+        return tokens, pooled
+
+
+def _input_stats(cfg: dict, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's per-channel mean/std as ``(1, in_chans, 1, 1)`` tensors.
+
+    RGB statistics for a gray input collapse to their mean (as timm does when it adapts a
+    3-channel stem to 1 channel); a scalar applies to every channel.
+    """
+    out = []
+    for key, default in (("mean", 0.0), ("std", 1.0)):
+        v = torch.as_tensor(cfg.get(key, default), dtype=torch.float32).flatten()
+        if v.numel() != in_chans:
+            if v.numel() not in (1, 3):
+                raise ValueError(f"image {key} {cfg.get(key)} does not fit {in_chans} channels")
+            v = v.mean().expand(in_chans)
+        out.append(v.reshape(1, in_chans, 1, 1).clone())
+    if (out[1] <= 0).any():
+        raise ValueError(f"image std must be positive, got {cfg.get('std')}")
+    return out[0], out[1]
 
 
 class RecordBranch(nn.Module):
@@ -164,6 +203,8 @@ class FusionModel(nn.Module):
         cat_cardinalities: list[int],
         backbone: str = "small_cnn",
         pretrained_path: str | Path | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
         embed_dim: int = 64,
         record_layers: int = 2,
         heads: int = 4,
@@ -194,6 +235,8 @@ class FusionModel(nn.Module):
                 embed_dim=embed_dim,
                 pretrained_path=pretrained_path,
                 dp_compatible=dp_compatible,
+                image_mean=image_mean,
+                image_std=image_std,
             )
         if variant in ("fusion", "record"):
             self.record_branch = RecordBranch(
@@ -334,6 +377,8 @@ def build_model(
         cat_cardinalities=list(cat_cardinalities),
         backbone=model_cfg.backbone,
         pretrained_path=model_cfg.pretrained_path,
+        image_mean=model_cfg.image_mean,
+        image_std=model_cfg.image_std,
         embed_dim=model_cfg.embed_dim,
         record_layers=model_cfg.record_layers,
         heads=model_cfg.heads,

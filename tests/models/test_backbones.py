@@ -110,3 +110,11 @@ def test_small_cnn_local_weights(tmp_path):
     net = create_backbone("small_cnn", in_chans=1, pretrained_path=str(path))
     for (k, a), b in zip(src.state_dict().items(), net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_small_cnn_preprocessing_defaults_are_imagenet_stats():
+    """Centred inputs by default (raw [0, 1] pixels kept the random-init CNN from learning)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = create_backbone("small_cnn", in_chans=3).default_cfg
+    assert tuple(cfg["mean"]) == IMAGENET_DEFAULT_MEAN and tuple(cfg["std"]) == IMAGENET_DEFAULT_STD

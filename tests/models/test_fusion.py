@@ -174,3 +174,41 @@ def test_tiny_overfit(make_inputs):
     with torch.no_grad():
         acc = (model(**batch).argmax(1) == labels).float().mean().item()
     assert acc > 0.9
+
+
+def test_image_branch_standardises_inputs_outside_the_state_dict():
+    """Config mean/std (else the backbone's) are applied in the model, not checkpointed."""
+    cfg = ModelConfig(variant="image", embed_dim=32, heads=2, fusion_heads=2,
+                      image_mean=[0.78, 0.52, 0.54], image_std=[0.13, 0.15, 0.17])
+    model = build_model(cfg, n_classes=2, in_chans=3, n_numeric=0, cat_cardinalities=[])
+    branch = model.image_branch
+    torch.testing.assert_close(branch.mean.flatten(), torch.tensor([0.78, 0.52, 0.54]))
+    torch.testing.assert_close(branch.std.flatten(), torch.tensor([0.13, 0.15, 0.17]))
+    assert not any(k.endswith((".mean", ".std")) for k in model.state_dict())
+    seen = {}
+    handle = branch.backbone.register_forward_pre_hook(lambda _m, inp: seen.update(x=inp[0]))
+    model.eval()(image=torch.full((1, 3, 16, 16), 0.78))
+    handle.remove()
+    assert seen["x"][0, 0].abs().max() < 1e-5  # the mean maps to 0
+    gray = FusionModel(variant="image", n_classes=2, in_chans=1, n_numeric=0, cat_cardinalities=[])
+    default = gray.image_branch.backbone.default_cfg
+    assert gray.image_branch.mean.shape == (1, 1, 1, 1)
+    assert float(gray.image_branch.mean) == pytest.approx(sum(default["mean"]) / 3)
+    with pytest.raises(ValueError, match="channels"):
+        FusionModel(variant="image", n_classes=2, in_chans=3, n_numeric=0, cat_cardinalities=[],
+                    image_mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="positive"):
+        FusionModel(variant="image", n_classes=2, in_chans=1, n_numeric=0, cat_cardinalities=[],
+                    image_std=[0.0])
+
+
+def test_pooled_image_feature_is_layer_normed(make_inputs):
+    """F_img = LayerNorm(mean of projected tokens): zero mean, unit variance per sample."""
+    model = _model("image", "small_cnn").eval()
+    batch = make_inputs(3, size=32)
+    with torch.no_grad():
+        _, pooled = model.image_branch(batch["image"], batch["has_image"])
+        branch = model.image_branch
+        f = branch.backbone((batch["image"] - branch.mean) / branch.std).flatten(2).transpose(1, 2)
+        expected = branch.norm(branch.proj(f).mean(dim=1))
+    torch.testing.assert_close(pooled, expected)
