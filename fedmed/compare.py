@@ -150,11 +150,13 @@ def compare(
     sites: list[str] | None = None,
     proximal_mu: float = 0.01,
     num_cpus_per_site: int = 1,
+    total_cpus: int | None = None,
     skip_local: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write its tables, plot and MLflow run; returns the results.
 
     ``proximal_mu`` is used for ``fedprox`` when the config's ``federation.proximal_mu`` is 0.
+    ``total_cpus`` caps the CPUs Ray may use (default: all), e.g. 1 on a shared machine.
     """
     from fedmed.device import select_device
     from fedmed.local import train_local
@@ -211,7 +213,7 @@ def compare(
             scfg = _with(cfg, name=f"{cfg.name}-{strategy}-seed{seed}", train={"seed": seed}, federation=fed)
             t0 = time.perf_counter()
             state = simulate(scfg, sites=names, out_dir=sdir / strategy, mlflow_uri=uri,
-                             num_cpus_per_site=num_cpus_per_site)
+                             num_cpus_per_site=num_cpus_per_site, total_cpus=total_cpus)
             model = _load(scfg, sdir / strategy / "last_model.pt", device)
             preds = evaluate_on_sites(model, bundles, cfg=cfg)
             row = record(seed, strategy, preds, time.perf_counter() - t0)
@@ -370,7 +372,8 @@ def _cmd(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     res = compare(cfg, seeds=args.seeds, strategies=args.strategies, out_dir=out, sites=args.sites,
-                  proximal_mu=args.mu, num_cpus_per_site=args.cpus_per_site, skip_local=args.skip_local)
+                  proximal_mu=args.mu, num_cpus_per_site=args.cpus_per_site, total_cpus=args.cpus,
+                  skip_local=args.skip_local)
     print((res["out_dir"] / "comparison.md").read_text())
     print(f"fedmed compare: wrote {res['out_dir']}/comparison.md, .csv and .png", flush=True)
     return 0
@@ -384,6 +387,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--sites", nargs="+", help="site folders (default data.sites, else all)")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal_mu when the config has 0")
     p.add_argument("--cpus-per-site", type=int, default=1)
+    p.add_argument("--cpus", type=int, help="CPUs Ray may use for the federations (default: all)")
     p.add_argument("--skip-local", action="store_true", help="only the federated strategies")
     p.add_argument("--out", help="output folder (default <output_dir>/<name>-compare-<time>)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
