@@ -20,7 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedmed.messages import REPLY_KEYS, SECAGG_KEY, SITE_KEY
 
-__all__ = ["privacy_guard", "describe_reply", "GuardError", "AUDIT_ENV"]
+__all__ = ["privacy_guard", "describe_reply", "wire_bytes", "GuardError", "AUDIT_ENV"]
 
 AUDIT_ENV = "FEDMED_AUDIT_LOG"
 
@@ -29,9 +29,17 @@ class GuardError(RuntimeError):
     """A reply broke the allow-list and was not sent."""
 
 
+def wire_bytes(msg: Message) -> int:
+    """Bytes of the serialised objects Flower pushes for this message (HTTP framing aside)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values()))
+
+
 def describe_reply(msg: Message) -> dict[str, Any]:
-    """What a reply holds, as the audit log records it (no array values)."""
-    out: dict[str, Any] = {"type": msg.metadata.message_type, "keys": sorted(msg.content.keys())}
+    """What a reply holds, as the audit log records it (no array values), and its size."""
+    out: dict[str, Any] = {"type": msg.metadata.message_type, "keys": sorted(msg.content.keys()),
+                           "bytes": wire_bytes(msg)}
     for key, record in msg.content.items():
         if isinstance(record, ArrayRecord):
             out[key] = {name: [list(a.shape), a.dtype] for name, a in record.items()}

@@ -209,7 +209,7 @@ def simulate(
            "OMP_NUM_THREADS": str(num_cpus_per_site), "MKL_NUM_THREADS": str(num_cpus_per_site),
            "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     backend = {"client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},
-               "init_args": {"num_cpus": total_cpus}}
+               "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
     log.info("simulating %d sites (%s), %d CPU(s) and %.2f GPU(s) each", n, ", ".join(names),
              num_cpus_per_site, num_gpus_per_site)
     t0 = time.perf_counter()

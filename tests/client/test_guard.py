@@ -22,7 +22,7 @@ from fedmed.config import load_config
 from fedmed.messages import JOB_KEY, REPLY_KEYS, encode_job
 from fedmed.server.federation import job_for_sites
 from fedmed.task import model_from_config
-from fedmed.transfer import pack
+from fedmed.transfer import nbytes, pack
 
 ALLOWED_METRICS = {
     "num-examples", "train_loss", "train_seconds", "train_steps", "epsilon", "accuracy",
@@ -88,6 +88,13 @@ def test_every_reply_holds_only_weights_metrics_and_site_name(synth_config, synt
         assert 0 < eps[0] < eps[1] <= 8.0 * 1.01
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(audit) == 4 and all(set(a["keys"]) <= REPLY_KEYS for a in audit)
+    # What a site uploads per round is the model and a few hundred bytes of metrics/metadata.
+    model_bytes = nbytes(model_from_config(cfg).state_dict())
+    for a in audit:
+        if a["type"] == "train":
+            assert model_bytes < a["bytes"] <= 1.02 * model_bytes
+        else:
+            assert a["bytes"] < 0.02 * model_bytes
     assert not any(s in (tmp_path / "audit.jsonl").read_text() for s in secrets)
 
 

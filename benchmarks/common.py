@@ -1,0 +1,70 @@
+"""What every benchmark shares: the cohort it runs on, the machine, and ratio statistics."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cohort", "machine", "stats", "bench_config"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cohort(root: Path, *, sites: int = 3, central: int = 200, image_size: int = 64,
+           patients: list[int] | None = None) -> Path:
+    """The synthetic DICOM + records cohort under ``root`` (written once, then reused)."""
+    if not (root / "fedmed-data.yaml").exists():
+        from fedmed.data.importers.synth import synthesize
+
+        synthesize(root, sites=sites, central=central, image_size=image_size,
+                   patients_per_site=patients, notes=False)
+    return root
+
+
+def bench_config(root: Path, overrides: list[str] | None = None):
+    """configs/default.yaml pointed at a benchmark cohort, with ``key=value`` overrides."""
+    from fedmed.config import load_config
+
+    sites = sorted(p.name for p in root.iterdir() if (p / "records.csv").exists() and p.name != "central")
+    base = [f"data.root={root}", f"data.sites=[{','.join(sites)}]", "data.notes_column=null",
+            "federation.central_test=null", f"federation.min_sites={len(sites)}", "train.progress=false"]
+    return load_config(ROOT / "configs" / "default.yaml", base + list(overrides or []))
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """min / median / max of repeated measurements."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def machine() -> dict[str, Any]:
+    """The facts a reader needs to compare runs: CPU, cores, memory, versions, GPU."""
+    import flwr
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "python": platform.python_version(),
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "os": f"{platform.system()} {platform.release()}", "commit": commit,
+            "load_before": round(os.getloadavg()[0], 2)}
