@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # HAM10000 dermoscopy across its 4 real centres (image + record fusion):
 # local-only at each centre vs pooled vs FedAvg / FedProx / FedAdam, 3 seeds.
-# Expensive on a 2-core CPU machine (hours); a GPU is used when present (1/4 GPU per site).
-# Usage: simulations/ham10000.sh [key=value ...]     (env: SEEDS, STRATEGIES, OUT)
+# Epoch budget 12 for every method (12 rounds × 1 local epoch; local and pooled up to 12
+# epochs with early stopping). Image size from configs/ham10000.yaml (48 px) unless overridden.
+# Expensive on a 2-core CPU machine (about 20 min per seed and 2 strategies at 32 px on one
+# core); a GPU is used when present (1/4 GPU per site).
+# Usage: simulations/ham10000.sh [key=value ...]     (env: SEEDS, STRATEGIES, OUT, CPUS)
+# e.g. the run in docs/results.md:
+#   SEEDS=0 STRATEGIES="fedavg fedprox" CPUS=1 OUT=runs/compare-ham10000-v2 \
+#     OMP_NUM_THREADS=1 nice -n 5 simulations/ham10000.sh data.image_size=32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FEDMED=${FEDMED:-$(command -v fedmed || echo .venv/bin/fedmed)}
@@ -11,5 +17,5 @@ if [ ! -f data/ham10000/fedmed-data.yaml ]; then
 fi
 exec "$FEDMED" compare -c configs/ham10000.yaml \
   --seeds ${SEEDS:-0 1 2} --strategies ${STRATEGIES:-fedavg fedprox fedadam} \
-  --out "${OUT:-runs/compare-ham10000}" \
-  data.image_size=64 federation.rounds=10 federation.local_epochs=2 federation.evaluate_every=10 "$@"
+  ${CPUS:+--cpus "$CPUS"} --out "${OUT:-runs/compare-ham10000}" \
+  federation.rounds=12 federation.local_epochs=1 federation.evaluate_every=12 "$@"
