@@ -17,7 +17,7 @@ from benchmarks.common import bench_config, cohort
 __all__ = ["measure"]
 
 
-def measure(work: Path, *, sizes: tuple[int, ...] = (5, 10, 25, 50), rounds: int = 2,
+def measure(work: Path, *, sizes: tuple[int, ...] = (5, 10, 25, 50), rounds: int = 3,
             patients: int = 24, image_size: int = 32) -> dict[str, Any]:
     import json
 
