@@ -114,8 +114,10 @@ class TrainConfig(_Strict):
 
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
-    optimizer: Literal["adamw", "adam"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd"] = Field(
+        "adamw", description="sgd (with momentum) suits DP-SGD: Adam rescales noise-only coordinates")
     lr: float = Field(1e-4, gt=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (optimizer: sgd)")
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
     scheduler: Literal["cosine", "none"] = "cosine"
     patience: int = Field(5, ge=0, le=10_000, description="early stopping on val AUC; 0 = off")

@@ -40,8 +40,10 @@ def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[d
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW (or Adam) over trainable parameters, as in the founding papers."""
+    """AdamW (or Adam) over trainable parameters, as in the founding papers; or SGD with momentum."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
 
