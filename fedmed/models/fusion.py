@@ -99,10 +99,10 @@ class ImageBranch(nn.Module):
 
 
 def _input_stats(cfg: dict, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's per-channel mean/std as ``(1, in_chans, 1, 1)`` tensors.
+    """``cfg``'s per-channel mean/std as ``(1, in_chans, 1, 1)`` tensors.
 
-    RGB statistics for a gray input collapse to their mean (as timm does when it adapts a
-    3-channel stem to 1 channel); a scalar applies to every channel.
+    A scalar applies to every channel; RGB statistics for a gray input collapse to their
+    mean, so RGB-pretrained defaults still centre a single-channel radiograph.
     """
     out = []
     for key, default in (("mean", 0.0), ("std", 1.0)):
