@@ -63,8 +63,10 @@ def resolve_site(context: Context) -> SiteConfig:
             raise ValueError("simulation run config needs 'sites' and 'data-root'")
         if pid >= len(sites):
             raise ValueError(f"partition-id {pid} but only {len(sites)} sites are configured")
+        state = os.environ.get("FEDMED_SIM_STATE_DIR")
         return SiteConfig(site=sites[pid], data_dir=str(Path(root) / sites[pid]),
-                          device=str(context.run_config.get("device", "auto")))
+                          device=str(context.run_config.get("device", "auto")),
+                          state_dir=str(Path(state) / sites[pid]) if state else None)
     raise ValueError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
 
 

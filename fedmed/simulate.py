@@ -205,7 +205,10 @@ def simulate(
         marks["server_start"] = time.perf_counter()
         run_server(grid, run_config)
 
+    # Each simulated site keeps its state (the DP ledger) in this run's folder: a re-run is a
+    # new federation with its own budget, not the spent budget of an earlier run.
     env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
+           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"),
            "OMP_NUM_THREADS": str(num_cpus_per_site), "MKL_NUM_THREADS": str(num_cpus_per_site),
            "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     backend = {"client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},

@@ -11,17 +11,16 @@ from fedmed.server.federation import config_hash
 
 
 @pytest.mark.slow
-def test_spent_site_stops_and_federation_completes(synth_config, tmp_path, monkeypatch):
+def test_spent_site_stops_and_federation_completes(synth_config, tmp_path):
     from fedmed.simulate import simulate
 
     _, path = synth_config(privacy={"enabled": True, "target_epsilon": 8.0},
                            federation={"rounds": 2, "min_sites": 2, "local_epochs": 1, "evaluate_every": 2},
                            model={"variant": "record"})
     cfg = load_config(path)
-    home = tmp_path / "home"
-    monkeypatch.setenv("HOME", str(home))  # each site's ledger lives under ~/.fedmed/sites/<site>
+    # A simulated site keeps its ledger in the run folder: <out>/sites/<site>/privacy/<federation>.json.
     # hospital_c already spent its budget in this federation (its ledger survived a restart).
-    ledger = home / ".fedmed" / "sites" / "hospital_c" / "privacy" / f"{config_hash(cfg)}.json"
+    ledger = tmp_path / "run" / "sites" / "hospital_c" / "privacy" / f"{config_hash(cfg)}.json"
     ledger.parent.mkdir(parents=True)
     ledger.write_text(json.dumps({"accountant": "rdp", "history": [[0.5, 0.2, 500]]}))
 
