@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cohort", "machine", "stats", "bench_config"]
+__all__ = ["cohort", "machine", "stats", "bench_config", "site_setup"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +33,18 @@ def bench_config(root: Path, overrides: list[str] | None = None):
     base = [f"data.root={root}", f"data.sites=[{','.join(sites)}]", "data.notes_column=null",
             "federation.central_test=null", f"federation.min_sites={len(sites)}", "train.progress=false"]
     return load_config(ROOT / "configs" / "default.yaml", base + list(overrides or []))
+
+
+def site_setup(cfg, site: str, *, cache_dir: str | None = None):
+    """A site's bundle, loaders, loss and device, built the way fedmed's own training builds them."""
+    from fedmed.device import select_device
+    from fedmed.task import load_site_bundle, make_loaders, training_loss
+
+    bundle = load_site_bundle(cfg, sites=[site], progress=False, cache_dir=cache_dir)
+    loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                           num_workers=cfg.data.num_workers)
+    device = select_device(cfg.train.device)
+    return bundle, loaders, training_loss(cfg, bundle).to(device), device
 
 
 def stats(values: list[float]) -> dict[str, float]:

@@ -14,28 +14,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import bench_config, cohort, stats
+from benchmarks.common import bench_config, cohort, site_setup, stats
 
 __all__ = ["measure"]
 
 
 def _epoch(cfg, cache_dir: Path, *, train: bool) -> float:
-    from fedmed.device import select_device
-    from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
+    from fedmed.task import model_from_config, seed_everything
     from fedmed.train.loop import make_optimizer, train_epochs
 
     t = time.perf_counter()
-    bundle = load_site_bundle(cfg, sites=["hospital_a"], progress=False, cache_dir=str(cache_dir))
-    loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=0, num_workers=0)
+    _, loaders, loss_fn, device = site_setup(cfg, "hospital_a", cache_dir=str(cache_dir))
     if not train:
         for _ in loaders["train"]:
             pass
         return time.perf_counter() - t
     seed_everything(0)
-    device = select_device(cfg.train.device)
     model = model_from_config(cfg).to(device)
-    train_epochs(model, loaders["train"], loss_fn=training_loss(cfg, bundle).to(device),
-                 optimizer=make_optimizer(model, cfg.train), device=device, epochs=1, amp=cfg.train.amp)
+    train_epochs(model, loaders["train"], loss_fn=loss_fn, optimizer=make_optimizer(model, cfg.train),
+                 device=device, epochs=1, amp=cfg.train.amp)
     return time.perf_counter() - t
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import bench_config, cohort
+from benchmarks.common import bench_config, cohort, site_setup
 
 __all__ = ["direct", "deployment", "simulation", "network"]
 
@@ -51,19 +51,15 @@ def direct(cfg, *, threads: int = 1) -> dict[str, Any]:
 def _direct(cfg) -> dict[str, Any]:
     import torch
 
-    from fedmed.device import select_device
     from fedmed.server.central import make_central_eval
-    from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
+    from fedmed.task import model_from_config, seed_everything
     from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
     t0 = time.perf_counter()
-    device = select_device(cfg.train.device)
     sites = {}
     for name in cfg.data.sites:
-        bundle = load_site_bundle(cfg, sites=[name], progress=False)
-        loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                               num_workers=cfg.data.num_workers)
-        sites[name] = (bundle, loaders, training_loss(cfg, bundle).to(device))
+        bundle, loaders, loss_fn, device = site_setup(cfg, name)
+        sites[name] = (bundle, loaders, loss_fn)
     central = make_central_eval(cfg)
     seed_everything(cfg.train.seed)
     model = model_from_config(cfg).to(device)

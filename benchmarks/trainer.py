@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.common import bench_config, cohort, stats
+from benchmarks.common import bench_config, cohort, site_setup, stats
 
 __all__ = ["measure"]
 
@@ -49,18 +49,14 @@ def measure(work: Path, *, repeats: int = 9, steps: int = 4, threads: int = 1) -
 
 
 def _measure(work: Path, *, repeats: int, steps: int) -> dict[str, Any]:
-    from fedmed.device import select_device
-    from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
+    from fedmed.task import model_from_config, seed_everything
     from fedmed.train.loop import make_optimizer, train_epochs
 
     root = cohort(work / "cohort")
     cfg = bench_config(root, ["data.sites=[hospital_a]"])
-    bundle = load_site_bundle(cfg, sites=["hospital_a"], progress=False)
-    loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=0, num_workers=0)
-    device = select_device(cfg.train.device)
+    _, loaders, loss_fn, device = site_setup(cfg, "hospital_a")
     seed_everything(0)
     base = model_from_config(cfg).to(device)
-    loss_fn = training_loss(cfg, bundle).to(device)
     ours, plain = copy.deepcopy(base), copy.deepcopy(base)
     opt_ours = make_optimizer(ours, cfg.train)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -105,6 +105,15 @@ def iid(samples: pd.DataFrame, *, num_sites: int, alpha: float | None = None,
     return {s: sorted(v) for s, v in out.items()}
 
 
+def _skew_setup(kind: str, samples: pd.DataFrame, num_sites: int, alpha: float | None,
+                seed: int) -> tuple[pd.Series, np.random.Generator, list[str], int]:
+    """What both Dirichlet-skew partitioners start from: labels, rng, site names, minimum size."""
+    if alpha is None or alpha <= 0:
+        raise ValueError(f"{kind} partition needs alpha > 0, got {alpha}")
+    labels = _check(samples, num_sites)
+    return labels, np.random.default_rng(seed), _site_names(num_sites), _min_size(len(labels), num_sites)
+
+
 def dirichlet(samples: pd.DataFrame, *, num_sites: int, alpha: float = 0.5,
               seed: int = 0) -> Partition:
     """Label skew: each class's patients are shared out by proportions ~ Dir(α·1).
@@ -113,12 +122,7 @@ def dirichlet(samples: pd.DataFrame, *, num_sites: int, alpha: float = 0.5,
     Draws are repeated (seeded) until every site has a minimum number of patients
     (``min(10, patients / (2·sites))``); raises ValueError if that never happens.
     """
-    if alpha is None or alpha <= 0:
-        raise ValueError(f"dirichlet partition needs alpha > 0, got {alpha}")
-    labels = _check(samples, num_sites)
-    rng = np.random.default_rng(seed)
-    names = _site_names(num_sites)
-    need = _min_size(len(labels), num_sites)
+    labels, rng, names, need = _skew_setup("dirichlet", samples, num_sites, alpha, seed)
     by_class = {c: labels.index[labels == c].to_numpy(dtype=str) for c in sorted(labels.unique())}
     for _ in range(_MAX_TRIES):
         parts: list[list[str]] = [[] for _ in names]
@@ -142,12 +146,7 @@ def quantity(samples: pd.DataFrame, *, num_sites: int, alpha: float = 1.0,
     Small α gives a few large hospitals and many small ones. Every site gets at least
     ``min(10, patients / (2·sites))`` patients.
     """
-    if alpha is None or alpha <= 0:
-        raise ValueError(f"quantity partition needs alpha > 0, got {alpha}")
-    labels = _check(samples, num_sites)
-    rng = np.random.default_rng(seed)
-    names = _site_names(num_sites)
-    need = _min_size(len(labels), num_sites)
+    labels, rng, names, need = _skew_setup("quantity", samples, num_sites, alpha, seed)
     ids = labels.index.to_numpy(dtype=str)
     rng.shuffle(ids)
     spare = len(ids) - need * num_sites

@@ -1,7 +1,7 @@
 """The one module of plain PyTorch that the CLI, the ClientApp and the ServerApp share.
 
-It turns a typed config plus a site folder into loaders and a model, and exposes the
-weights as a list of numpy arrays in a fixed order (what travels under ``"arrays"``).
+It turns a typed config plus a site folder into loaders, a loss and a model; how the
+weights travel between server and sites is :mod:`fedmed.transfer`.
 """
 
 from __future__ import annotations
