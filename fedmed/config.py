@@ -60,6 +60,9 @@ class DataConfig(_Strict):
     )
     clahe: bool = False
     denoise: bool = False
+    color_constancy: bool = Field(
+        False, description="shades-of-grey colour normalisation (RGB): removes each centre's tint"
+    )
     augment: bool = True
     imputation: Literal["median", "knn"] = "median"
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from types import SimpleNamespace
 
@@ -9,7 +11,14 @@ import numpy as np
 import pytest
 
 import fedmed.data.images as images_mod
-from fedmed.data.images import ImageCache, ImageError, Preprocess, preprocess, read_image
+from fedmed.data.images import (
+    ImageCache,
+    ImageError,
+    Preprocess,
+    preprocess,
+    read_image,
+    shades_of_grey,
+)
 
 GRAY = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
 RGB = np.stack([GRAY, 255 - GRAY, np.full_like(GRAY, 128)], axis=-1)
@@ -66,11 +75,18 @@ def test_preprocess_spec_key_and_config():
     a = Preprocess(size=32, channels=1)
     assert a.key() == Preprocess(size=32, channels=1).key()
     others = [Preprocess(size=33), Preprocess(size=32, channels=3), Preprocess(size=32, clahe=True),
-              Preprocess(size=32, denoise=True), Preprocess(size=32, window=(40, 400))]
-    assert len({a.key(), *(o.key() for o in others)}) == 6
-    cfg = SimpleNamespace(image_size=24, channels=3, window=(40, 400), clahe=True, denoise=False)
+              Preprocess(size=32, denoise=True), Preprocess(size=32, window=(40, 400)),
+              Preprocess(size=32, color_constancy=True)]
+    assert len({a.key(), *(o.key() for o in others)}) == 7
+    # caches written before colour constancy existed stay valid
+    old = json.dumps({"v": images_mod._CACHE_VERSION, "size": 32, "channels": 1, "window": None,
+                      "clahe": False, "denoise": False}, sort_keys=True)
+    assert a.key() == hashlib.sha1(old.encode()).hexdigest()[:16]
+    cfg = SimpleNamespace(image_size=24, channels=3, window=(40, 400), clahe=True, denoise=False,
+                          color_constancy=True)
     spec = Preprocess.from_config(cfg)
-    assert spec == Preprocess(size=24, channels=3, window=(40.0, 400.0), clahe=True)
+    assert spec == Preprocess(size=24, channels=3, window=(40.0, 400.0), clahe=True,
+                              color_constancy=True)
     with pytest.raises(ValueError, match="channels"):
         Preprocess(size=8, channels=2)
 
@@ -99,6 +115,21 @@ def test_channel_conversions():
     red[..., 0] = 1.0
     one = preprocess(red, Preprocess(size=8, channels=1))
     assert one.shape == (1, 8, 8) and np.all(one == round(0.299 * 255))
+
+
+def test_shades_of_grey_removes_a_tint_and_keeps_grey():
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.uniform(0.2, 0.8, (16, 16, 1)), 3, axis=-1).astype(np.float32)
+    np.testing.assert_allclose(shades_of_grey(grey), grey, atol=1e-6)
+    pink = np.clip(grey * np.array([1.0, 0.7, 0.75], dtype=np.float32), 0, 1)  # a centre's tint
+    fixed = shades_of_grey(pink)
+    assert fixed.shape == pink.shape and fixed.dtype == np.float32
+    means = fixed.mean(axis=(0, 1))
+    assert means.max() - means.min() < 0.02 < np.ptp(pink.mean(axis=(0, 1)))
+    np.testing.assert_array_equal(shades_of_grey(grey[..., 0]), grey[..., 0])  # one channel
+    assert not shades_of_grey(np.zeros((4, 4, 3), np.float32)).any()
+    out = preprocess(pink, Preprocess(size=8, channels=3, color_constancy=True))
+    assert np.ptp(out.reshape(3, -1).mean(axis=1)) < 0.02 * 255
 
 
 def _counting_reader(monkeypatch):
