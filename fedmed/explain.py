@@ -38,6 +38,7 @@ __all__ = [
     "central_mass",
     "site_split",
     "explain",
+    "summarise_sites",
     "add_cli",
 ]
 
@@ -530,6 +531,7 @@ def explain(
         cm = cm[np.isfinite(cm)]
         site["central_mass_correct_mean"] = float(cm.mean()) if len(cm) else float("nan")
         site["central_mass_correct_above_uniform"] = float((cm > 0.25).mean()) if len(cm) else float("nan")
+        site["central_mass_correct_above_half"] = float((cm > 0.5).mean()) if len(cm) else float("nan")
         site["central_mass_correct_n"] = int(len(cm))
         shown = [c["central_mass"] for c in cases if c["correct"] and math.isfinite(c["central_mass"])]
         site["central_mass_cases_correct_mean"] = float(np.mean(shown)) if shown else float("nan")
@@ -578,27 +580,84 @@ def _write_html(out: Path, cfg: FedmedConfig, checkpoint: Path, site_name: str,
 
 
 # -- CLI ------------------------------------------------------------------------------------
+_SUMMARY_COLS = (("test_samples", "test"), ("accuracy", "accuracy"),
+                 ("central_mass_correct_n", "correct"), ("central_mass_correct_mean", "central mass"),
+                 ("central_mass_correct_above_uniform", "> 0.25"),
+                 ("central_mass_correct_above_half", "> 0.5"), ("mean_image_share", "image share"))
+_PER_CORRECT_IMAGE = {"central_mass_correct_mean", "central_mass_correct_above_uniform",
+                      "central_mass_correct_above_half"}
+
+
+def summarise_sites(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several sites' ``site_summary`` → one row per site plus ``"all"``, weighted by count.
+
+    Accuracy and image share are weighted by test samples; the central-mass figures by the
+    correctly classified images they were measured on (so ``all`` is the figure over every
+    correct image of every site, not a mean of site means).
+    """
+    rows: dict[str, Any] = dict(summaries)
+    total: dict[str, Any] = {}
+    for key, _ in _SUMMARY_COLS:
+        weight = "central_mass_correct_n" if key in _PER_CORRECT_IMAGE else "test_samples"
+        pairs = [(s[key], s.get(weight, 0)) for s in summaries.values()
+                 if key in s and isinstance(s[key], (int, float)) and math.isfinite(s[key])]
+        if key in ("test_samples", "central_mass_correct_n"):
+            total[key] = int(sum(v for v, _ in pairs))
+        elif pairs and sum(w for _, w in pairs) > 0:
+            total[key] = float(sum(v * w for v, w in pairs) / sum(w for _, w in pairs))
+    rows["all"] = total
+    return rows
+
+
+def _summary_table(rows: dict[str, dict[str, Any]]) -> str:
+    cols = [(k, h) for k, h in _SUMMARY_COLS if any(k in r for r in rows.values())]
+    width = max(len("site"), *(len(n) for n in rows))
+    lines = [f"{'site':<{width}}" + "".join(f"{h:>14}" for _, h in cols)]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{name:<{width}}" + "".join(f"{_fmt(r.get(k)):>14}" for k, _ in cols)
+              for name, r in rows.items()]
+    return "\n".join(lines)
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.parent / f"explain-{Path(args.site_dir).name}"
-    path = explain(ckpt, site_dir=args.site_dir, out_dir=out, config_path=args.config,
-                   patients=args.patients, errors=args.errors, pooled=args.pooled)
-    summary = json.loads((out / "explain.json").read_text())["site_summary"]
-    for k, v in summary.items():
-        print(f"{k:40s} {_fmt(v)}")
-    print(f"\nwrote {path}")
+    site_dirs = [Path(d) for d in args.site_dir]
+    names = [d.name for d in site_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--site-dir names a site twice: {names}")
+    base = Path(args.out) if args.out else ckpt.parent
+    summaries: dict[str, dict[str, Any]] = {}
+    for site_dir in site_dirs:
+        out = (base / f"explain-{site_dir.name}") if (len(site_dirs) > 1 or not args.out) else base
+        path = explain(ckpt, site_dir=site_dir, out_dir=out, config_path=args.config,
+                       patients=args.patients, errors=args.errors, pooled=args.pooled)
+        summaries[site_dir.name] = json.loads((out / "explain.json").read_text())["site_summary"]
+        print(f"wrote {path}")
+    if len(site_dirs) == 1:
+        for k, v in summaries[names[0]].items():
+            print(f"{k:40s} {_fmt(v)}")
+        return 0
+    rows = summarise_sites(summaries)
+    (base / "explain-summary.json").write_text(json.dumps(rows, indent=2, default=float))
+    print("\n" + _summary_table(rows))
+    print("\ncentral mass: share of Grad-CAM heat in the middle 50% x 50% (0.25 = uniform), "
+          "over correctly classified test images")
+    print(f"wrote {base / 'explain-summary.json'}")
     return 0
 
 
 def add_cli(subparsers: Any) -> None:
-    """``fedmed explain CHECKPOINT --site-dir DIR [--config CFG] [--patients N] [--errors N]``."""
+    """``fedmed explain CHECKPOINT --site-dir DIR [--site-dir DIR ...] [--patients N] [--errors N]``."""
     p = subparsers.add_parser("explain", help="Grad-CAM, record attention and modality shares for a site")
     p.add_argument("checkpoint", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--site-dir", required=True, help="the site folder whose test split to explain")
+    p.add_argument("--site-dir", required=True, action="append",
+                   help="a site folder whose test split to explain (repeat for several sites: "
+                        "one folder each and a summary table over all)")
     p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
     p.add_argument("--patients", type=int, default=8, help="explain the first N test samples")
     p.add_argument("--errors", type=int, default=0, help="explain the N most confident errors instead")
     p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=None,
                    help="the model was trained on the config's sites pooled (default: from metrics.json)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    p.add_argument("--out", help="output folder (default: explain-<site> beside the checkpoint; "
+                                 "with several sites, the folder that holds them)")
     p.set_defaults(func=_cmd_explain)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,3 +152,27 @@ def test_cli_explain_errors(trained, synth_root, tmp_path, capsys):
     assert code == 0
     assert "central_mass_correct_mean" in capsys.readouterr().out
     assert (out / "explain.html").exists() and not list(out.glob("record_*.png"))
+
+
+def test_cli_explain_several_sites_writes_a_weighted_summary(trained, synth_root, tmp_path, capsys):
+    out = tmp_path / "multi"
+    sites = [synth_root / "hospital_a", synth_root / "hospital_b"]
+    code = fedmed_main(["explain", str(trained["image"]), "--patients", "2", "--out", str(out),
+                        *[a for s in sites for a in ("--site-dir", str(s))]])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "hospital_a" in printed and "hospital_b" in printed and "central mass" in printed
+    rows = json.loads((out / "explain-summary.json").read_text())
+    assert set(rows) == {"hospital_a", "hospital_b", "all"}
+    for s in sites:
+        assert (out / f"explain-{s.name}" / "explain.html").exists()
+    a, b, total = rows["hospital_a"], rows["hospital_b"], rows["all"]
+    assert total["test_samples"] == a["test_samples"] + b["test_samples"]
+    n_a, n_b = a["central_mass_correct_n"], b["central_mass_correct_n"]
+    assert total["central_mass_correct_n"] == n_a + n_b > 0
+    want = (a["central_mass_correct_mean"] * n_a + b["central_mass_correct_mean"] * n_b) / (n_a + n_b)
+    assert total["central_mass_correct_mean"] == pytest.approx(want)
+    assert 0.0 <= total["central_mass_correct_above_half"] <= total["central_mass_correct_above_uniform"] <= 1.0
+    code = fedmed_main(["explain", str(trained["image"]), "--site-dir", str(sites[0]),
+                        "--site-dir", str(sites[0])])
+    assert code != 0 and "names a site twice" in capsys.readouterr().err
