@@ -7,7 +7,10 @@ the negative log-likelihood and leaves every prediction (the argmax) unchanged. 
 
 Federated fitting: each site sends only its summed NLL on a shared grid of temperatures
 (:func:`nll_curve`, numbers, no patient data); the server adds the curves and takes the
-minimum (:func:`fit_temperature_from_curves`).
+minimum (:func:`fit_temperature_from_curves`). Federated measuring: each site sends ECE and
+NLL before/after and its reliability-bin statistics (:func:`measure`: per confidence bin a
+count, a sum of confidences and a count of correct predictions); bins add up across sites
+(:func:`combine_measures`), so the server's ECE and diagram are those of the pooled test sets.
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ __all__ = [
     "nll_curve",
     "temperature_grid",
     "fit_temperature_from_curves",
+    "bin_stats",
+    "ece_from_bins",
+    "merge_bins",
+    "plot_reliability",
+    "measure",
+    "combine_measures",
+    "BIN_KEYS",
+    "N_BINS",
     "add_cli",
 ]
 
 N_BINS = 15  # the same bins as fedmed.metrics.expected_calibration_error
+BIN_KEYS = ("count", "conf", "correct")  # per bin: samples, summed confidence, correct predictions
 
 
 def _as_tensors(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,21 +134,51 @@ def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
 
 
-def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Path,
-                        title: str, n_bins: int = N_BINS) -> Path:
-    """PNG: accuracy per confidence bin, the gap to the diagonal, sample counts; ECE in the title."""
+def bin_stats(probs: np.ndarray, labels: np.ndarray, *, n_bins: int = N_BINS) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: ``count``, summed ``conf`` and ``correct`` (top label).
+
+    The same bins as :func:`fedmed.metrics.expected_calibration_error`; sums, not means,
+    so the statistics of several sites add up to those of their pooled predictions.
+    """
     probs, labels = np.asarray(probs, dtype=float), np.asarray(labels).astype(int)
-    conf, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(float)
+    conf = probs.max(axis=1) if len(labels) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == labels).astype(float) if len(labels) else np.zeros(0)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    return {"count": np.bincount(bins, minlength=n_bins).astype(float).tolist(),
+            "conf": np.bincount(bins, weights=conf, minlength=n_bins).tolist(),
+            "correct": np.bincount(bins, weights=correct, minlength=n_bins).tolist()}
+
+
+def ece_from_bins(bins: dict[str, Any]) -> float:
+    """Top-label ECE from bin statistics: ``sum_b |correct_b - conf_b| / N`` (NaN when empty)."""
+    count, conf, correct = (np.asarray(bins[k], dtype=float) for k in BIN_KEYS)
+    n = count.sum()
+    return float(np.abs(correct - conf).sum() / n) if n > 0 else float("nan")
+
+
+def merge_bins(parts: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Add bin statistics of several sites; raises ``ValueError`` on different bin counts."""
+    if not parts:
+        raise ValueError("no bin statistics to merge")
+    sizes = {len(p[k]) for p in parts for k in BIN_KEYS}
+    if len(sizes) != 1:
+        raise ValueError(f"bin statistics disagree on the number of bins: {sorted(sizes)}")
+    return {k: np.sum([np.asarray(p[k], dtype=float) for p in parts], axis=0).tolist() for k in BIN_KEYS}
+
+
+def plot_reliability(bins: dict[str, Any], *, path: str | Path, title: str) -> Path:
+    """PNG from bin statistics: accuracy per confidence bin, the gap to the diagonal, sample
+    counts; ECE in the title. One drawing for raw predictions and for sums over sites."""
+    count, conf, correct = (np.asarray(bins[k], dtype=float) for k in BIN_KEYS)
+    n_bins = len(count)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
     centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
-    counts = np.bincount(bins, minlength=n_bins)
-    acc = np.array([correct[bins == b].mean() if counts[b] else 0.0 for b in range(n_bins)])
-    mconf = np.array([conf[bins == b].mean() if counts[b] else 0.0 for b in range(n_bins)])
-    ece = expected_calibration_error(labels, probs, n_bins=n_bins)
+    used = count > 0
+    acc = np.divide(correct, count, out=np.zeros(n_bins), where=used)
+    mconf = np.divide(conf, count, out=np.zeros(n_bins), where=used)
     fig = Figure(figsize=(4.8, 5.6))
     ax, axc = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    used = counts > 0
     ax.bar(centers[used], acc[used], width=width, edgecolor="black", color="tab:blue", label="accuracy")
     ax.bar(centers[used], (mconf - acc)[used], bottom=acc[used], width=width, color="tab:red",
            alpha=0.35, edgecolor="tab:red", hatch="//", label="gap to confidence")
@@ -144,9 +186,9 @@ def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Pa
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE = {ece:.4f} (n = {len(labels)})", fontsize=10)
+    ax.set_title(f"{title}\nECE = {ece_from_bins(bins):.4f} (n = {int(count.sum())})", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
-    axc.bar(centers, counts, width=width, color="gray", edgecolor="black")
+    axc.bar(centers, count, width=width, color="gray", edgecolor="black")
     axc.set_xlabel("confidence (top class)")
     axc.set_ylabel("samples")
     fig.tight_layout()
@@ -154,6 +196,55 @@ def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Path,
+                        title: str, n_bins: int = N_BINS) -> Path:
+    """PNG of one set of predictions (:func:`plot_reliability` of its :func:`bin_stats`)."""
+    return plot_reliability(bin_stats(probs, labels, n_bins=n_bins), path=path, title=title)
+
+
+def measure(logits: Any, labels: Any, *, temperature: float) -> dict[str, int | float | list[float]]:
+    """ECE, NLL and accuracy of a test split at ``T = 1`` and at ``temperature``, plus the
+    reliability bins before/after: flat numbers, what a site sends (``num-examples`` = N).
+
+    Keys: ``num-examples``, ``accuracy``, ``ece_before``, ``ece_after``, ``nll_before``,
+    ``nll_after`` and ``bins_{before,after}_{count,conf,correct}`` (lists of ``N_BINS``).
+    Raises ``ValueError`` on an empty or mis-shaped split.
+    """
+    z, y = (t.numpy() for t in _as_tensors(logits, labels))
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    out: dict[str, int | float | list[float]] = {"num-examples": int(len(y))}
+    for when, t in (("before", 1.0), ("after", float(temperature))):
+        p = _softmax(z / t)
+        out[f"ece_{when}"] = expected_calibration_error(y, p)
+        out[f"nll_{when}"] = _nll(p, y)
+        for k, v in bin_stats(p, y).items():
+            out[f"bins_{when}_{k}"] = v
+    out["accuracy"] = float((z.argmax(1) == y).mean())
+    return out
+
+
+def combine_measures(per_site: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sites' :func:`measure` results → the same keys for their pooled test sets.
+
+    Bins are summed (so ECE is that of the pooled predictions, not a mean of site ECEs);
+    NLL and accuracy are example-weighted means, which for means over samples is the pooled
+    value. Raises ``ValueError`` when no site has examples.
+    """
+    sites = [m for m in per_site.values() if float(m.get("num-examples", 0)) > 0]
+    n = sum(float(m["num-examples"]) for m in sites)
+    if not sites or n <= 0:
+        raise ValueError("no site measured any test example")
+    out: dict[str, Any] = {"num-examples": int(n)}
+    for key in ("nll_before", "nll_after", "accuracy"):
+        out[key] = float(sum(float(m[key]) * float(m["num-examples"]) for m in sites) / n)
+    for when in ("before", "after"):
+        merged = merge_bins([{k: m[f"bins_{when}_{k}"] for k in BIN_KEYS} for m in sites])
+        out[f"ece_{when}"] = ece_from_bins(merged)
+        out.update({f"bins_{when}_{k}": v for k, v in merged.items()})
+    return out
 
 
 def calibrate(
@@ -176,22 +267,15 @@ def calibrate(
     if len(yv) == 0 or len(yt) == 0:
         raise ValueError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
     t = fit_temperature(zv, yv)
-    before, after = _softmax(zt), _softmax(zt / t)
-    res = {
-        "temperature": t,
-        "ece_before": expected_calibration_error(yt, before),
-        "ece_after": expected_calibration_error(yt, after),
-        "nll_before": _nll(before, yt),
-        "nll_after": _nll(after, yt),
-        "accuracy": float((before.argmax(1) == yt).mean()),
-        "n_val": int(len(yv)),
-        "n_test": int(len(yt)),
-    }
+    m = measure(zt, yt, temperature=t)
+    res = {"temperature": t, **{k: m[k] for k in ("ece_before", "ece_after", "nll_before", "nll_after",
+                                                  "accuracy")},
+           "n_val": int(len(yv)), "n_test": int(len(yt))}
     if out_dir is not None:
         out = Path(out_dir)
-        reliability_diagram(before, yt, path=out / "reliability_before.png", title=f"{title}: before")
-        reliability_diagram(after, yt, path=out / "reliability_after.png",
-                            title=f"{title}: after temperature scaling (T = {t:.2f})")
+        for when, caption in (("before", "before"), ("after", f"after temperature scaling (T = {t:.2f})")):
+            plot_reliability({k: m[f"bins_{when}_{k}"] for k in BIN_KEYS},
+                             path=out / f"reliability_{when}.png", title=f"{title}: {caption}")
         (out / "calibration.json").write_text(json.dumps(res, indent=2))
         _write_html(out, res, title)
     return res

@@ -8,10 +8,18 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.calibration import (
+    BIN_KEYS,
+    N_BINS,
+    bin_stats,
     calibrate,
+    combine_measures,
+    ece_from_bins,
     fit_temperature,
     fit_temperature_from_curves,
+    measure,
+    merge_bins,
     nll_curve,
+    plot_reliability,
     reliability_diagram,
     temperature_grid,
 )
@@ -104,3 +112,55 @@ def test_calibrate_end_to_end(tmp_path):
     for name in ("reliability_before.png", "reliability_after.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "calibration.html").exists() and (tmp_path / "calibration.json").exists()
+
+
+# -- federated measuring: bin statistics that add up across sites ---------------------------
+@pytest.mark.parametrize("n, seed, scale", [(500, 7, 4.0), (37, 8, 0.3), (1, 9, 1.0)])
+def test_ece_from_bins_equals_metrics_ece(n, seed, scale):
+    z, y = _overconfident(n, seed, scale=scale)
+    p = _softmax(z)
+    bins = bin_stats(p, y)
+    assert [len(bins[k]) for k in BIN_KEYS] == [N_BINS] * 3
+    assert sum(bins["count"]) == n
+    assert ece_from_bins(bins) == pytest.approx(expected_calibration_error(y, p), abs=1e-12)
+
+
+def test_site_bins_merge_to_the_pooled_ece_and_nll():
+    """Three sites' measure() results combine to exactly what the pooled test set gives."""
+    z, y = _overconfident(900, 10)
+    parts = [np.arange(0, 100), np.arange(100, 450), np.arange(450, 900)]
+    t = 2.5
+    per_site = {f"s{i}": measure(z[p], y[p], temperature=t) for i, p in enumerate(parts)}
+    pooled = combine_measures(per_site)
+    whole = measure(z, y, temperature=t)
+    assert pooled["num-examples"] == 900
+    for key in ("ece_before", "ece_after"):
+        assert pooled[key] == pytest.approx(whole[key], abs=1e-12)
+        assert pooled[key] != pytest.approx(np.mean([m[key] for m in per_site.values()]), abs=1e-6)
+    for key in ("nll_before", "nll_after", "accuracy"):
+        assert pooled[key] == pytest.approx(whole[key], rel=1e-12)
+    assert pooled["ece_before"] == pytest.approx(expected_calibration_error(y, _softmax(z)), abs=1e-12)
+    assert pooled["ece_after"] == pytest.approx(expected_calibration_error(y, _softmax(z / t)), abs=1e-12)
+    assert pooled["nll_after"] == pytest.approx(_nll(z / t, y), rel=1e-9)
+    assert pooled["ece_after"] < pooled["ece_before"]
+    assert pooled["bins_after_count"] == whole["bins_after_count"]
+
+
+def test_combine_measures_skips_empty_sites_and_rejects_none():
+    z, y = _overconfident(50, 11)
+    one = measure(z, y, temperature=1.0)
+    assert combine_measures({"a": one, "b": {"num-examples": 0}})["ece_before"] == pytest.approx(one["ece_before"])
+    with pytest.raises(ValueError, match="no site"):
+        combine_measures({"b": {"num-examples": 0}})
+    with pytest.raises(ValueError, match="number of bins"):
+        merge_bins([bin_stats(_softmax(z), y), bin_stats(_softmax(z), y, n_bins=10)])
+    with pytest.raises(ValueError, match="temperature"):
+        measure(z, y, temperature=0.0)
+
+
+def test_plot_reliability_from_summed_bins(tmp_path):
+    z, y = _overconfident(300, 12)
+    a, b = bin_stats(_softmax(z[:100]), y[:100]), bin_stats(_softmax(z[100:]), y[100:])
+    path = plot_reliability(merge_bins([a, b]), path=tmp_path / "sum.png", title="two sites")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert ece_from_bins({k: [0.0] * N_BINS for k in BIN_KEYS}) != ece_from_bins(a)  # NaN when empty
