@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -157,6 +157,21 @@ class FederationConfig(_Strict):
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    calibration: Literal["federated", "central", "off"] = Field(
+        "federated", description="temperature scaling of the best model after the last round, fitted "
+        "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _central_calibration_needs_a_set(self) -> "FederationConfig":
+        if self.calibration == "central" and not self.central_test:
+            raise ValueError("calibration: central fits the temperature on the server's held-out set; "
+                             "set federation.central_test, or use calibration: federated")
+        return self
 
     @model_validator(mode="after")
     def _secure_needs_a_sum(self) -> "FederationConfig":

@@ -77,9 +77,14 @@ def job_for_sites(cfg: FedmedConfig) -> dict[str, Any]:
 
 
 def config_hash(cfg: FedmedConfig) -> str:
-    """A stable fingerprint of the settings that change results (resume must match)."""
+    """A stable fingerprint of the settings that change results (resume must match).
+
+    ``calibration`` runs after the rounds and changes none of them, so it is left out: a
+    finished federation can be resumed to (re)calibrate another way.
+    """
     job = job_for_sites(cfg)
-    job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items() if k != "rounds"}
+    job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
+                         if k not in ("rounds", "calibration")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 

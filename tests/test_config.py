@@ -16,6 +16,8 @@ BASE = "data:\n  classes: [a, b]\n  root: data\n"
     (BASE + "model:\n  embed_dim: 30\n  heads: 4\n", "divisible"),
     ("data:\n  classes: [a]\n", "data.classes"),
     ("- just\n- a list\n", "mapping"),
+    (BASE + "federation:\n  calibration: platt\n", "federation.calibration"),
+    (BASE + "federation:\n  calibration: central\n", "set federation.central_test"),
 ])
 def test_invalid_config_names_key_and_file(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
@@ -47,3 +49,22 @@ def test_site_config(tmp_path):
     path.write_text("site: hospital a\ndata_dir: a\n")
     with pytest.raises(ConfigError, match="site"):
         load_site_config(path)
+
+
+def test_calibration_setting():
+    raw = {"data": {"classes": ["a", "b"]}}
+    assert load_config(raw=raw).federation.calibration == "federated"
+    cfg = load_config(raw=raw, overrides=["federation.calibration=central", "federation.central_test=c"])
+    assert cfg.federation.calibration == "central"
+    for off in ("off", "false", "\"off\""):  # a bare YAML `off` is false
+        assert load_config(raw=raw, overrides=[f"federation.calibration={off}"]).federation.calibration == "off"
+
+
+def test_calibration_does_not_change_the_resume_fingerprint():
+    """Calibration runs after the rounds: a finished run can be resumed to calibrate differently."""
+    from fedmed.server.federation import config_hash
+
+    raw = {"data": {"classes": ["a", "b"]}}
+    base = config_hash(load_config(raw=raw))
+    assert config_hash(load_config(raw=raw, overrides=["federation.calibration=off"])) == base
+    assert config_hash(load_config(raw=raw, overrides=["federation.local_epochs=3"])) != base
