@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import zlib
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
-from fedmed.messages import CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
+from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
 from fedmed.secagg import generate_keypair, mask_update
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -141,4 +143,28 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = int(m.get("n", 0))
     if "confusion_matrix" in m:
         metrics["confusion_matrix"] = [float(x) for row in m["confusion_matrix"] for x in row]
+    return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(CALIBRATION_ACTION)
+def calibration_fn(msg: Message, context: Context) -> Message:
+    """Temperature scaling of the final model at this site (:mod:`fedmed.calibration`).
+
+    ``"calibration": "fit"``: the summed NLL of the val split at each of the server's
+    ``temperatures``; ``"measure"``: the test split's ECE/NLL at T = 1 and at ``temperature``
+    and its reliability-bin sums. Numbers only; an empty split sends ``num-examples`` 0.
+    """
+    rt, _ = _prepare(msg, context)
+    config = msg.content[CONFIG_KEY]
+    if rt.cfg.model.multilabel:
+        raise ValueError("temperature scaling here is for single-label (softmax) models")
+    step = str(config.get(CALIBRATION_ACTION, ""))
+    if step not in ("fit", "measure"):
+        raise ValueError(f"unknown calibration step {step!r}: expected 'fit' or 'measure'")
+    z, y = collect_logits(rt.model, rt.loaders["val" if step == "fit" else "test"], rt.device)
+    metrics: dict = {"num-examples": len(y)}
+    if len(y) and step == "fit":
+        metrics["nll_curve"] = nll_curve(z, y, np.asarray(config["temperatures"], dtype=float)).tolist()
+    elif len(y):
+        metrics = measure(z, y, temperature=float(config["temperature"]))
     return make_reply(msg, site=rt.site, metrics=metrics)

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -170,6 +169,8 @@ def merge_bins(parts: list[dict[str, Any]]) -> dict[str, list[float]]:
 def plot_reliability(bins: dict[str, Any], *, path: str | Path, title: str) -> Path:
     """PNG from bin statistics: accuracy per confidence bin, the gap to the diagonal, sample
     counts; ECE in the title. One drawing for raw predictions and for sums over sites."""
+    from matplotlib.figure import Figure  # here: sites import this module and never draw
+
     count, conf, correct = (np.asarray(bins[k], dtype=float) for k in BIN_KEYS)
     n_bins = len(count)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

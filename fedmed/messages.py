@@ -24,7 +24,9 @@ __all__ = [
     "make_reply",
     "reply_site",
     "screen_train_replies",
+    "screen_metric_replies",
     "Rejected",
+    "CALIBRATION_ACTION",
     "encode_job",
     "decode_job",
 ]
@@ -36,6 +38,9 @@ SITE_KEY = "site"
 SECAGG_KEY = "secagg"
 REPLY_KEYS = frozenset({"arrays", "metrics", SITE_KEY, SECAGG_KEY})
 JOB_KEY = "fedmed-job"
+# Temperature scaling after the last round travels as message type "evaluate.calibration";
+# its config says the step ("calibration": "fit" | "measure").
+CALIBRATION_ACTION = "calibration"
 
 
 def encode_job(job: dict[str, Any]) -> str:
@@ -136,3 +141,21 @@ def screen_train_replies(
     for r in rejected:
         log.warning("round update from site %s rejected: %s", r.site, r.reason)
     return ok, rejected
+
+
+def screen_metric_replies(replies: Iterable[Message]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Metrics per site from evaluation-like replies, and the sites that failed with why.
+
+    A reply that is an error or lacks metrics is a failure (logged with the site's name),
+    never an exception: the federation goes on with the rest.
+    """
+    per_site: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for msg in replies:
+        site = reply_site(msg)
+        if msg.has_error() or "metrics" not in msg.content:
+            failed[site] = f"site failed: {msg.error.reason}" if msg.has_error() else "reply lacks metrics"
+            log.warning("evaluation at site %s failed: %s", site, failed[site])
+            continue
+        per_site[site] = dict(msg.content["metrics"].items())
+    return per_site, failed

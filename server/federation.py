@@ -30,6 +30,7 @@ from fedmed.messages import (
     Rejected,
     encode_job,
     reply_site,
+    screen_metric_replies,
     screen_train_replies,
 )
 from fedmed.secagg import unmask_sum
@@ -135,17 +136,8 @@ def _wait_for_sites(grid: GridLike, minimum: int, timeout: float) -> int:
 
 
 def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    per_site: dict[str, dict[str, float]] = {}
-    failed: list[str] = []
-    for msg in replies:
-        site = reply_site(msg)
-        if msg.has_error() or "metrics" not in msg.content:
-            failed.append(site)
-            log.warning("evaluation at site %s failed: %s", site,
-                        msg.error.reason if msg.has_error() else "no metrics")
-            continue
-        per_site[site] = {k: v for k, v in msg.content["metrics"].items()}
-    return per_site, failed
+    per_site, failed = screen_metric_replies(replies)
+    return per_site, list(failed)
 
 
 def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: ConfigRecord,

@@ -27,6 +27,10 @@ from fedmed.transfer import nbytes, pack
 ALLOWED_METRICS = {
     "num-examples", "train_loss", "train_seconds", "train_steps", "epsilon", "accuracy",
     "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece", "loss", "confusion_matrix",
+    # temperature scaling after the last round (evaluate.calibration): an NLL curve, then
+    # ECE/NLL before and after and the reliability-bin sums — numbers only
+    "nll_curve", "ece_before", "ece_after", "nll_before", "nll_after",
+    *(f"bins_{w}_{k}" for w in ("before", "after") for k in ("count", "conf", "correct")),
 }
 
 
@@ -67,6 +71,18 @@ def test_every_reply_holds_only_weights_metrics_and_site_name(synth_config, synt
             replies.append(reply)
             if kind == "train":
                 arrays = reply.content["arrays"]
+    # The federation's last step: fit (val NLL on the server's grid), then measure (test split).
+    grid = [0.5, 1.0, 2.0]
+    for step, extra in (("fit", {"temperatures": grid}), ("measure", {"temperature": 1.5})):
+        cal = ConfigRecord({JOB_KEY: config[JOB_KEY], "calibration": step, **extra})
+        reply = app(_message("evaluate.calibration", RecordDict({"arrays": arrays, "config": cal})), ctx)
+        assert not reply.has_error(), reply.error
+        replies.append(reply)
+    fit, measured = (r.content["metrics"] for r in replies[-2:])
+    assert fit["num-examples"] > 0 and len(fit["nll_curve"]) == len(grid)
+    assert all(np.isfinite(fit["nll_curve"])) and set(fit.keys()) == {"num-examples", "nll_curve"}
+    assert sum(measured["bins_before_count"]) == sum(measured["bins_after_count"]) == measured["num-examples"]
+    assert len(measured["bins_after_conf"]) == 15 and 0 <= measured["ece_after"] <= 1
 
     secrets = _identifying_strings(synth_root / "hospital_b")
     names = set(arrays.keys())
@@ -87,7 +103,10 @@ def test_every_reply_holds_only_weights_metrics_and_site_name(synth_config, synt
         eps = [r.content["metrics"]["epsilon"] for r in replies if "arrays" in r.content]
         assert 0 < eps[0] < eps[1] <= 8.0 * 1.01
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    assert len(audit) == 4 and all(set(a["keys"]) <= REPLY_KEYS for a in audit)
+    assert len(audit) == 6 and all(set(a["keys"]) <= REPLY_KEYS for a in audit)
+    assert [a["type"] for a in audit[-2:]] == ["evaluate.calibration"] * 2
+    assert audit[-2]["metrics"]["nll_curve"] == fit["nll_curve"]  # the audit log says what left
+    assert audit[-1]["metrics"]["bins_after_count"] == measured["bins_after_count"]
     # What a site uploads per round is the model and a few hundred bytes of metrics/metadata.
     model_bytes = nbytes(model_from_config(cfg).state_dict())
     for a in audit:
