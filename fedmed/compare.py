@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedmed.config import FedmedConfig
-from fedmed.data.dataset import SiteDataset, SiteSplits, train_augment
+from fedmed.data.dataset import SiteDataset, SiteSplits, train_transform
 from fedmed.data.records import RecordEncoder
 from fedmed.data.site import combine_sites
 from fedmed.task import SiteBundle, load_site_bundle, model_from_config
@@ -67,8 +67,7 @@ def pooled_bundle(cfg: FedmedConfig, bundles: dict[str, SiteBundle]) -> SiteBund
     first = next(iter(bundles.values())).splits.train
     sets = {k: SiteDataset(samples.iloc[pos], pooled.records, encoder=encoder, spec=first.spec,
                            cache=first.cache, notes_column=cfg.data.notes_column,
-                           transform=(train_augment(cfg.data.image_size, cfg.data.channels)
-                                      if cfg.data.augment and k == "train" else None))
+                           transform=train_transform(cfg.data) if k == "train" else None)
             for k, pos in idx.items()}
     splits = SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,
                         indices=idx, summary=pooled.summary)

@@ -64,6 +64,10 @@ class DataConfig(_Strict):
         False, description="shades-of-grey colour normalisation (RGB): removes each centre's tint"
     )
     augment: bool = True
+    any_orientation: bool = Field(
+        False, description="images have no up/down (dermoscopy, histology): augment with "
+                           "vertical flips and quarter turns; leave off for X-ray, CT, MRI"
+    )
     imputation: Literal["median", "knn"] = "median"
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)

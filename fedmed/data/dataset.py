@@ -24,27 +24,44 @@ from fedmed.data.records import RecordEncoder
 from fedmed.data.site import LoadSummary, SiteData
 from fedmed.data.splits import split_patients
 
-__all__ = ["SiteDataset", "SiteSplits", "train_augment", "build_splits", "class_counts"]
+__all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
+           "class_counts"]
 
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
-def train_augment(size: int, channels: int = 3) -> v2.Compose:
+def train_augment(size: int, channels: int = 3, *, any_orientation: bool = False) -> v2.Compose:
     """Label-preserving augmentation that never paints a border: flip, crop-zoom, colour.
 
     ``RandomResizedCrop`` (75–100 % of the area, aspect 0.9–1.1, back to ``size``) zooms
     without the zero-filled corners a rotation or zoom-out leaves; a network can key on
     such artificial borders (Grad-CAM mass on the corners). Brightness/contrast jitter
     (and saturation/hue for RGB) covers device and lighting differences between sites.
+    ``any_orientation`` (dermoscopy, histology: no up or down) adds vertical flips and
+    quarter turns — exact on square images, so still no painted corners — and takes away
+    fixed-position cues such as a lighting gradient along one edge.
     """
     jitter = (v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
               if channels == 3 else v2.ColorJitter(brightness=0.2, contrast=0.2))
+    turns: list[v2.Transform] = []
+    if any_orientation:
+        turns = [v2.RandomVerticalFlip(),
+                 v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)])]
     return v2.Compose([
         v2.RandomHorizontalFlip(),
+        *turns,
         v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
         jitter,
     ])
+
+
+def train_transform(data_cfg: DataConfig) -> v2.Compose | None:
+    """The training split's augmentation a config asks for (None with ``augment: false``)."""
+    if not data_cfg.augment:
+        return None
+    return train_augment(data_cfg.image_size, data_cfg.channels,
+                         any_orientation=data_cfg.any_orientation)
 
 
 class SiteDataset(Dataset):
@@ -172,11 +189,11 @@ def build_splits(
                             imputation=data_cfg.imputation)
     encoder.fit(site.records.loc[list(train_ids)])
     augment = data_cfg.augment if augment is None else augment
+    transform = train_transform(data_cfg.model_copy(update={"augment": augment}))
     common: dict[str, Any] = {"encoder": encoder, "spec": spec, "cache": cache,
                               "tokenizer": tokenizer, "notes_column": data_cfg.notes_column}
     sets = {name: SiteDataset(samples.iloc[pos], site.records,
-                              transform=(train_augment(spec.size, spec.channels)
-                                         if augment and name == "train" else None),
+                              transform=transform if name == "train" else None,
                               **common)
             for name, pos in idx.items()}
     return SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fedmed.data.dataset import build_splits, class_counts, train_augment
+from fedmed.config import DataConfig
+from fedmed.data.dataset import build_splits, class_counts, train_augment, train_transform
 from fedmed.data.images import ImageCache, ImageError, Preprocess
 from fedmed.data.records import to_numeric
 from fedmed.data.site import load_site
@@ -92,6 +93,30 @@ def test_train_augment_never_paints_a_border():
     for _ in range(20):
         out = aug(torch.full((3, 24, 24), 0.5))
         assert out.min() > 0.3, "augmentation introduced dark (zero-filled) pixels"
+
+
+def test_any_orientation_adds_quarter_turns_without_painted_corners():
+    """Dermoscopy-style augmentation: the bright corner lands in every corner, none go black."""
+    torch.manual_seed(0)
+    img = torch.full((3, 24, 24), 0.5)
+    img[:, :8, :8] = 0.9  # a bright top-left quadrant
+    seen = set()
+    for aug, name in ((train_augment(24, 3), "plain"), (train_augment(24, 3, any_orientation=True), "any")):
+        corners = set()
+        for _ in range(60):
+            out = aug(img)
+            assert out.min() > 0.3, "augmentation introduced dark (zero-filled) pixels"
+            q = [out[:, :6, :6].mean(), out[:, :6, -6:].mean(), out[:, -6:, :6].mean(), out[:, -6:, -6:].mean()]
+            corners.add(int(torch.stack(q).argmax()))
+        seen.add((name, len(corners)))
+    assert ("plain", 2) in seen  # horizontal flip only: the bright quadrant stays on top
+    assert ("any", 4) in seen
+
+
+def test_train_transform_follows_the_config():
+    cfg = DataConfig(root=".", classes=["a", "b"], channels=3, image_size=16, any_orientation=True)
+    assert train_transform(cfg) is not None
+    assert train_transform(cfg.model_copy(update={"augment": False})) is None
 
 
 def test_loader_batches_and_class_counts(splits):
