@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` cannot resume (its round counter restarts at 1), so fedmed's
 round driver saves everything a later round depends on: the global arrays, the strategy
-object (FedOpt moments, FedAvgM momentum), the history and the best model so far.
+object (FedOpt moments, FedAvgM momentum), the history and the best model so far, and
+after the last round the calibration result, so the report can be rebuilt from it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class FederationState:
     best_score: float = float("-inf")
     config_hash: str = ""
     rng_state: Any = None
+    # Temperature scaling after the last round (fedmed.server.calibration); None until then.
+    # A class-level default, so states pickled before this field existed load with None.
+    calibration: dict[str, Any] | None = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

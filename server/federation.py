@@ -4,7 +4,8 @@
 fedmed drives the same public hooks (``configure_train`` → ``send_and_receive`` →
 ``aggregate_train``, then evaluation) itself and adds: waiting for the minimum number of
 sites with a timeout, rejecting NaN/Inf or mis-shaped updates (naming the site), per-site
-and worst-site evaluation, central evaluation, per-round checkpoints and ``--resume``.
+and worst-site evaluation, central evaluation, per-round checkpoints and ``--resume``; after
+the last round, temperature scaling of the best model (:mod:`fedmed.server.calibration`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 import fedmed
@@ -36,6 +38,7 @@ from fedmed.messages import (
 from fedmed.secagg import unmask_sum
 from fedmed.transfer import pack, unpack, widen
 from fedmed.task import model_from_config, seed_everything
+from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
 from fedmed.server.strategies import make_strategy
 
@@ -185,14 +188,22 @@ def run_federation(
     central_eval: Callable[[dict[str, np.ndarray]], dict[str, dict[str, Any]]] | None = None,
     on_round: Callable[[dict[str, Any], FederationState], None] | None = None,
     stop_after: int | None = None,
+    central_logits: CentralLogits | None = None,
 ) -> FederationState:
     """Run (or resume) ``cfg.federation.rounds`` rounds; returns the final state.
 
     ``central_eval(arrays)`` returns ``{"val": metrics, "test": metrics}`` on the
     server's held-out data; the best model is chosen by central validation AUC (else by
     the sites' weighted AUC). ``stop_after`` ends the run early after that round (tests).
+    Once every round is done (also on resuming a finished run) the best model is
+    calibrated as ``federation.calibration`` says; ``central_logits(arrays, split)`` lets
+    that use the held-out set too. Raises ``ValueError`` when calibration is "central"
+    without ``central_logits``.
     """
     fed = cfg.federation
+    if fed.calibration == "central" and central_logits is None:
+        raise ValueError("federation.calibration: central fits on the server's held-out set, but the "
+                         "federation has none (federation.central_test); use calibration: federated")
     out_dir.mkdir(parents=True, exist_ok=True)
     chash = config_hash(cfg)
     if resume:
@@ -280,7 +291,50 @@ def run_federation(
             on_round(row, state)
         if stop_after is not None and rnd >= stop_after:
             break
+    if state.round >= fed.rounds and fed.calibration != "off":
+        state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
+                                            central_logits=central_logits)
+        save_state(out_dir, state)
     return state
+
+
+def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path,
+                    job: str, central_logits: CentralLogits | None) -> dict[str, Any]:
+    """Temperature scaling of ``best_model.pt`` (else ``last_model.pt``); ``T`` goes into its meta.
+
+    Never raises: failed sites are listed in the result, a server-side failure is logged and
+    recorded as ``error``, so the finished rounds are still summarised and reported.
+    """
+    fed = cfg.federation
+    if cfg.model.multilabel:
+        reason = "multi-label model: temperature scaling here is for softmax outputs"
+        log.info("calibration skipped: %s", reason)
+        return {"method": fed.calibration, "skipped": reason}
+    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path is not None else {}
+    arrays = ({k: v.numpy() for k, v in ckpt["model"].items()} if path is not None else state.arrays)
+    try:
+        _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
+    except TimeoutError as exc:
+        log.warning("calibration goes on with the sites that are connected: %s", exc)
+    try:
+        result = calibrate_federation(
+            lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout), sorted(grid.get_node_ids()),
+            method=fed.calibration, arrays=arrays, job=job, central_logits=central_logits)
+    except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
+        log.exception("calibration failed on the server")
+        result = {"method": fed.calibration, "error": f"failed on the server ({type(exc).__name__}); see its log"}
+    result["model"] = path.name if path is not None else "final weights"
+    result["round"] = int(ckpt.get("round", state.round))
+    if "temperature" in result and path is not None:
+        meta = {k: v for k, v in ckpt.items() if k != "model"}
+        save_model(path, arrays, meta={**meta, "temperature": result["temperature"]})
+    pooled, central = result.get("pooled", {}), result.get("central_test", {})
+    log.info("calibration of %s (%s, T = %s): sites' test ECE %s -> %s, central test ECE %s -> %s; "
+             "%d site(s) failed", result["model"], fed.calibration, _fmt(result.get("temperature")),
+             _fmt(pooled.get("ece_before")), _fmt(pooled.get("ece_after")),
+             _fmt(central.get("ece_before")), _fmt(central.get("ece_after")), len(result.get("sites_failed", {})))
+    return result
 
 
 def _fmt(v: Any) -> str:
