@@ -1,7 +1,7 @@
 """A self-contained HTML report of a federation, plus a text table for the terminal.
 
-Built from ``FederationState.history`` alone, so it can be re-made from a checkpoint after
-the run. Every key of a round may be missing (no central test set, evaluation off, a
+Built from ``FederationState.history`` (and its ``calibration``) alone, so it can be re-made
+from a checkpoint after the run. Every key of a round may be missing (no central test set, evaluation off, a
 round where every site failed); what is missing is left out, never an error. Figures use
 matplotlib's object API (``Figure``, Agg canvas), so no GUI backend or pyplot state.
 """
@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from fedmed.calibration import BIN_KEYS, plot_reliability
 
 __all__ = ["write_report", "summary_table"]
 
@@ -200,7 +202,8 @@ def _config_text(config: dict[str, Any]) -> str:
         return json.dumps(config, indent=2, default=str)
 
 
-def _summary_rows(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | None = None
+                  ) -> list[tuple[str, str]]:
     best, key, score = _best_round(history)
     rows = [("rounds run", str(len(history)))]
     if best is not None:
@@ -209,6 +212,10 @@ def _summary_rows(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
     for k, v in last.items():
         if k.startswith("central_test_") and _num(v) is not None:
             rows.append((f"final test {k[len('central_test_'):]}", _fmt(v)))
+    if isinstance(calibration, dict) and _num(calibration.get("temperature")) is not None:
+        pooled = calibration.get("pooled") or calibration.get("central_test") or {}
+        rows.append(("calibration temperature", f"{_fmt(calibration['temperature'], 3)} (ECE "
+                     f"{_fmt(pooled.get('ece_before'))} → {_fmt(pooled.get('ece_after'))})"))
     return rows
 
 
@@ -240,10 +247,79 @@ def _problem_rows(history: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+# -- calibration ----------------------------------------------------------------------
+CALIBRATION_COLUMNS = ("n", "ECE before", "ECE after", "NLL before", "NLL after")
+
+
+def _calibration_rows(cal: dict[str, Any]) -> list[list[str]]:
+    groups = [("all sites (pooled)", cal.get("pooled"))]
+    groups += [(f"site {s}", m) for s, m in sorted((cal.get("sites") or {}).items())]
+    groups.append(("central test set", cal.get("central_test")))
+    return [[name, _fmt(m.get("num-examples")), *(_fmt(m.get(k)) for k in
+                                                 ("ece_before", "ece_after", "nll_before", "nll_after"))]
+            for name, m in groups if isinstance(m, dict)]
+
+
+def _calibration_fit(cal: dict[str, Any]) -> str:
+    fit = cal.get("fit") or {}
+    if cal.get("method") == "central":
+        how = f"centrally, on the server's held-out val split ({_fmt(fit.get('num-examples'))} examples)"
+    else:
+        sites = list(fit.get("sites") or [])
+        how = (f"federated, on the val splits of {len(sites)} site{'s' if len(sites) != 1 else ''} "
+               f"({', '.join(map(str, sites))}; {_fmt(fit.get('num-examples'))} examples; each site sent "
+               "only its summed NLL at a grid of temperatures)")
+    return f"T = {_fmt(cal.get('temperature'), 3)} for {cal.get('model', 'the model')} (round " \
+           f"{cal.get('round', '-')}), fitted {how}."
+
+
+def _reliability_plots(cal: dict[str, Any], out_dir: Path) -> list[tuple[str, Path]]:
+    """Before/after PNGs for the sites' pooled test sets and for the central test set."""
+    t = _num(cal.get("temperature"))
+    images = []
+    for key, name, label in (("pooled", "reliability", "sites' test sets, pooled"),
+                             ("central_test", "reliability_central", "central test set")):
+        m = cal.get(key)
+        if not isinstance(m, dict):
+            continue
+        for when, caption in (("before", "before"), ("after", f"after T = {t:.2f}" if t else "after")):
+            bins = {k: m.get(f"bins_{when}_{k}") for k in BIN_KEYS}
+            if all(isinstance(v, list) and v for v in bins.values()):
+                images.append((f"{label}, {caption}", plot_reliability(
+                    bins, path=out_dir / f"{name}_{when}.png", title=f"{label}: {caption}")))
+    return images
+
+
+def _calibration_section(cal: dict[str, Any], out_dir: Path) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Calibration</h2>"]
+    if cal.get("skipped"):
+        return parts + [f"<p>Skipped: {e(str(cal['skipped']))}.</p>"]
+    if _num(cal.get("temperature")) is None:
+        parts.append(f"<p>No temperature was fitted: {e(str(cal.get('error', 'unknown reason')))}.</p>")
+    else:
+        parts.append(f"<p>Temperature scaling: {e(_calibration_fit(cal))} Logits are divided by T; "
+                     "predicted classes (accuracy, AUC) do not change. ECE (15 equal-width bins) and "
+                     "NLL on the test splits, before (T = 1) and after:</p>")
+        parts.append(_table(["", *CALIBRATION_COLUMNS], _calibration_rows(cal)))
+    failed = [[step, str(site), str(reason)] for step, group in
+              (("fit", (cal.get("fit") or {}).get("sites_failed")), ("measure", cal.get("sites_failed")))
+              for site, reason in (group or {}).items()]
+    if failed:
+        parts += ["<p>Sites left out:</p>", _table(["step", "site", "reason"], failed)]
+    images = _reliability_plots(cal, out_dir)
+    if images:
+        parts.append("<div class='pair'>" + "".join(
+            f"<img src=\"{e(path.name)}\" alt=\"reliability diagram, {e(caption)}\">" for caption, path in images)
+            + "</div>")
+    return parts
+
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}
-pre{background:#f7f7f7;padding:1em;overflow-x:auto}"""
+pre{background:#f7f7f7;padding:1em;overflow-x:auto}
+.pair{display:flex;flex-wrap:wrap;gap:1em}.pair img{max-width:48%;margin:0}"""
 
 
 def write_report(
@@ -253,11 +329,15 @@ def write_report(
     title: str,
     classes: list[str],
     config: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and its PNGs; returns the HTML's path.
 
     Images: ``curves.png``, ``sites.png`` (when sites were evaluated),
-    ``confusion_matrix.png`` (when a matrix exists), ``epsilon.png`` (when a site reported ε).
+    ``confusion_matrix.png`` (when a matrix exists), ``epsilon.png`` (when a site reported ε),
+    and with a ``calibration`` result (``FederationState.calibration``) a Calibration section
+    with ``reliability_{before,after}.png`` (sites pooled) and
+    ``reliability_central_{before,after}.png`` (central test set) where it has their bins.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,7 +354,7 @@ def write_report(
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
-    parts += ["<h2>Summary</h2>", _table(["", "value"], _summary_rows(history))]
+    parts += ["<h2>Summary</h2>", _table(["", "value"], _summary_rows(history, calibration))]
     if sites:
         header, rows = _site_rows(history)
         last_round = history[-1].get("round", len(history)) if history else "-"
@@ -288,6 +368,8 @@ def write_report(
     parts.append(_table(["round", "site", "what", "reason"], problems) if problems else "<p>none</p>")
     for caption, path in images:
         parts.append(f"<h2>{e(caption)}</h2><img src=\"{e(path.name)}\" alt=\"{e(caption)}\">")
+    if isinstance(calibration, dict):
+        parts += _calibration_section(calibration, out_dir)
     if config is not None:
         parts += ["<h2>Configuration</h2>", f"<pre>{e(_config_text(config))}</pre>"]
     parts.append("</body></html>")

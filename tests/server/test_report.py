@@ -78,3 +78,62 @@ def test_summary_table() -> None:
     assert "2/2" in lines[2]
     assert "val AUC" not in summary_table(_history(central=False))
     assert summary_table([]).startswith("round")
+
+
+def _calibration(*, central: bool) -> dict:
+    """A calibration result as the federation stores it, from real measure() of synthetic logits."""
+    import numpy as np
+
+    from fedmed.calibration import combine_measures, measure
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    z = rng.normal(0, 1, (300, 2))
+    z[np.arange(300), y] += 1.0
+    z *= 3.0  # over-confident
+    sites = {"hospital_north": measure(z[:120], y[:120], temperature=2.0),
+             "hospital_<south>": measure(z[120:], y[120:], temperature=2.0)}
+    cal = {"method": "federated", "temperature": 2.0, "model": "best_model.pt", "round": 2,
+           "fit": {"on": "sites' val splits", "sites": list(sites), "num-examples": 90,
+                   "sites_failed": {"hospital_x": "no reply within the round timeout"}},
+           "sites": sites, "sites_failed": {}, "pooled": combine_measures(sites)}
+    if central:
+        cal["central_test"] = measure(z[:200], y[:200], temperature=2.0)
+    return cal
+
+
+@pytest.mark.parametrize("central", [True, False])
+def test_report_calibration_section(tmp_path: Path, central: bool) -> None:
+    cal = _calibration(central=central)
+    text = write_report(_history(central=central), out_dir=tmp_path, title="t", classes=["a", "b"],
+                        calibration=cal).read_text()
+    assert "<h2>Calibration</h2>" in text and "T = 2.000" in text and "federated, on the val splits of 2 sites" in text
+    assert "all sites (pooled)" in text and "site hospital_&lt;south&gt;" in text
+    assert f"<td>{cal['pooled']['ece_before']:.4f}</td><td>{cal['pooled']['ece_after']:.4f}</td>" in text
+    assert "no reply within the round timeout" in text       # the site that missed the fit step
+    assert ("central test set" in text) == central
+    assert "calibration temperature" in text                 # summary row
+    for name in ("reliability_before.png", "reliability_after.png"):
+        _assert_png(tmp_path / name)
+        assert f'src="{name}"' in text
+    for name in ("reliability_central_before.png", "reliability_central_after.png"):
+        assert (tmp_path / name).exists() == central and (f'src="{name}"' in text) == central
+
+
+def test_report_calibration_missing_skipped_or_failed(tmp_path: Path) -> None:
+    assert "Calibration" not in write_report(_history(central=True), out_dir=tmp_path / "a", title="t",
+                                             classes=[]).read_text()
+    skipped = {"method": "federated", "skipped": "multi-label model"}
+    assert "Skipped: multi-label model" in write_report([], out_dir=tmp_path / "b", title="t", classes=[],
+                                                        calibration=skipped).read_text()
+    failed = {"method": "federated", "error": "no validation examples to fit a temperature on",
+              "fit": {"sites": [], "sites_failed": {"hospital_y": "site failed: boom"}}}
+    text = write_report([], out_dir=tmp_path / "c", title="t", classes=[], calibration=failed).read_text()
+    assert "No temperature was fitted" in text and "site failed: boom" in text
+    assert not (tmp_path / "c" / "reliability_before.png").exists()
+    # summary.json's form (bins stripped): the table, no diagrams, no error
+    from fedmed.server.calibration import calibration_summary
+
+    text = write_report([], out_dir=tmp_path / "d", title="t", classes=[],
+                        calibration=calibration_summary(_calibration(central=True))).read_text()
+    assert "all sites (pooled)" in text and not (tmp_path / "d" / "reliability_before.png").exists()
