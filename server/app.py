@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.config import FedmedConfig
+from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.federation import run_federation
 from fedmed.server.report import summary_table, write_report
@@ -40,12 +41,17 @@ def run(grid: Grid, run_config: dict) -> Path:
     try:
         central = make_central_eval(cfg)
         state = run_federation(grid, cfg, out_dir=out, resume=resume, central_eval=central,
+                               central_logits=central.logits if central is not None else None,
                                on_round=lambda row, _state: tracker.log_round(row))
+        tracker.log_calibration(state.calibration, step=state.round)
         report = write_report(state.history, out_dir=out, title=f"fedmed: {cfg.name}",
-                              classes=list(cfg.data.classes), config=cfg.model_dump(mode="json"))
+                              classes=list(cfg.data.classes), config=cfg.model_dump(mode="json"),
+                              calibration=state.calibration)
         summary = {"rounds": state.round, "best_round": state.best_round, "best_score": state.best_score,
                    "final": {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
                    if state.history else {}}
+        if state.calibration is not None:
+            summary["calibration"] = calibration_summary(state.calibration)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         print(summary_table(state.history), flush=True)
         tracker.log_artifacts([p for p in [out / "best_model.pt", out / "last_model.pt", report,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-__all__ = ["Tracker", "flatten_config", "round_metrics"]
+__all__ = ["Tracker", "flatten_config", "round_metrics", "calibration_metrics"]
 
 log = logging.getLogger("fedmed.server.tracking")
 
@@ -75,6 +75,28 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
             for m, v in metrics.items():
                 if _is_number(v):
                     out[_key(fmt.format(s=site, m=m))] = float(v)
+    return out
+
+
+CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
+
+
+def calibration_metrics(cal: dict[str, Any] | None) -> dict[str, float]:
+    """The numbers of a federation's calibration result (:mod:`fedmed.server.calibration`).
+
+    ``calibration_temperature``; the sites' pooled ``ece_before`` / ``ece_after`` /
+    ``nll_before`` / ``nll_after``; ``central_test_<m>``; ``site.<s>.<m>``. Empty without
+    a fitted temperature (off, skipped or failed).
+    """
+    if not cal or not _is_number(cal.get("temperature")):
+        return {}
+    out = {"calibration_temperature": float(cal["temperature"])}
+    groups = [("{m}", cal.get("pooled")), ("central_test_{m}", cal.get("central_test"))]
+    groups += [(f"site.{site}.{{m}}", m) for site, m in (cal.get("sites") or {}).items()]
+    for fmt, metrics in groups:
+        if isinstance(metrics, dict):
+            out.update({_key(fmt.format(m=k)): float(metrics[k]) for k in CALIBRATION_KEYS
+                        if _is_number(metrics.get(k))})
     return out
 
 
@@ -182,6 +204,15 @@ class Tracker:
                 c.log_batch(r, metrics=chunk)
 
         self._safe(f"log round {step}", send)
+
+    def log_calibration(self, cal: dict[str, Any] | None, *, step: int) -> None:
+        """Log :func:`calibration_metrics` at ``step`` (the last round); nothing when empty."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in calibration_metrics(cal).items()]
+        if metrics:
+            self._safe("log calibration", lambda c, r: c.log_batch(r, metrics=metrics))
 
     def log_artifacts(self, paths: list[Path]) -> None:
         """Upload files (or folders) such as ``report.html``; missing paths are skipped."""

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed.client.app import app as client_app
 from fedmed.config import load_config
+from fedmed.server.central import make_central_eval
+from fedmed.server.checkpoint import load_state
+from fedmed.server.federation import run_federation
 from fedmed.simulate import federation_sites, simulate
 
 
-def test_two_round_simulation_of_three_sites(synth_config, tmp_path: Path) -> None:
+def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _, path = synth_config(federation={"rounds": 2, "local_epochs": 1},
                            train={"max_steps_per_epoch": 4})
     cfg = load_config(path)
@@ -30,6 +39,50 @@ def test_two_round_simulation_of_three_sites(synth_config, tmp_path: Path) -> No
     timing = json.loads((out / "timing.json").read_text())
     assert timing["rounds"] == 2 and timing["peak_rss_mb"] > 0
 
+    # The federation ends with temperature scaling of the best model, fitted over the sites.
+    cal = state.calibration
+    assert cal["method"] == "federated" and cal["fit"]["sites"] == ["hospital_a", "hospital_b", "hospital_c"]
+    assert cal["fit"]["sites_failed"] == {} == cal["sites_failed"]
+    assert 0.05 <= cal["temperature"] <= 20 and cal["model"] == "best_model.pt"
+    assert cal["pooled"]["num-examples"] == sum(m["num-examples"] for m in last["per_site"].values())
+    assert sum(cal["pooled"]["bins_after_count"]) == cal["pooled"]["num-examples"]
+    for where in ("pooled", "central_test"):
+        assert all(0 <= cal[where][k] <= 1 for k in ("ece_before", "ece_after"))
+        assert all(math.isfinite(cal[where][k]) for k in ("nll_before", "nll_after"))
+    # At T = 1 the sites reproduce the best round's own evaluation: same model, test split, ECE.
+    best = state.history[cal["round"] - 1]["per_site"]
+    assert cal["round"] == state.best_round
+    for site, m in cal["sites"].items():
+        assert m["ece_before"] == pytest.approx(best[site]["ece"], abs=1e-5)
+        assert m["num-examples"] == best[site]["num-examples"]
+    assert summary["calibration"]["temperature"] == cal["temperature"]
+    assert summary["calibration"]["pooled"]["ece_after"] == cal["pooled"]["ece_after"]
+    assert "bins_after_count" not in summary["calibration"]["pooled"]
+    assert torch.load(out / "best_model.pt", weights_only=True)["temperature"] == cal["temperature"]
+    report = (out / "report.html").read_text()
+    assert "<h2>Calibration</h2>" in report and f"T = {cal['temperature']:.3f}" in report
+    for name in ("reliability_before.png", "reliability_after.png", "reliability_central_after.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f'src="{name}"' in report
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(f"sqlite:///{out}/mlflow.db").get_run((out / "mlflow_run_id").read_text().strip())
+    assert logged.data.metrics["calibration_temperature"] == cal["temperature"]
+    assert logged.data.metrics["ece_after"] == pytest.approx(cal["pooled"]["ece_after"])
+
+    # Resuming the finished federation re-calibrates (here centrally) without redoing rounds.
+    for name in ("_run_id", "_node_id", "_task_id"):  # set by Flower's runtimes for a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    central = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"calibration": "central"})})
+    held_out = make_central_eval(central)
+    again = run_federation(_InProcessGrid(synth_root, ["hospital_a", "hospital_b", "hospital_c"]), central,
+                           out_dir=out, resume=True, central_eval=held_out, central_logits=held_out.logits)
+    assert again.round == 2 and again.history == state.history
+    assert again.calibration["method"] == "central" and again.calibration["fit"]["on"] == "central val split"
+    assert sorted(again.calibration["sites"]) == ["hospital_a", "hospital_b", "hospital_c"]
+    assert again.calibration["central_test"]["ece_before"] == pytest.approx(cal["central_test"]["ece_before"])
+    assert load_state(out).calibration == again.calibration  # the checkpoint round-trips it
+    assert torch.load(out / "best_model.pt", weights_only=True)["temperature"] == again.calibration["temperature"]
+
 
 def test_sites_default_to_all_but_the_central_set(synth_config) -> None:
     _, path = synth_config(data={"sites": None})
@@ -41,3 +94,28 @@ def test_too_few_sites_for_min_sites_is_a_clear_error(synth_config, tmp_path: Pa
     _, path = synth_config(federation={"min_sites": 3})
     with pytest.raises(ValueError, match="federation.min_sites=2"):
         simulate(load_config(path), sites=["hospital_a", "hospital_b"], out_dir=tmp_path / "x")
+
+
+class _InProcessGrid:
+    """The Grid's push/pull API delivering each message to the real ClientApp in this process
+    (what Flower's engines do across processes): a resumed run needs no second Ray start."""
+
+    def __init__(self, root: Path, sites: list[str]) -> None:
+        self.contexts = {i + 1: Context(run_id=1, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(),
+                                        run_config={"sites": ",".join(sites), "data-root": str(root)})
+                         for i in range(len(sites))}
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as the SuperLink assigns it
+            self.replies[msg.metadata.message_id] = client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]

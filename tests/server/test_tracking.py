@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from fedmed.server.tracking import Tracker, flatten_config, round_metrics
+from fedmed.server.tracking import Tracker, calibration_metrics, flatten_config, round_metrics
 
 SENTINEL = "PATIENT-0042-SENTINEL"
 
@@ -46,6 +46,7 @@ def test_rounds_params_and_resume(tmp_path: Path) -> None:
     report = tmp_path / "report.html"
     report.write_text("<html></html>")
     tr.log_artifacts([report, tmp_path / "missing.png"])
+    tr.log_calibration(CALIBRATION, step=3)
     tr.end()
 
     client = MlflowClient(tracking_uri=tr.uri)
@@ -67,6 +68,8 @@ def test_rounds_params_and_resume(tmp_path: Path) -> None:
     assert not any(SENTINEL in v for v in params.values())  # only config reaches params
     assert run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run_id)] == ["report.html"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "calibration_temperature")] == [(3, 1.5)]
+    assert run.data.metrics["ece_after"] == 0.02 and run.data.metrics["site.alpha.ece_before"] == 0.2
 
     resumed = _tracker(tmp_path, resume=True)
     assert resumed.start() == run_id
@@ -76,6 +79,21 @@ def test_rounds_params_and_resume(tmp_path: Path) -> None:
     by_id = _tracker(tmp_path / "elsewhere", resume_run_id=run_id, uri=tr.uri)
     assert by_id.start() == run_id
     assert _tracker(tmp_path).start() != run_id             # no resume: a new run
+
+
+CALIBRATION = {"method": "federated", "temperature": 1.5, "fit": {"sites": ["alpha"]},
+               "pooled": {"ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.7, "nll_after": 0.5,
+                          "bins_before_count": [1.0, 2.0]},
+               "sites": {"alpha": {"ece_before": 0.2, "ece_after": float("nan"), "note": SENTINEL}},
+               "central_test": {"ece_before": 0.3, "ece_after": 0.1}}
+
+
+def test_calibration_metrics() -> None:
+    assert calibration_metrics(CALIBRATION) == {
+        "calibration_temperature": 1.5, "ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.7,
+        "nll_after": 0.5, "central_test_ece_before": 0.3, "central_test_ece_after": 0.1,
+        "site.alpha.ece_before": 0.2}
+    assert calibration_metrics(None) == {} == calibration_metrics({"method": "federated", "error": "x"})
 
 
 def test_flatten_and_round_metrics() -> None:
