@@ -97,6 +97,10 @@ def test_three_sites_federate_for_real(synth_config, synth_root, cache_dir, tmp_
     # Learning happened: the global model beats chance on the server's held-out set.
     final = state_rounds["final"]
     assert final["central_test_auc"] > 0.6, final
+    # The federation ended with temperature scaling over the real SuperNodes.
+    cal = state_rounds["calibration"]
+    assert cal["fit"]["sites"] == SITES and cal["sites_failed"] == {} and 0.05 <= cal["temperature"] <= 20
+    assert sorted(cal["sites"]) == SITES and 0 <= cal["pooled"]["ece_after"] <= 1
     # Checkpoints: last and best global models load as plain state dicts.
     for name in ("last_model.pt", "best_model.pt"):
         ckpt = torch.load(out / name, weights_only=False)
@@ -114,6 +118,7 @@ def test_three_sites_federate_for_real(synth_config, synth_root, cache_dir, tmp_
         audit = (tmp_path / "sites" / site / "audit.jsonl").read_text()
         lines = [json.loads(line) for line in audit.splitlines()]
         assert len(lines) >= 4 and all(set(x["keys"]) <= {"arrays", "metrics", "site"} for x in lines)
+        assert [x["type"] for x in lines[-2:]] == ["evaluate.calibration"] * 2  # fit, then measure
         ids = pd.read_csv(synth_root / site / "records.csv", dtype=str)["patient_id"]
         assert not any(pid in audit for pid in ids)
 
