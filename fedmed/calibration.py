@@ -44,12 +44,14 @@ __all__ = [
     "measure",
     "combine_measures",
     "BIN_KEYS",
+    "MEASURE_KEYS",
     "N_BINS",
     "add_cli",
 ]
 
 N_BINS = 15  # the same bins as fedmed.metrics.expected_calibration_error
 BIN_KEYS = ("count", "conf", "correct")  # per bin: samples, summed confidence, correct predictions
+MEASURE_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")  # what measure() compares
 
 
 def _as_tensors(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,8 +271,7 @@ def calibrate(
         raise ValueError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
     t = fit_temperature(zv, yv)
     m = measure(zt, yt, temperature=t)
-    res = {"temperature": t, **{k: m[k] for k in ("ece_before", "ece_after", "nll_before", "nll_after",
-                                                  "accuracy")},
+    res = {"temperature": t, **{k: m[k] for k in (*MEASURE_KEYS, "accuracy")},
            "n_val": int(len(yv)), "n_test": int(len(yt))}
     if out_dir is not None:
         out = Path(out_dir)

@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmed.calibration import (
     BIN_KEYS,
+    MEASURE_KEYS,
     N_BINS,
     combine_measures,
     fit_temperature,
@@ -41,7 +42,7 @@ __all__ = ["calibrate_federation", "calibration_summary", "MESSAGE_TYPE"]
 log = logging.getLogger("fedmed.server")
 
 MESSAGE_TYPE = f"{MessageType.EVALUATE}.{CALIBRATION_ACTION}"
-MEASURED = ("ece_before", "ece_after", "nll_before", "nll_after", "accuracy")
+MEASURED = (*MEASURE_KEYS, "accuracy")
 
 Send = Callable[[list[Message]], list[Message]]
 CentralLogits = Callable[[dict[str, np.ndarray], str], tuple[np.ndarray, np.ndarray]]

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedmed.calibration import BIN_KEYS, plot_reliability
+from fedmed.calibration import BIN_KEYS, MEASURE_KEYS, plot_reliability
 
 __all__ = ["write_report", "summary_table"]
 
@@ -255,8 +255,7 @@ def _calibration_rows(cal: dict[str, Any]) -> list[list[str]]:
     groups = [("all sites (pooled)", cal.get("pooled"))]
     groups += [(f"site {s}", m) for s, m in sorted((cal.get("sites") or {}).items())]
     groups.append(("central test set", cal.get("central_test")))
-    return [[name, _fmt(m.get("num-examples")), *(_fmt(m.get(k)) for k in
-                                                 ("ece_before", "ece_after", "nll_before", "nll_after"))]
+    return [[name, _fmt(m.get("num-examples")), *(_fmt(m.get(k)) for k in MEASURE_KEYS)]
             for name, m in groups if isinstance(m, dict)]
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from fedmed.calibration import MEASURE_KEYS
+
 __all__ = ["Tracker", "flatten_config", "round_metrics", "calibration_metrics"]
 
 log = logging.getLogger("fedmed.server.tracking")
@@ -78,9 +80,6 @@ def round_metrics(row: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
-
-
 def calibration_metrics(cal: dict[str, Any] | None) -> dict[str, float]:
     """The numbers of a federation's calibration result (:mod:`fedmed.server.calibration`).
 
@@ -95,7 +94,7 @@ def calibration_metrics(cal: dict[str, Any] | None) -> dict[str, float]:
     groups += [(f"site.{site}.{{m}}", m) for site, m in (cal.get("sites") or {}).items()]
     for fmt, metrics in groups:
         if isinstance(metrics, dict):
-            out.update({_key(fmt.format(m=k)): float(metrics[k]) for k in CALIBRATION_KEYS
+            out.update({_key(fmt.format(m=k)): float(metrics[k]) for k in MEASURE_KEYS
                         if _is_number(metrics.get(k))})
     return out
 

@@ -56,9 +56,10 @@ def train_augment(size: int, channels: int = 3, *, any_orientation: bool = False
     ])
 
 
-def train_transform(data_cfg: DataConfig) -> v2.Compose | None:
-    """The training split's augmentation a config asks for (None with ``augment: false``)."""
-    if not data_cfg.augment:
+def train_transform(data_cfg: DataConfig, *, augment: bool | None = None) -> v2.Compose | None:
+    """The training split's augmentation a config asks for (None with ``augment: false``;
+    ``augment`` overrides the config's)."""
+    if not (data_cfg.augment if augment is None else augment):
         return None
     return train_augment(data_cfg.image_size, data_cfg.channels,
                          any_orientation=data_cfg.any_orientation)
@@ -188,8 +189,7 @@ def build_splits(
     encoder = RecordEncoder(numeric=data_cfg.numeric, categorical=data_cfg.categorical,
                             imputation=data_cfg.imputation)
     encoder.fit(site.records.loc[list(train_ids)])
-    augment = data_cfg.augment if augment is None else augment
-    transform = train_transform(data_cfg.model_copy(update={"augment": augment}))
+    transform = train_transform(data_cfg, augment=augment)
     common: dict[str, Any] = {"encoder": encoder, "spec": spec, "cache": cache,
                               "tokenizer": tokenizer, "notes_column": data_cfg.notes_column}
     sets = {name: SiteDataset(samples.iloc[pos], site.records,
