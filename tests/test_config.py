@@ -43,9 +43,9 @@ def test_bad_override_is_clear():
 
 def test_site_config(tmp_path):
     path = tmp_path / "site.yaml"
-    path.write_text("site: hospital_a\ndata_dir: a\nmax_epsilon: 3\n")
+    path.write_text("site: hospital_a\ndata_dir: a\npolicy:\n  max_epsilon: 3\n")
     site = load_site_config(path)
-    assert site.data_dir == str((tmp_path / "a").resolve()) and site.max_epsilon == 3
+    assert site.data_dir == str((tmp_path / "a").resolve()) and site.policy.max_epsilon == 3
     path.write_text("site: hospital a\ndata_dir: a\n")
     with pytest.raises(ConfigError, match="site"):
         load_site_config(path)
