@@ -190,6 +190,15 @@ def test_job_paths_are_ignored_and_local_paths_refused(synth_config, synth_root,
     assert reply.has_error() and "model.notes.tokenizer_dir names a path" in reply.error.reason
 
 
+def test_federation_id_cannot_name_a_path(synth_config, synth_root, tmp_path):
+    """The federation id names the site's DP ledger file: a path in it is refused."""
+    _, path = synth_config(privacy={"enabled": True}, model={"variant": "record"})
+    ctx = _site(tmp_path, synth_root / "hospital_a")
+    reply = _send(ctx, load_config(path), **{"federation-id": "../../escaped"})
+    assert reply.has_error() and "federation-id must be" in reply.error.reason
+    assert not list(tmp_path.rglob("escaped*"))
+
+
 def test_other_fedmed_version_is_refused_as_unapproved(synth_config, tmp_path):
     _, path = synth_config()
     cfg = load_config(path)
