@@ -249,3 +249,19 @@ def test_metrics_lists_beyond_the_policy_are_blocked(tmp_path, synth_root):
 
     reply = privacy_guard(_message("train", RecordDict()), ctx, long_list)
     assert reply.has_error() and reply.error.code == ERROR_CODES["guard"]
+
+
+def test_a_public_key_reply_is_audited(tmp_path, synth_root):
+    """The secure-aggregation key reply (bytes) is logged by size and fingerprint, and sent."""
+    from fedmed.messages import SECAGG_KEY, SITE_KEY
+
+    ctx = _site(tmp_path, synth_root / "hospital_a")
+
+    def key_reply(msg, ctx):
+        return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"public-key": b"k" * 32}),
+                                           SITE_KEY: ConfigRecord({"name": "hospital_a"})}), reply_to=msg)
+
+    reply = privacy_guard(_message("query", RecordDict()), ctx, key_reply)
+    assert not reply.has_error()
+    entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert entry[SECAGG_KEY]["public-key"]["bytes"] == 32
