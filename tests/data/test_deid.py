@@ -392,3 +392,20 @@ def test_notes_choices(tmp_path, choice):
 def test_scrub_text(text, known, gone, kept):
     out = scrub_text(text, known=known)
     assert [g for g in gone if g in out] == [] and all(k in out for k in kept), out
+
+
+def test_unparseable_trailing_bytes_and_corrupt_files_are_refused_not_copied(tmp_path):
+    """Bytes after the data set never reach the copy (dropped, or the file is refused), and a
+    corrupt file is refused and listed by line, without its name."""
+    site = _one_dicom_site(tmp_path, [("CT_small.dcm", {}), ("MR_small.dcm", {})])
+    first = site / "images" / "MRN0000.dcm"
+    first.write_bytes(first.read_bytes() + b"QZXJUNKMRN0000-after-the-data-set")
+    (site / "images" / "MRN0001.dcm").write_bytes(b"DICM" + b"MRN0001" * 20)
+    out = tmp_path / "out"
+    counts = deidentify_site(site, out, salt=SALT)
+    assert counts["refused"] == 1 and counts["images"] == 1  # pydicom stops at the junk
+    review = pd.read_csv(out / "review.csv")
+    assert list(review["line"]) == [3] and "not a readable DICOM file" in review.loc[0, "reason"]
+    assert "MRN" not in (out / "review.csv").read_text()
+    leftovers = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert b"QZXJUNK" not in leftovers and b"MRN0000" not in leftovers
