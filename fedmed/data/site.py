@@ -23,7 +23,10 @@ from fedmed.data.records import RecordEncoder, RecordError, normalise_value, rea
 __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
 
 _SHOW = 10  # line numbers / paths shown per problem
-SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site"]
+# image_line: the image's 1-based line in images.csv, so image errors can say where a file is
+# listed instead of naming it (file names are often built from patient ids).
+SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site",
+                  "image_line"]
 
 
 class SiteDataError(ValueError):
@@ -215,7 +218,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
                         f"record to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
     return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
-                         "label": label.to_numpy()})
+                         "label": label.to_numpy(), "image_line": df.index.to_numpy()})
 
 
 def _records_path(site_dir: Path) -> Path | None:
@@ -279,6 +282,8 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int
     samples["has_image"] = samples["has_image"].astype(bool)
     samples["has_record"] = samples["patient_id"].isin(rec_ids)
     samples["site"] = name
+    samples["image_line"] = samples.get("image_line", pd.Series(pd.NA, index=samples.index)
+                                        ).astype("Int64")
     samples = samples[SAMPLE_COLUMNS]
     counts = np.bincount(samples["label"].to_numpy(), minlength=len(cfg.classes))
     features = [*cfg.numeric, *cfg.categorical]
