@@ -94,8 +94,7 @@ def check_site(site_dir: str | Path, data: DataConfig, *, labels: bool = True,
         df = read_table(rec)
         if uses_records:
             problems += feature_problems(list(df.columns), data, where=rec.name)
-        used = {data.id_column, data.label_column, *data.numeric, *data.categorical,
-                *( [data.notes_column] if data.notes_column else [])}
+        used = {data.id_column, data.label_column, *data.numeric, *data.categorical}
         report["ignored_columns"] = [c for c in df.columns if c not in used]
         if labels and data.label_column in df.columns:
             all_labels += df[data.label_column].tolist()

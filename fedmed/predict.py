@@ -192,6 +192,8 @@ def probabilities(logits: np.ndarray, *, temperature: float = 1.0, multilabel: b
 def predict(ckpt: Checkpoint, source: str | Path, *, reference: str | Path | None = None,
             cache_dir: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Predictions for every sample of ``source``: a table and what was used to make them."""
+    if ckpt.config.model.notes.enabled:
+        raise ValueError("fedmed predict does not support models with clinical notes yet")
     inp = read_input(source, ckpt.config.data)
     ds, enc_source = dataset_for(ckpt, inp, reference=reference, cache_dir=cache_dir)
     model = ckpt.build_model()
