@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
-from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
+from fedmed.messages import (CALIBRATION_ACTION, CONFIG_KEY, EXTERNAL_EVAL_ACTION, SECAGG_KEY, SITE_KEY,
+                             decode_job, make_reply)
 from fedmed.secagg import generate_keypair, mask_update
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -168,3 +169,21 @@ def calibration_fn(msg: Message, context: Context) -> Message:
     elif len(y):
         metrics = measure(z, y, temperature=float(config["temperature"]))
     return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(EXTERNAL_EVAL_ACTION)
+def external_evaluate_fn(msg: Message, context: Context) -> Message:
+    """``fedmed-server --evaluate``: a saved model scored on this site's data, no training.
+
+    Builds no optimiser and no training loader; numbers only (:mod:`fedmed.client.evaluation`).
+    """
+    from fedmed.client.evaluation import evaluate_saved_model
+    from fedmed.client.site import job_config
+    from fedmed.task import model_from_config
+
+    config = msg.content[CONFIG_KEY]
+    site_cfg = resolve_site(context)
+    cfg = job_config(decode_job(config), site_cfg)
+    weights = unpack(msg.content["arrays"], model_from_config(cfg).state_dict())
+    metrics = evaluate_saved_model(cfg, site_cfg, weights, dict(config))
+    return make_reply(msg, site=site_cfg.site, metrics=metrics)

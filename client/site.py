@@ -24,7 +24,7 @@ from fedmed.config import FedmedConfig, SiteConfig, load_site_config
 from fedmed.device import select_device
 from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
 
-__all__ = ["SiteRuntime", "runtime_for", "resolve_site"]
+__all__ = ["SiteRuntime", "runtime_for", "resolve_site", "job_config"]
 
 _CACHE: dict[str, "SiteRuntime"] = {}
 
@@ -78,6 +78,17 @@ def _check_version(job: dict[str, Any]) -> None:
             "the site only runs the fedmed it has approved — upgrade both to the same version")
 
 
+def job_config(job: dict[str, Any], site_cfg: SiteConfig) -> FedmedConfig:
+    """The server's job as a config for this site (its own device and image cache)."""
+    _check_version(job)
+    raw = {k: v for k, v in job.items() if k in ("name", "data", "model", "train", "privacy")}
+    raw["federation"] = {k: v for k, v in job.get("federation", {}).items()}
+    raw["train"] = {**raw["train"], "device": site_cfg.device, "progress": False}
+    if site_cfg.cache_dir:
+        raw["data"] = {**raw["data"], "cache_dir": site_cfg.cache_dir}
+    return FedmedConfig.model_validate(raw)
+
+
 def runtime_for(job: dict[str, Any], context: Context) -> SiteRuntime:
     """Build (or reuse) this site's runtime for the server's job."""
     _check_version(job)
@@ -86,12 +97,7 @@ def runtime_for(job: dict[str, Any], context: Context) -> SiteRuntime:
                                     default=str).encode()).hexdigest()
     if key in _CACHE:
         return _CACHE[key]
-    raw = {k: v for k, v in job.items() if k in ("name", "data", "model", "train", "privacy")}
-    raw["federation"] = {k: v for k, v in job.get("federation", {}).items()}
-    raw["train"] = {**raw["train"], "device": site_cfg.device, "progress": False}
-    if site_cfg.cache_dir:
-        raw["data"] = {**raw["data"], "cache_dir": site_cfg.cache_dir}
-    cfg = FedmedConfig.model_validate(raw)
+    cfg = job_config(job, site_cfg)
     bundle = load_site_bundle(cfg, site_dir=site_cfg.data_dir, progress=False)
     device = select_device(site_cfg.device)
     model = model_from_config(cfg).to(device)

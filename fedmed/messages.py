@@ -27,6 +27,8 @@ __all__ = [
     "screen_metric_replies",
     "Rejected",
     "CALIBRATION_ACTION",
+    "EXTERNAL_EVAL_ACTION",
+    "EXTERNAL_EVAL_TYPE",
     "encode_job",
     "decode_job",
 ]
@@ -41,6 +43,10 @@ JOB_KEY = "fedmed-job"
 # Temperature scaling after the last round travels as message type "evaluate.calibration";
 # its config says the step ("calibration": "fit" | "measure").
 CALIBRATION_ACTION = "calibration"
+# Evaluation of a saved model, no training (fedmed-server --evaluate): message type
+# "evaluate.external"; its config carries "split", "temperature", "n-boot" and "seed".
+EXTERNAL_EVAL_ACTION = "external"
+EXTERNAL_EVAL_TYPE = f"evaluate.{EXTERNAL_EVAL_ACTION}"
 
 
 def encode_job(job: dict[str, Any]) -> str:

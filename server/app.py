@@ -62,6 +62,22 @@ def run(grid: Grid, run_config: dict) -> Path:
     return out
 
 
+def run_evaluation(grid: Grid, run_config: dict) -> Path:
+    """``fedmed-server --evaluate``: the saved model scored at every site, no training."""
+    from fedmed.checkpoint import load_checkpoint
+    from fedmed.server.evaluation import evaluate_federation
+
+    cfg = FedmedConfig.model_validate_json(Path(str(run_config["fedmed-config"])).read_text())
+    out = Path(str(run_config["out-dir"]))
+    evaluate_federation(grid, cfg, load_checkpoint(str(run_config["evaluate-model"])), out_dir=out,
+                        split=str(run_config.get("evaluate-split", "test")),
+                        n_boot=int(run_config.get("bootstrap", 200)))
+    return out
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    if context.run_config.get("evaluate-model"):
+        run_evaluation(grid, dict(context.run_config))
+        return
     run(grid, dict(context.run_config))
