@@ -14,6 +14,7 @@ pooled value is the example-weighted mean of the sites' values with a normal int
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -63,11 +64,13 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     clusters = _cluster_index(groups, strata)
     reps = np.full((n_boot, len(keys)), np.nan)
-    for b in range(n_boot):
-        idx = np.concatenate([np.concatenate([pats[i] for i in rng.integers(0, len(pats), len(pats))])
-                              for _, pats in clusters if pats])
-        m = compute_metrics(y_true[idx], probs[idx], n_classes=n_classes)
-        reps[b] = [m.get(k, np.nan) for k in keys]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true" per replicate
+        for b in range(n_boot):
+            idx = np.concatenate([np.concatenate([pats[i] for i in rng.integers(0, len(pats), len(pats))])
+                                  for _, pats in clusters if pats])
+            m = compute_metrics(y_true[idx], probs[idx], n_classes=n_classes)
+            reps[b] = [m.get(k, np.nan) for k in keys]
     out: dict[str, dict[str, float]] = {}
     alpha = (1.0 - CI_LEVEL) / 2
     for j, k in enumerate(keys):

@@ -148,6 +148,9 @@ class FederationConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
+    early_stopping_rounds: int = Field(
+        0, ge=0, description="stop when the selection score (central val AUC, else the sites' weighted "
+        "AUC) has not improved for N rounds; the best round is kept; 0 = off")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
         "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")

@@ -50,6 +50,7 @@ def run(grid: Grid, run_config: dict) -> Path:
         summary = {"rounds": state.round, "best_round": state.best_round, "best_score": state.best_score,
                    "final": {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
                    if state.history else {}}
+        summary["stopped_early"] = state.stopped_early  # None: ran every round (or stopped by hand)
         if state.calibration is not None:
             summary["calibration"] = calibration_summary(state.calibration)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

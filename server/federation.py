@@ -88,7 +88,7 @@ def config_hash(cfg: FedmedConfig) -> str:
     """
     job = job_for_sites(cfg)
     job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
-                         if k not in ("rounds", "calibration")}
+                         if k not in ("rounds", "calibration", "early_stopping_rounds")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -221,7 +221,8 @@ def run_federation(
     job = encode_job(job_for_sites(cfg))
     meta = {"config": cfg.model_dump(mode="json")}
 
-    for rnd in range(state.round + 1, fed.rounds + 1):
+    first = fed.rounds + 1 if state.stopped_early else state.round + 1  # an early stop is final
+    for rnd in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}  # where the round's wall time goes (benchmarks read it)
         connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
@@ -284,18 +285,32 @@ def run_federation(
         if score is not None and math.isfinite(score) and score > state.best_score:
             state.best_score, state.best_round = float(score), rnd
             save_model(out_dir / "best_model.pt", state.arrays, meta={**meta, "round": rnd, "score": score})
+        stop = _early_stop(fed.early_stopping_rounds, rnd, state, "central_val_auc" in row)
+        if stop is not None:
+            state.stopped_early = stop
+            row["early_stop"] = (f"after round {rnd}: {stop['metric']} has not improved for {stop['patience']} "
+                                 f"round(s) since round {stop['best_round']}")
+            log.info("early stopping %s", row["early_stop"])
         save_state(out_dir, state)
         log.info("round %d/%d: %d sites trained, %d rejected, central val AUC %s, %.1fs", rnd,
                  fed.rounds, len(ok), len(rejected), _fmt(row.get("central_val_auc")), row["seconds"])
         if on_round is not None:
             on_round(row, state)
-        if stop_after is not None and rnd >= stop_after:
+        if stop_after is not None and rnd >= stop_after or state.stopped_early:
             break
-    if state.round >= fed.rounds and fed.calibration != "off":
+    if (state.round >= fed.rounds or state.stopped_early) and fed.calibration != "off":
         state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
                                             central_logits=central_logits)
         save_state(out_dir, state)
     return state
+
+
+def _early_stop(patience: int, rnd: int, state: FederationState, central: bool) -> dict[str, Any] | None:
+    """Whether ``federation.early_stopping_rounds`` ends the run after round ``rnd``."""
+    if patience <= 0 or state.best_round <= 0 or rnd - state.best_round < patience:
+        return None
+    return {"round": rnd, "best_round": state.best_round, "best_score": state.best_score,
+            "patience": patience, "metric": "central_val_auc" if central else "fed_auc"}
 
 
 def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path,

@@ -209,6 +209,8 @@ def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | N
     if best is not None:
         rows.append(("best round", f"{best} ({key} = {_fmt(score)})"))
     last = history[-1] if history else {}
+    if isinstance(last.get("early_stop"), str):  # federation.early_stopping_rounds ended the run
+        rows.append(("stopped early", last["early_stop"]))
     for k, v in last.items():
         if k.startswith("central_test_") and _num(v) is not None:
             rows.append((f"final test {k[len('central_test_'):]}", _fmt(v)))
