@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
-from fedmed.messages import (CALIBRATION_ACTION, CONFIG_KEY, EXTERNAL_EVAL_ACTION, SECAGG_KEY, SITE_KEY,
-                             decode_job, make_reply)
+from fedmed.messages import (CALIBRATION_ACTION, CONFIG_KEY, EXTERNAL_EVAL_ACTION, PERSONALIZE_ACTION, SECAGG_KEY,
+                             SITE_KEY, decode_job, make_reply)
 from fedmed.secagg import generate_keypair, mask_update
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -187,3 +187,13 @@ def external_evaluate_fn(msg: Message, context: Context) -> Message:
     weights = unpack(msg.content["arrays"], model_from_config(cfg).state_dict())
     metrics = evaluate_saved_model(cfg, site_cfg, weights, dict(config))
     return make_reply(msg, site=site_cfg.site, metrics=metrics)
+
+
+@app.evaluate(PERSONALIZE_ACTION)
+def personalize_fn(msg: Message, context: Context) -> Message:
+    """``federation.personalize``: fine-tune the final model here, keep it here, send metrics only."""
+    from fedmed.client.personalize import personalize_at_site
+
+    rt, _ = _prepare(msg, context)
+    metrics = personalize_at_site(rt, dict(msg.content[CONFIG_KEY]))
+    return make_reply(msg, site=rt.site, metrics=metrics)

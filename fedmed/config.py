@@ -20,6 +20,7 @@ __all__ = [
     "NotesConfig",
     "TrainConfig",
     "FederationConfig",
+    "PersonalizeConfig",
     "PrivacyConfig",
     "TrackingConfig",
     "SiteConfig",
@@ -139,6 +140,16 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class PersonalizeConfig(_Strict):
+    """Local fine-tuning of the final global model at each site (after the last round)."""
+
+    epochs: int = Field(0, ge=0, le=1000, description="fine-tuning epochs on each site's train split; 0 = off")
+    layers: list[str] = Field(
+        default_factory=lambda: ["head", "classifier"],
+        description="parameter-name prefixes to fine-tune (the rest stay frozen); ['all'] = every layer")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="fine-tuning learning rate (default train.lr)")
+
+
 class FederationConfig(_Strict):
     """Server-side federation settings."""
 
@@ -164,6 +175,7 @@ class FederationConfig(_Strict):
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
     calibration: Literal["federated", "central", "off"] = Field(
         "federated", description="temperature scaling of the best model after the last round, fitted "
         "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")

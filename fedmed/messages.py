@@ -29,6 +29,8 @@ __all__ = [
     "CALIBRATION_ACTION",
     "EXTERNAL_EVAL_ACTION",
     "EXTERNAL_EVAL_TYPE",
+    "PERSONALIZE_ACTION",
+    "PERSONALIZE_TYPE",
     "encode_job",
     "decode_job",
 ]
@@ -47,6 +49,10 @@ CALIBRATION_ACTION = "calibration"
 # "evaluate.external"; its config carries "split", "temperature", "n-boot" and "seed".
 EXTERNAL_EVAL_ACTION = "external"
 EXTERNAL_EVAL_TYPE = f"evaluate.{EXTERNAL_EVAL_ACTION}"
+# Personalisation after the last round (federation.personalize): message type
+# "evaluate.personalize"; the site fine-tunes a copy locally, keeps it, and sends metrics only.
+PERSONALIZE_ACTION = "personalize"
+PERSONALIZE_TYPE = f"evaluate.{PERSONALIZE_ACTION}"
 
 
 def encode_job(job: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from fedmed.config import FedmedConfig
 from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.federation import run_federation
+from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import summary_table, write_report
 from fedmed.server.tracking import Tracker
 
@@ -44,13 +45,17 @@ def run(grid: Grid, run_config: dict) -> Path:
                                central_logits=central.logits if central is not None else None,
                                on_round=lambda row, _state: tracker.log_round(row))
         tracker.log_calibration(state.calibration, step=state.round)
+        personal = state.personalization if state.personalization and "sites" in state.personalization else None
         report = write_report(state.history, out_dir=out, title=f"fedmed: {cfg.name}",
                               classes=list(cfg.data.classes), config=cfg.model_dump(mode="json"),
-                              calibration=state.calibration)
+                              calibration=state.calibration,
+                              sections=[personalization_html(personal)] if personal else None)
         summary = {"rounds": state.round, "best_round": state.best_round, "best_score": state.best_score,
                    "final": {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
                    if state.history else {}}
         summary["stopped_early"] = state.stopped_early  # None: ran every round (or stopped by hand)
+        if state.personalization is not None:
+            summary["personalization"] = (personalization_summary(personal) if personal else state.personalization)
         if state.calibration is not None:
             summary["calibration"] = calibration_summary(state.calibration)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -39,6 +39,8 @@ class FederationState:
     calibration: dict[str, Any] | None = None
     # federation.early_stopping_rounds: {"round", "best_round", "patience", "metric"} once it fired.
     stopped_early: dict[str, Any] | None = None
+    # federation.personalize: global vs personalised metrics per site (fedmed.server.personalize).
+    personalization: dict[str, Any] | None = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

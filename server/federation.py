@@ -88,7 +88,7 @@ def config_hash(cfg: FedmedConfig) -> str:
     """
     job = job_for_sites(cfg)
     job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
-                         if k not in ("rounds", "calibration", "early_stopping_rounds")}
+                         if k not in ("rounds", "calibration", "early_stopping_rounds", "personalize")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -298,11 +298,34 @@ def run_federation(
             on_round(row, state)
         if stop_after is not None and rnd >= stop_after or state.stopped_early:
             break
-    if (state.round >= fed.rounds or state.stopped_early) and fed.calibration != "off":
+    finished = state.round >= fed.rounds or bool(state.stopped_early)
+    if finished and fed.calibration != "off":
         state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
                                             central_logits=central_logits)
         save_state(out_dir, state)
+    if finished and fed.personalize.epochs > 0 and state.personalization is None:
+        state.personalization = _personalize_best(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
+        save_state(out_dir, state)
     return state
+
+
+def _personalize_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path, job: str,
+                      federation_id: str) -> dict[str, Any]:
+    """``federation.personalize`` on the best model (else the last); never raises."""
+    from fedmed.server.personalize import personalize_sites
+
+    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    arrays = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
+              if path is not None else state.arrays)
+    try:
+        result = personalize_sites(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
+                                   sorted(grid.get_node_ids()), cfg=cfg, arrays=arrays, job=job,
+                                   federation_id=federation_id)
+    except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
+        log.exception("personalisation failed on the server")
+        result = {"error": f"failed on the server ({type(exc).__name__}); see its log"}
+    result["model"] = path.name if path is not None else "final weights"
+    return result
 
 
 def _early_stop(patience: int, rnd: int, state: FederationState, central: bool) -> dict[str, Any] | None:
