@@ -18,8 +18,8 @@ from flwr.clientapp import ClientApp
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
-from fedmed.messages import (CALIBRATION_ACTION, CONFIG_KEY, EXTERNAL_EVAL_ACTION, PERSONALIZE_ACTION, SECAGG_KEY,
-                             SITE_KEY, decode_job, make_reply)
+from fedmed.messages import (CALIBRATION_ACTION, CONFIG_KEY, CROSS_SITE_ACTION, EXTERNAL_EVAL_ACTION,
+                             PERSONALIZE_ACTION, SECAGG_KEY, SITE_KEY, decode_job, make_reply)
 from fedmed.secagg import generate_keypair, mask_update
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -197,3 +197,20 @@ def personalize_fn(msg: Message, context: Context) -> Message:
     rt, _ = _prepare(msg, context)
     metrics = personalize_at_site(rt, dict(msg.content[CONFIG_KEY]))
     return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(CROSS_SITE_ACTION)
+def cross_site_fn(msg: Message, context: Context) -> Message:
+    """``federation.cross_site``: train a local model from the sent start ("train"), or score
+    a model on this site's test split ("score"); weights leave only as the site's policy allows."""
+    from fedmed.client.crosssite import score_model, train_local_model
+
+    rt, _ = _prepare(msg, context)
+    config = dict(msg.content[CONFIG_KEY])
+    step = str(config.get(CROSS_SITE_ACTION, ""))
+    if step == "train":
+        metrics, arrays = train_local_model(rt, config)
+        return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+    if step == "score":
+        return make_reply(msg, site=rt.site, metrics=score_model(rt, config))
+    raise ValueError(f"unknown cross-site step {step!r}: expected 'train' or 'score'")

@@ -176,6 +176,9 @@ class FederationConfig(_Strict):
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
     personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
+    cross_site: bool = Field(
+        False, description="after the last round: each site trains a local model from the same start for "
+        "the same budget; the global and every local model are scored at every site (a matrix)")
     calibration: Literal["federated", "central", "off"] = Field(
         "federated", description="temperature scaling of the best model after the last round, fitted "
         "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")
@@ -246,6 +249,10 @@ class SiteConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     cache_dir: str | None = None
     state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
+    local_model: Literal["private", "relay", "share"] = Field(
+        "relay", description="cross-site validation: the site's locally trained model stays here (private: "
+        "scored at home only), goes through the server to the other sites without being kept (relay), or "
+        "may be kept by the server (share)")
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

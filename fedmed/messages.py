@@ -31,6 +31,8 @@ __all__ = [
     "EXTERNAL_EVAL_TYPE",
     "PERSONALIZE_ACTION",
     "PERSONALIZE_TYPE",
+    "CROSS_SITE_ACTION",
+    "CROSS_SITE_TYPE",
     "encode_job",
     "decode_job",
 ]
@@ -53,6 +55,10 @@ EXTERNAL_EVAL_TYPE = f"evaluate.{EXTERNAL_EVAL_ACTION}"
 # "evaluate.personalize"; the site fine-tunes a copy locally, keeps it, and sends metrics only.
 PERSONALIZE_ACTION = "personalize"
 PERSONALIZE_TYPE = f"evaluate.{PERSONALIZE_ACTION}"
+# Cross-site validation after the last round (federation.cross_site): message type
+# "evaluate.crosssite"; its config says the step ("crosssite": "train" | "score").
+CROSS_SITE_ACTION = "crosssite"
+CROSS_SITE_TYPE = f"evaluate.{CROSS_SITE_ACTION}"
 
 
 def encode_job(job: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from fedmed.config import FedmedConfig
 from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.federation import run_federation
+from fedmed.server.crosssite import cross_site_html
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import summary_table, write_report
 from fedmed.server.tracking import Tracker
@@ -49,11 +50,15 @@ def run(grid: Grid, run_config: dict) -> Path:
         report = write_report(state.history, out_dir=out, title=f"fedmed: {cfg.name}",
                               classes=list(cfg.data.classes), config=cfg.model_dump(mode="json"),
                               calibration=state.calibration,
-                              sections=[personalization_html(personal)] if personal else None)
+                              sections=[*([personalization_html(personal)] if personal else []),
+                                        *([cross_site_html(state.cross_site)] if state.cross_site
+                                          and "matrix" in state.cross_site else [])])
         summary = {"rounds": state.round, "best_round": state.best_round, "best_score": state.best_score,
                    "final": {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
                    if state.history else {}}
         summary["stopped_early"] = state.stopped_early  # None: ran every round (or stopped by hand)
+        if state.cross_site is not None:
+            summary["cross_site"] = state.cross_site
         if state.personalization is not None:
             summary["personalization"] = (personalization_summary(personal) if personal else state.personalization)
         if state.calibration is not None:

@@ -41,6 +41,8 @@ class FederationState:
     stopped_early: dict[str, Any] | None = None
     # federation.personalize: global vs personalised metrics per site (fedmed.server.personalize).
     personalization: dict[str, Any] | None = None
+    # federation.cross_site: the model x site matrix of test metrics (fedmed.server.crosssite).
+    cross_site: dict[str, Any] | None = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -88,7 +88,8 @@ def config_hash(cfg: FedmedConfig) -> str:
     """
     job = job_for_sites(cfg)
     job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
-                         if k not in ("rounds", "calibration", "early_stopping_rounds", "personalize")}
+                         if k not in ("rounds", "calibration", "early_stopping_rounds", "personalize",
+                                      "cross_site")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -306,7 +307,29 @@ def run_federation(
     if finished and fed.personalize.epochs > 0 and state.personalization is None:
         state.personalization = _personalize_best(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
         save_state(out_dir, state)
+    if finished and fed.cross_site and state.cross_site is None:
+        state.cross_site = _cross_site(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
+        save_state(out_dir, state)
     return state
+
+
+def _cross_site(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path, job: str,
+                federation_id: str) -> dict[str, Any]:
+    """``federation.cross_site`` from the run's own initial weights; never raises."""
+    from fedmed.server.crosssite import cross_site_validation
+
+    seed_everything(cfg.train.seed)  # the same start as round 1 (run_federation builds it this way)
+    init = {k: v.detach().cpu().numpy() for k, v in model_from_config(cfg).state_dict().items()}
+    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    final = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
+             if path is not None else state.arrays)
+    try:
+        return cross_site_validation(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
+                                     sorted(grid.get_node_ids()), cfg=cfg, init=init, final=final, job=job,
+                                     federation_id=federation_id, out_dir=out_dir)
+    except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
+        log.exception("cross-site validation failed on the server")
+        return {"error": f"failed on the server ({type(exc).__name__}); see its log"}
 
 
 def _personalize_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path, job: str,
