@@ -69,3 +69,34 @@ def test_cross_site_matrix_respects_each_sites_policy(synth_config, synth_root, 
     assert "<h2>Cross-site validation</h2>" in report and "hospital_c: private" in report
     assert (out / "cross_site.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "summary.json").read_text())["cross_site"]["kept"] == ["hospital_a"]
+
+
+@pytest.mark.slow
+def test_cross_site_matrix_over_real_supernodes(synth_config, synth_root, cache_dir, tmp_path):
+    """The acceptance run: fedmed-server + three fedmed-client processes on loopback."""
+    from fedmed.flower import free_port
+
+    deploy = importlib.util.module_from_spec(
+        spec := importlib.util.spec_from_file_location("deploy_tests", Path(__file__).with_name("test_deployment.py")))
+    spec.loader.exec_module(deploy)
+    _, cfg_path = synth_config(federation={"rounds": 3, "evaluate_every": 3, "cross_site": True})
+    out, port, env = tmp_path / "run", free_port(), deploy._env(cache_dir)
+    server = deploy._server(cfg_path, out, port, env)
+    clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5",
+                              f"local_model={POLICY[s]}") for s in SITES]
+    try:
+        assert server.wait(900) == 0, deploy._logs(tmp_path)
+        for c in clients:
+            assert c.wait(120) == 0, deploy._logs(tmp_path)
+    finally:
+        deploy._kill_all(server, *clients)
+    cs = json.loads((out / "summary.json").read_text())["cross_site"]
+    assert cs["failed"] == {} and cs["policy"] == POLICY and cs["kept"] == ["hospital_a"]
+    assert sorted(cs["matrix"]["hospital_b"]) == SITES and sorted(cs["matrix"]["hospital_c"]) == ["hospital_c"]
+    assert "<h2>Cross-site validation</h2>" in (out / "report.html").read_text()
+    for site in SITES:  # what left each site: the train step sent weights only where policy allows
+        lines = [json.loads(x) for x in (tmp_path / "sites" / site / "audit.jsonl").read_text().splitlines()]
+        cross = [x for x in lines if x["type"] == "evaluate.crosssite"]
+        with_arrays = [x for x in cross if "arrays" in x["keys"]]
+        assert len(with_arrays) == (0 if POLICY[site] == "private" else 1)
+    print(json.dumps({m: {s: round(v["auc"], 4) for s, v in row.items()} for m, row in cs["matrix"].items()}))
