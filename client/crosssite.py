@@ -20,9 +20,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord
 
+from fedmed.checkpoint import load_checkpoint, save_checkpoint
 from fedmed.client.site import SiteRuntime
 from fedmed.transfer import pack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -52,9 +52,7 @@ def train_local_model(rt: SiteRuntime, config: dict[str, Any]) -> tuple[dict[str
                          device=rt.device, epochs=epochs, amp=rt.cfg.train.amp, grad_clip=rt.cfg.train.grad_clip,
                          max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch, desc=f"{rt.site} local model")
     path = _path(rt, str(config.get("federation-id", "run")))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in work.state_dict().items()},
-                "config": rt.cfg.model_dump(mode="json"), "local_model": True}, path)
+    save_checkpoint(path, weights=work.state_dict(), config=rt.cfg, meta={"local_model": True})
     policy = rt.site_cfg.local_model
     metrics = {"num-examples": len(rt.loaders["train"].dataset), "train_loss": stats["loss"],
                "local-model-policy": POLICY_CODES[policy]}
@@ -69,7 +67,7 @@ def score_model(rt: SiteRuntime, config: dict[str, Any]) -> dict[str, Any]:
         if not path.is_file():
             raise ValueError("this site has no local model for this federation (run the train step first)")
         model = copy.deepcopy(rt.model)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"], strict=True)
+        model.load_state_dict(load_checkpoint(path).weights, strict=True)
     m = evaluate(model, rt.loaders["test"], device=rt.device, n_classes=rt.n_classes, amp=rt.cfg.train.amp,
                  loss_fn=rt.loss_fn, multilabel=rt.cfg.model.multilabel)
     out = {k: v for k, v in m.items() if isinstance(v, float)}

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedmed.checkpoint import save_checkpoint
 from fedmed.client.site import SiteRuntime
 from fedmed.metrics import SCALAR_METRICS
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -85,7 +86,4 @@ def personalize_at_site(rt: SiteRuntime, config: dict[str, Any]) -> dict[str, fl
 def _save(rt: SiteRuntime, model: torch.nn.Module, federation: str) -> Path:
     state = Path(rt.site_cfg.state_dir) if rt.site_cfg.state_dir else Path.home() / ".fedmed" / "sites" / rt.site
     path = state / "personalized" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', federation)[:64]}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "config": rt.cfg.model_dump(mode="json"), "personalized": True}, path)
-    return path
+    return save_checkpoint(path, weights=model.state_dict(), config=rt.cfg, meta={"personalized": True})

@@ -14,6 +14,7 @@ the same encoder on that data (:meth:`Checkpoint.record_encoder` returns None to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 
 from fedmed.config import FedmedConfig, load_config
 
-__all__ = ["Checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"]
 
 _KNOWN = ("model", "config", "encoder", "temperature")
 
@@ -109,3 +110,34 @@ def load_checkpoint(path: str | Path, *, config_path: str | Path | None = None) 
         meta={k: v for k, v in raw.items() if k not in _KNOWN},
         temperature=float(temperature) if isinstance(temperature, (int, float)) else None,
     )
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    weights: dict[str, Any],
+    config: FedmedConfig,
+    encoder: dict[str, Any] | None = None,
+    temperature: float | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the format :func:`load_checkpoint` reads, atomically (a crash keeps the old file).
+
+    ``meta`` holds plain numbers/strings (``round``, ``score``, ...); it may not reuse the
+    reserved keys ``model``, ``config``, ``encoder`` or ``temperature``.
+    """
+    clash = sorted(set(meta or {}) & set(_KNOWN))
+    if clash:
+        raise ValueError(f"checkpoint meta may not use the reserved keys {clash}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob: dict[str, Any] = {"model": {k: torch.as_tensor(v).detach().cpu() for k, v in weights.items()},
+                            "config": config.model_dump(mode="json"), **(meta or {})}
+    if encoder is not None:
+        blob["encoder"] = encoder
+    if temperature is not None:
+        blob["temperature"] = float(temperature)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedmed.checkpoint import save_checkpoint
 from fedmed.config import FedmedConfig
 from fedmed.messages import CONFIG_KEY, CROSS_SITE_ACTION, CROSS_SITE_TYPE, JOB_KEY, reply_site, screen_metric_replies
 from fedmed.transfer import pack, unpack
@@ -44,8 +45,6 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
                           final: dict[str, np.ndarray], job: str, federation_id: str, out_dir: Path) -> dict[str, Any]:
     """Run both steps; returns ``{"sites", "models", "matrix": {model: {site: metrics}}, "policy",
     "kept", "failed"}``. Never raises for a site's failure (it is listed in ``failed``)."""
-    import torch
-
     fed = cfg.federation
     base = {JOB_KEY: job, "federation-id": federation_id}
     failed: dict[str, str] = {}
@@ -74,10 +73,8 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
             del local[site]
             continue
         if policy[site] == "share":
-            path = out_dir / "local_models" / f"{site}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": {k: torch.as_tensor(v) for k, v in local[site].items()},
-                        "config": cfg.model_dump(mode="json"), "local_model_of": site}, path)
+            save_checkpoint(out_dir / "local_models" / f"{site}.pt", weights=local[site], config=cfg,
+                            meta={"local_model_of": site})
             kept.append(site)
     sites = sorted(trained)
     matrix: dict[str, dict[str, dict[str, float]]] = {}
