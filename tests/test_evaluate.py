@@ -97,6 +97,7 @@ def test_evaluate_test_split_is_the_sites_own(ckpt_path, synth_root):
 @pytest.mark.parametrize("change, message", [
     ("label", r"label\(s\) \['maybe'\] that are not among the model's classes \['negative', 'positive'\]"),
     ("column", r"lacks the model's record column\(s\) \['spo2'\]"),
+    ("channels", r"the model takes 1-channel images; of \d+ images 2 with 3 channel\(s\)"),
 ])
 def test_evaluate_refuses_sites_that_do_not_fit(ckpt_path, synth_root, tmp_path, change, message):
     site = tmp_path / "odd_site"
@@ -106,8 +107,16 @@ def test_evaluate_refuses_sites_that_do_not_fit(ckpt_path, synth_root, tmp_path,
         rec.loc[rec.index[:3], "label"] = "maybe"
         img = pd.read_csv(site / "images.csv", dtype=str).drop(columns=["label"])
         img.to_csv(site / "images.csv", index=False)
-    else:
+    elif change == "column":
         rec = rec.drop(columns=["spo2"])
+    else:  # two colour photographs among the DICOM images
+        from PIL import Image
+
+        img = pd.read_csv(site / "images.csv", dtype=str)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(site / f"photo{i}.png")
+            img.loc[img.index[i], "image"] = f"photo{i}.png"
+        img.to_csv(site / "images.csv", index=False)
     rec.to_csv(site / "records.csv", index=False)
     with pytest.raises(DataMismatch, match=message):
         evaluate_model(load_checkpoint(ckpt_path), [site], n_boot=10)
