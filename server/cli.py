@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public key (.pub) of an invited site (repeat per site): only they may join")
     p.add_argument("--startup-timeout", type=float, default=90.0)
     p.add_argument("--evaluate", metavar="MODEL", type=Path,
-                   help="no training: send this saved model to the sites, collect metrics with CIs")
+                   help="no training: send this saved model to the sites, collect metrics with CIs "
+                        "(its own config is used; --config is ignored; output beside the model by default)")
     p.add_argument("--evaluate-split", choices=["all", "test"], default="test",
                    help="with --evaluate: each site's test split (default) or every row (sites new to the model)")
     p.add_argument("--bootstrap", type=int, default=200, help="with --evaluate: bootstrap replicates per site")
