@@ -12,7 +12,7 @@ import yaml
 
 from fedmed.checkpoint import load_checkpoint
 from fedmed.export import export_model, input_names
-from fedmed.predict import dataset_for, logits_of, probabilities, read_input
+from fedmed.predict import dataset_for, probabilities, read_input
 
 T = 1.7  # a fitted temperature, so the tests see it applied inside the graph
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 

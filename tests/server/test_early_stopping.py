@@ -6,7 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
