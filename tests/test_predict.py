@@ -99,3 +99,22 @@ def test_predict_refuses_data_that_does_not_fit(ckpt_path, synth_root, tmp_path)
         Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(rgb / f"p{i}.png")
     with pytest.raises(DataMismatch, match="1-channel images; of 3 images 3 with 3 channel"):
         predict(ckpt, rgb)
+
+
+def test_federated_model_encodes_records_like_a_site(ckpt_path, synth_root, tmp_path):
+    """No encoder in the checkpoint: fitted on --reference's training split, else on the input."""
+    import torch
+
+    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    fed = tmp_path / "best_model.pt"
+    torch.save({k: v for k, v in raw.items() if k != "encoder"}, fed)
+    ckpt = load_checkpoint(fed)
+    assert ckpt.encoder is None and ckpt.record_encoder() is None
+    site = synth_root / "hospital_b"
+    own, info = predict(ckpt, site)
+    ref, ref_info = predict(ckpt, site, reference=synth_root / "hospital_a")
+    assert info["record_encoder"] == "input" and ref_info["record_encoder"] == "reference"
+    # hospital_a's training statistics are those the checkpoint was trained with: same numbers
+    stored, _ = predict(load_checkpoint(ckpt_path), site)
+    np.testing.assert_allclose(ref["p_positive"], stored["p_positive"], atol=1e-5)
+    assert np.abs(own["p_positive"] - stored["p_positive"]).max() > 1e-4
