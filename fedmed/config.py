@@ -196,6 +196,13 @@ class FederationConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cross_site_shows_single_sites(self) -> "FederationConfig":
+        if self.cross_site and (self.secure_aggregation or self.client_dp != "off"):
+            raise ValueError("cross_site sends each site's own local model through the server, which "
+                             "secure_aggregation / client_dp are there to prevent; choose one")
+        return self
+
+    @model_validator(mode="after")
     def _secure_needs_a_sum(self) -> "FederationConfig":
         if self.secure_aggregation and self.client_dp != "off":
             raise ValueError("client_dp clips each update at the server, which secure_aggregation hides; "

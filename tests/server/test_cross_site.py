@@ -100,3 +100,11 @@ def test_cross_site_matrix_over_real_supernodes(synth_config, synth_root, cache_
         with_arrays = [x for x in cross if "arrays" in x["keys"]]
         assert len(with_arrays) == (0 if POLICY[site] == "private" else 1)
     print(json.dumps({m: {s: round(v["auc"], 4) for s, v in row.items()} for m, row in cs["matrix"].items()}))
+
+
+@pytest.mark.parametrize("other", [{"secure_aggregation": True}, {"client_dp": "server-fixed"}])
+def test_cross_site_is_refused_where_single_site_models_must_stay_hidden(other):
+    from fedmed.config import FederationConfig
+
+    with pytest.raises(ValueError, match="cross_site sends each site's own local model"):
+        FederationConfig(cross_site=True, **other)
