@@ -21,6 +21,7 @@ import torch
 from fedmed.bootstrap import bootstrap_metrics
 from fedmed.checkpoint import Checkpoint
 from fedmed.config import FedmedConfig, SiteConfig
+from fedmed.messages import PublicRefusal
 
 __all__ = ["evaluate_saved_model", "MAX_BOOT"]
 
@@ -43,24 +44,24 @@ def evaluate_saved_model(cfg: FedmedConfig, site_cfg: SiteConfig, weights: dict[
 
     split = str(config.get("split", "test"))
     if split not in SPLITS:
-        raise ValueError(f"evaluation split must be one of {list(SPLITS)}")
+        raise PublicRefusal(f"evaluation split must be one of {list(SPLITS)}")
     temperature = float(config.get("temperature", 1.0))
     n_boot = int(config.get("n-boot", 200))
     if not (math.isfinite(temperature) and 0.01 <= temperature <= 100) or not 0 <= n_boot <= MAX_BOOT:
-        raise ValueError(f"evaluation needs 0.01 <= temperature <= 100 and 0 <= n-boot <= {MAX_BOOT}")
+        raise PublicRefusal(f"evaluation needs 0.01 <= temperature <= 100 and 0 <= n-boot <= {MAX_BOOT}")
     if cfg.model.multilabel:
-        raise ValueError("federated evaluation is for single-label (softmax) models")
+        raise PublicRefusal("federated evaluation is for single-label (softmax) models")
     encoder = json.loads(str(config["record-encoder"])) if config.get("record-encoder") else None
     if encoder is not None and not isinstance(encoder, dict):
-        raise ValueError("record-encoder must be a JSON object")
+        raise PublicRefusal("record-encoder must be a JSON object")
     ckpt = Checkpoint(path=Path("server-model"), weights={k: torch.as_tensor(v) for k, v in weights.items()},
                       config=cfg, encoder=encoder, temperature=temperature)
     try:
         data = load_eval_set(ckpt, site_cfg.data_dir, split=split, cache_dir=site_cfg.cache_dir)
     except DataMismatch as exc:
         log.error("the server's model does not fit this site's data: %s", exc)
-        raise ValueError("this site's data does not fit the model (classes, channels or features); "
-                         "the site's log says what differs") from None
+        raise PublicRefusal("this site's data does not fit the model (classes, channels or features); "
+                            "the site's log says what differs", kind="site-data") from None
     if len(data.labels) == 0:
         return {"num-examples": 0}
     probs = probabilities(logits_of(ckpt.build_model(), data.dataset), temperature=temperature)

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from fedmed.checkpoint import save_checkpoint
+from fedmed.client.policy import check_name
 from fedmed.client.site import SiteRuntime
+from fedmed.messages import PublicRefusal
 from fedmed.metrics import SCALAR_METRICS
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
@@ -41,7 +43,7 @@ def select_layers(model: torch.nn.Module, layers: list[str]) -> int:
         p.requires_grad_(keep)
         n += p.numel() if keep else 0
     if n == 0:
-        raise ValueError(f"federation.personalize.layers {layers} match no parameter of the model")
+        raise PublicRefusal("federation.personalize.layers match no parameter of the model")
     return n
 
 
@@ -60,12 +62,12 @@ def personalize_at_site(rt: SiteRuntime, config: dict[str, Any]) -> dict[str, fl
     epochs = int(config.get("epochs", 0))
     layers = [str(x) for x in (config.get("layers") or ["all"])]
     if not 1 <= epochs <= MAX_EPOCHS:
-        raise ValueError(f"personalisation needs 1 <= epochs <= {MAX_EPOCHS}")
+        raise PublicRefusal(f"personalisation needs 1 <= epochs <= {MAX_EPOCHS}")
     if rt.cfg.privacy.enabled:
-        raise ValueError("personalisation trains without DP-SGD; it is off for federations with privacy.enabled")
+        raise PublicRefusal("personalisation trains without DP-SGD; it is off for federations with privacy.enabled")
     lr = float(config.get("lr") or rt.cfg.train.lr)
     if not 0 < lr <= 1:
-        raise ValueError("personalisation lr must be in (0, 1]")
+        raise PublicRefusal("personalisation lr must be in (0, 1]")
     before = _metrics(rt, rt.model)
     work = copy.deepcopy(rt.model)
     trainable = select_layers(work, layers)
@@ -74,7 +76,7 @@ def personalize_at_site(rt: SiteRuntime, config: dict[str, Any]) -> dict[str, fl
                  device=rt.device, epochs=epochs, amp=rt.cfg.train.amp, grad_clip=rt.cfg.train.grad_clip,
                  max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch, desc=f"{rt.site} personalize")
     after = _metrics(rt, work)
-    _save(rt, work, str(config.get("federation-id", "run")))
+    _save(rt, work, check_name("federation-id", config.get("federation-id", "run")))
     out: dict[str, float | int] = {"num-examples": int(before.get("n", 0)), "trainable-params": int(trainable)}
     for key in SCALAR_METRICS:
         for prefix, m in (("global", before), ("personal", after)):

@@ -19,11 +19,13 @@ from fedmed.task import model_from_config
 from fedmed.transfer import pack
 
 
-def _context(site_dir: Path, work: Path) -> Context:
+def _context(site_dir: Path, work: Path, allow: list[str] | None = None) -> Context:
     path = work / "site.yaml"
+    policy = {"allowed_messages": ["train", "evaluate", *(allow or [])]}
     path.write_text(yaml.safe_dump({"site": site_dir.name, "data_dir": str(site_dir), "device": "cpu",
-                                    "state_dir": str(work)}))
-    return Context(run_id=1, node_id=1, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
+                                    "state_dir": str(work), "policy": policy}))
+    return Context(run_id=1, node_id=1, node_config={"site-config": str(path), "audit-log": str(work / "audit.jsonl")},
+                   state=RecordDict(), run_config={})
 
 
 def _message(cfg, kind: str, **config) -> Message:
@@ -56,11 +58,12 @@ def cfg(synth_config):
     (PERSONALIZE_TYPE, {"epochs": 1, "layers": ["no_such_layer"]}, "match no parameter"),
     (CROSS_SITE_TYPE, {"crosssite": "train", "epochs": 10**6}, "epochs"),
     (CROSS_SITE_TYPE, {"crosssite": "upload-data"}, "unknown cross-site step"),
+    (PERSONALIZE_TYPE, {"epochs": 1, "layers": ["all"], "federation-id": "../../etc"}, "federation-id must be"),
 ])
 def test_hostile_requests_are_refused_before_any_work(cfg, synth_root, tmp_path, kind, config, refusal):
-    ctx = _context(synth_root / "hospital_a", tmp_path)
-    with pytest.raises(ValueError, match=refusal):
-        client_app(_message(cfg, kind, **config), ctx)
+    ctx = _context(synth_root / "hospital_a", tmp_path, allow=[kind])
+    reply = client_app(_message(cfg, kind, **config), ctx)
+    assert reply.has_error() and refusal in reply.error.reason  # a public refusal: the server sees why
     assert not (tmp_path / "personalized").exists() and not (tmp_path / "crosssite").exists()
 
 
@@ -73,8 +76,19 @@ def test_data_that_does_not_fit_is_named_in_the_site_log_only(cfg, synth_root, t
     pd.read_csv(site / "images.csv", dtype=str).drop(columns=["label"]).to_csv(site / "images.csv", index=False)
     work = tmp_path / "work"
     work.mkdir()
-    with caplog.at_level("ERROR", logger="fedmed.client"), pytest.raises(ValueError) as err:
-        client_app(_message(cfg, EXTERNAL_EVAL_TYPE, split="all", temperature=1.0), _context(site, work))
-    assert "does not fit the model" in str(err.value) and "secret-label-value" not in str(err.value)
-    assert str(site) not in str(err.value)
+    with caplog.at_level("ERROR", logger="fedmed.client"):
+        reply = client_app(_message(cfg, EXTERNAL_EVAL_TYPE, split="all", temperature=1.0),
+                           _context(site, work, allow=[EXTERNAL_EVAL_TYPE]))
+    assert reply.has_error() and reply.error.reason.startswith("fedmed/site-data ref=")
+    assert "does not fit the model" in reply.error.reason and "secret-label-value" not in reply.error.reason
+    assert str(site) not in reply.error.reason
     assert "secret-label-value" in caplog.text  # the site's own log says what differs
+    audit = (work / "audit.jsonl").read_text()
+    assert "secret-label-value" not in audit and "fedmed/site-data" in audit
+
+
+def test_a_site_answers_cross_site_only_when_its_policy_opts_in(cfg, synth_root, tmp_path):
+    reply = client_app(_message(cfg, CROSS_SITE_TYPE, crosssite="train", epochs=1),
+                       _context(synth_root / "hospital_a", tmp_path))  # default policy
+    assert reply.has_error() and "evaluate.crosssite is not allowed by this site's policy" in reply.error.reason
+    assert not (tmp_path / "crosssite").exists()

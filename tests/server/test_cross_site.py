@@ -17,6 +17,7 @@ from fedmed.server.checkpoint import load_state
 
 SITES = ["hospital_a", "hospital_b", "hospital_c"]
 POLICY = {"hospital_a": "share", "hospital_b": "relay", "hospital_c": "private"}
+ALLOW = ["train", "evaluate", "evaluate.calibration", "query", "evaluate.crosssite"]  # sites opt in
 _spec = importlib.util.spec_from_file_location(
     "simulate_tests", Path(__file__).resolve().parents[1] / "test_simulate.py")
 _sim = importlib.util.module_from_spec(_spec)
@@ -32,7 +33,8 @@ class _PolicyGrid(_sim._InProcessGrid):
             path = work / site / "site.yaml"
             path.parent.mkdir(parents=True)
             path.write_text(yaml.safe_dump({"site": site, "data_dir": str(root / site), "device": "cpu",
-                                            "state_dir": str(work / site), "local_model": POLICY[site]}))
+                                            "state_dir": str(work / site),
+                                            "policy": {"local_model": POLICY[site], "allowed_messages": ALLOW}}))
             self.contexts[i + 1] = Context(run_id=1, node_id=i + 1, node_config={"site-config": str(path)},
                                            state=RecordDict(), run_config={})
 
@@ -83,7 +85,8 @@ def test_cross_site_matrix_over_real_supernodes(synth_config, synth_root, cache_
     out, port, env = tmp_path / "run", free_port(), deploy._env(cache_dir)
     server = deploy._server(cfg_path, out, port, env)
     clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5",
-                              f"local_model={POLICY[s]}") for s in SITES]
+                              f"policy.local_model={POLICY[s]}", f"policy.allowed_messages=[{','.join(ALLOW)}]")
+               for s in SITES]
     try:
         assert server.wait(900) == 0, deploy._logs(tmp_path)
         for c in clients:

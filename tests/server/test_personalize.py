@@ -29,7 +29,9 @@ def test_select_layers_freezes_the_rest_and_refuses_unknown_names(synth_config):
     n = select_layers(model, ["classifier"])
     assert n == sum(p.numel() for p in model.classifier.parameters())
     assert all(not p.requires_grad for name, p in model.named_parameters() if not name.startswith("classifier."))
-    with pytest.raises(ValueError, match="match no parameter"):
+    from fedmed.messages import PublicRefusal
+
+    with pytest.raises(PublicRefusal, match="match no parameter"):
         select_layers(model, ["no_such_layer"])
 
 
