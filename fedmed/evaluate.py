@@ -55,8 +55,9 @@ class EvalSet:
     fit: dict[str, Any]
 
 
-def _loading_config(ckpt: Checkpoint, ignored: list[str]) -> FedmedConfig:
-    """The checkpoint's config, reading only what the model uses from a foreign folder."""
+def _loading_config(ckpt: Checkpoint, ignored: list[str], image_roots: list[str] | None = None) -> FedmedConfig:
+    """The checkpoint's config, reading only what the model uses from a foreign folder;
+    ``image_roots`` are this machine's folders that images.csv may point into."""
     cfg = ckpt.config
     d = cfg.data
     unused_notes = [d.notes_column] if d.notes_column and not cfg.model.notes.enabled else []
@@ -64,12 +65,13 @@ def _loading_config(ckpt: Checkpoint, ignored: list[str]) -> FedmedConfig:
         "root": None, "sites": None,
         "ignore_columns": list(dict.fromkeys([*d.ignore_columns, *ignored, *unused_notes])),
         "notes_column": d.notes_column if cfg.model.notes.enabled else None,
+        "image_roots": list(dict.fromkeys([*d.image_roots, *(str(Path(r).resolve()) for r in image_roots or [])])),
     })
     return cfg.model_copy(update={"data": data})
 
 
 def load_eval_set(ckpt: Checkpoint, site_dir: str | Path, *, split: str = "all",
-                  cache_dir: str | None = None) -> EvalSet:
+                  cache_dir: str | None = None, image_roots: list[str] | None = None) -> EvalSet:
     """Check, load and encode one site for the model; raises ``DataMismatch`` if it does not fit."""
     from fedmed.data.dataset import SiteDataset
     from fedmed.data.images import ImageCache, Preprocess
@@ -83,7 +85,7 @@ def load_eval_set(ckpt: Checkpoint, site_dir: str | Path, *, split: str = "all",
     variant = ckpt.config.model.variant
     fit = check_site(site_dir, ckpt.config.data, uses_images=variant != "record",
                      uses_records=variant != "image")
-    cfg = _loading_config(ckpt, fit["ignored_columns"])
+    cfg = _loading_config(ckpt, fit["ignored_columns"], image_roots)
     stored = ckpt.record_encoder()
     if split == "test":
         bundle = load_site_bundle(cfg, site_dir=site_dir, cache_dir=cache_dir, progress=False)
@@ -156,14 +158,15 @@ def _summary(y: np.ndarray, p: np.ndarray, patients: np.ndarray, strata: np.ndar
 
 
 def evaluate_model(ckpt: Checkpoint, site_dirs: list[str | Path], *, split: str = "all", n_boot: int = 1000,
-                   seed: int = 0, out_dir: str | Path | None = None) -> dict[str, Any]:
+                   seed: int = 0, out_dir: str | Path | None = None,
+                   image_roots: list[str] | None = None) -> dict[str, Any]:
     """Evaluate ``ckpt`` on each site (and pooled); with ``out_dir`` write JSON, HTML and plots."""
     if not site_dirs:
         raise ValueError("give at least one --site-dir")
     names = [Path(d).name for d in site_dirs]
     if len(set(names)) != len(names):
         raise ValueError(f"site folder names must be unique, got {names}")
-    sets = [load_eval_set(ckpt, d, split=split) for d in site_dirs]
+    sets = [load_eval_set(ckpt, d, split=split, image_roots=image_roots) for d in site_dirs]
     scored, preds = score(ckpt, sets, n_boot=n_boot, seed=seed)
     result = {
         "model": ckpt.path.name, "round": ckpt.meta.get("round"), "classes": ckpt.classes,
@@ -266,7 +269,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.model, config_path=args.config)
     out = Path(args.out) if args.out else ckpt.path.parent / f"evaluation-{args.split}"
     result = evaluate_model(ckpt, args.site_dir, split=args.split, n_boot=args.bootstrap, seed=args.seed,
-                            out_dir=out)
+                            out_dir=out, image_roots=args.image_root)
     print(metrics_table(result))
     print(f"\nT = {result['temperature']:.3f}; {args.bootstrap} patient-level bootstrap replicates; "
           f"wrote {out / 'evaluation.html'} and evaluation.json")
@@ -282,6 +285,8 @@ def add_cli(subparsers: Any) -> None:
                    help="all: every row (a new site); test: the site's own test split as a federation makes it")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--image-root", action="append", default=[],
+                   help="folder outside the site folders that images.csv may point into (repeat)")
     p.add_argument("--out", help="output folder (default: beside the checkpoint)")
     p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
     p.set_defaults(func=_cmd_evaluate)
