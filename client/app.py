@@ -22,6 +22,9 @@ from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import (
     CALIBRATION_ACTION,
     CONFIG_KEY,
+    CROSS_SITE_ACTION,
+    EXTERNAL_EVAL_ACTION,
+    PERSONALIZE_ACTION,
     SECAGG_KEY,
     SITE_KEY,
     PublicRefusal,
@@ -193,3 +196,48 @@ def calibration_fn(msg: Message, context: Context) -> Message:
     elif len(y):
         metrics = measure(z, y, temperature=temperature)
     return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(EXTERNAL_EVAL_ACTION)
+def external_evaluate_fn(msg: Message, context: Context) -> Message:
+    """``fedmed-server --evaluate``: a saved model scored on this site's data, no training.
+
+    Builds no optimiser and no training loader; numbers only (:mod:`fedmed.client.evaluation`).
+    """
+    from fedmed.client.evaluation import evaluate_saved_model
+    from fedmed.client.site import job_config
+    from fedmed.task import model_from_config
+
+    config = msg.content[CONFIG_KEY]
+    site_cfg = resolve_site(context)
+    cfg = job_config(decode_job(config), site_cfg, message_type=msg.metadata.message_type)
+    weights = unpack(msg.content["arrays"], model_from_config(cfg).state_dict())
+    metrics = evaluate_saved_model(cfg, site_cfg, weights, dict(config))
+    return make_reply(msg, site=site_cfg.site, metrics=metrics)
+
+
+@app.evaluate(PERSONALIZE_ACTION)
+def personalize_fn(msg: Message, context: Context) -> Message:
+    """``federation.personalize``: fine-tune the final model here, keep it here, send metrics only."""
+    from fedmed.client.personalize import personalize_at_site
+
+    rt, _ = _prepare(msg, context)
+    metrics = personalize_at_site(rt, dict(msg.content[CONFIG_KEY]))
+    return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(CROSS_SITE_ACTION)
+def cross_site_fn(msg: Message, context: Context) -> Message:
+    """``federation.cross_site``: train a local model from the sent start ("train"), or score
+    a model on this site's test split ("score"); weights leave only as the site's policy allows."""
+    from fedmed.client.crosssite import score_model, train_local_model
+
+    rt, _ = _prepare(msg, context)
+    config = dict(msg.content[CONFIG_KEY])
+    step = str(config.get(CROSS_SITE_ACTION, ""))
+    if step == "train":
+        metrics, arrays = train_local_model(rt, config)
+        return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+    if step == "score":
+        return make_reply(msg, site=rt.site, metrics=score_model(rt, config))
+    raise PublicRefusal("unknown cross-site step: expected 'train' or 'score'")

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
 _COMMAND_MODULES = ("fedmed.demo", "fedmed.simulate", "fedmed.compare", "fedmed.explain",
-                    "fedmed.calibration", "fedmed.certs")
+                    "fedmed.calibration", "fedmed.certs", "fedmed.evaluate", "fedmed.predict",
+                    "fedmed.export")
 
 
 def _extra_commands() -> dict[str, Callable[[Any], None]]:

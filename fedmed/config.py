@@ -20,6 +20,7 @@ __all__ = [
     "NotesConfig",
     "TrainConfig",
     "FederationConfig",
+    "PersonalizeConfig",
     "PrivacyConfig",
     "TrackingConfig",
     "SitePolicy",
@@ -143,6 +144,16 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class PersonalizeConfig(_Strict):
+    """Local fine-tuning of the final global model at each site (after the last round)."""
+
+    epochs: int = Field(0, ge=0, le=1000, description="fine-tuning epochs on each site's train split; 0 = off")
+    layers: list[str] = Field(
+        default_factory=lambda: ["head", "classifier"],
+        description="parameter-name prefixes to fine-tune (the rest stay frozen); ['all'] = every layer")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="fine-tuning learning rate (default train.lr)")
+
+
 class FederationConfig(_Strict):
     """Server-side federation settings."""
 
@@ -152,6 +163,9 @@ class FederationConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
+    early_stopping_rounds: int = Field(
+        0, ge=0, description="stop when the selection score (central val AUC, else the sites' weighted "
+        "AUC) has not improved for N rounds; the best round is kept; 0 = off")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
         "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")
@@ -165,6 +179,10 @@ class FederationConfig(_Strict):
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
+    cross_site: bool = Field(
+        False, description="after the last round: each site trains a local model from the same start for "
+        "the same budget; the global and every local model are scored at every site (a matrix)")
     calibration: Literal["federated", "central", "off"] = Field(
         "federated", description="temperature scaling of the best model after the last round, fitted "
         "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")
@@ -179,6 +197,13 @@ class FederationConfig(_Strict):
         if self.calibration == "central" and not self.central_test:
             raise ValueError("calibration: central fits the temperature on the server's held-out set; "
                              "set federation.central_test, or use calibration: federated")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_site_shows_single_sites(self) -> "FederationConfig":
+        if self.cross_site and (self.secure_aggregation or self.client_dp != "off"):
+            raise ValueError("cross_site sends each site's own local model through the server, which "
+                             "secure_aggregation / client_dp are there to prevent; choose one")
         return self
 
     @model_validator(mode="after")
@@ -223,7 +248,10 @@ class FedmedConfig(_Strict):
 
 
 # Message types a site may answer (Flower's "<category>[.<action>]").
-MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query")
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query",
+                 "evaluate.external", "evaluate.personalize", "evaluate.crosssite")
+# evaluate.crosssite sends the site's own local model through the server: a site opts in.
+DEFAULT_MESSAGES = tuple(t for t in MESSAGE_TYPES if t != "evaluate.crosssite")
 
 
 class SitePolicy(_Strict):
@@ -248,8 +276,13 @@ class SitePolicy(_Strict):
     max_metric_list: int = Field(
         256, ge=1, le=100_000, description="longest list the server may ask for (e.g. calibration's temperatures)")
     allowed_messages: list[str] = Field(
-        default_factory=lambda: list(MESSAGE_TYPES),
-        description=f"message types this site answers, of {list(MESSAGE_TYPES)}")
+        default_factory=lambda: list(DEFAULT_MESSAGES),
+        description=f"message types this site answers, of {list(MESSAGE_TYPES)} (default: all but "
+                    "evaluate.crosssite)")
+    local_model: Literal["private", "relay", "share"] = Field(
+        "relay", description="cross-site validation: the site's locally trained model stays here (private: "
+        "scored at home only), goes through the server to the other sites without being kept (relay), or "
+        "may be kept by the server (share)")
     share_site_metrics: bool = Field(
         True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
     allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
