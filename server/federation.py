@@ -72,10 +72,15 @@ def send_and_receive(grid: GridLike, messages: Any, *, timeout: float, poll: flo
 
 
 def job_for_sites(cfg: FedmedConfig) -> dict[str, Any]:
-    """What each site needs to build the same model and train it: no paths, no secrets."""
+    """What each site needs to build the same model and train it: no paths, no secrets.
+
+    ``model.pretrained_path`` is the coordinator's file: the round-1 global model already
+    carries those weights, so sites build the architecture only and never need the file.
+    """
     d = cfg.model_dump(mode="json")
     data = {k: v for k, v in d["data"].items() if k not in ("root", "sites", "cache_dir")}
-    return {"fedmed_version": fedmed.__version__, "name": cfg.name, "data": data, "model": d["model"], "train": d["train"],
+    model = {**d["model"], "pretrained_path": None}
+    return {"fedmed_version": fedmed.__version__, "name": cfg.name, "data": data, "model": model, "train": d["train"],
             "federation": {k: d["federation"][k] for k in ("rounds", "local_epochs", "proximal_mu")},
             "privacy": d["privacy"]}
 

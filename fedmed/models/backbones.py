@@ -21,12 +21,13 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from fedmed.models.pretrained import load_pretrained
+
 __all__ = [
     "DEFAULT_CFGS",
     "SmallCNN",
     "create_backbone",
     "list_backbones",
-    "load_state_dict_file",
     "make_dp_compatible",
     "register_backbone",
 ]
@@ -131,68 +132,6 @@ class TimmBackbone(nn.Module):
         return f
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.pth``/``.pt``/``.bin``/``.safetensors`` (CPU, tensors only).
-
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints and a ``module.`` prefix.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"cannot read weights from {path}: {exc}") from exc
-    for key in ("state_dict", "model", "state_dict_ema", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def _load_weights(model: nn.Module, path: str | Path, *, in_chans: int) -> None:
-    """Load what matches (strict=False); adapt input convs to ``in_chans``; error if none."""
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    keep: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for k, v in sd.items():
-        if k not in own:
-            continue
-        target = own[k]
-        if v.shape != target.shape:
-            if v.ndim == 4 and v.shape[0] == target.shape[0] and v.shape[2:] == target.shape[2:]:
-                from timm.models import adapt_input_conv
-
-                v = adapt_input_conv(in_chans, v, base_chans=v.shape[1])
-            if v.shape != target.shape:
-                skipped.append(f"{k} {tuple(v.shape)}→{tuple(target.shape)}")
-                continue
-        keep[k] = v.to(target.dtype)
-    if not keep:
-        sample = ", ".join(list(sd)[:5])
-        raise ValueError(
-            f"no weights in {path} match the backbone (file keys start: {sample}); "
-            "is it a state dict for this architecture?"
-        )
-    missing, _ = model.load_state_dict(keep, strict=False)
-    log.info(
-        "loaded %d/%d tensors from %s (%d model tensors not in file, %d shape mismatches)",
-        len(keep), len(sd), path, len(missing), len(skipped),
-    )
-    if skipped:
-        log.warning("skipped tensors with mismatched shapes: %s", "; ".join(skipped[:10]))
-
-
 def make_dp_compatible(model: nn.Module) -> nn.Module:
     """BatchNorm → GroupNorm(gcd(32, C), C) keeping affine params; turn off ``inplace``.
 
@@ -272,8 +211,9 @@ def create_backbone(
 ) -> nn.Module:
     """Build a headless backbone by name: registered names first, else timm (random init).
 
-    ``pretrained_path``: a local state dict; keys load with ``strict=False`` (input convs are
-    adapted to ``in_chans``) and a file that matches nothing is an error. Extra ``kwargs``
+    ``pretrained_path``: a local weights file that must fill every backbone tensor, by name
+    or, in another library's layout, by order (:func:`fedmed.models.pretrained.load_pretrained`;
+    the input conv is adapted to ``in_chans``; what loaded is in ``model.pretrained_report``). Extra ``kwargs``
     go to the factory (e.g. ``img_size=64`` for a timm ViT). Raises ``ValueError`` for an
     unknown name, listing the registered ones.
     """
@@ -293,7 +233,9 @@ def create_backbone(
             model.default_cfg["input_size"] = kwargs["img_size"]
         target = inner
     if pretrained_path:
-        _load_weights(target, pretrained_path, in_chans=in_chans)
+        model.pretrained_report = load_pretrained(
+            target, pretrained_path, in_chans=in_chans, first_conv=model.default_cfg.get("first_conv"),
+            classifier=getattr(target, "pretrained_cfg", {}).get("classifier"))
     if dp_compatible:
         make_dp_compatible(model)
     if isinstance(model, TimmBackbone):
