@@ -26,7 +26,9 @@ from fedmed.models.pretrained import load_pretrained
 __all__ = [
     "DEFAULT_CFGS",
     "SmallCNN",
+    "backbone_stages",
     "create_backbone",
+    "freeze_stages",
     "list_backbones",
     "make_dp_compatible",
     "register_backbone",
@@ -91,6 +93,10 @@ class SmallCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Stages for freezing, as timm models define them: one per block."""
+        return {"blocks": r"^blocks\.(\d+)"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` → feature map ``(B, 4w, H/8, W/8)``."""
         return self.blocks(x)
@@ -130,6 +136,44 @@ class TimmBackbone(nn.Module):
         if self._nhwc and f.ndim == 4:
             f = f.permute(0, 3, 1, 2)
         return f
+
+
+def backbone_stages(backbone: nn.Module) -> list[list[str]]:
+    """Module names of each stage, input to output, from timm's coarse ``group_matcher``
+    (the grouping timm's layer-wise learning-rate decay uses: stem, blocks…, head).
+
+    Raises ``ValueError`` when the network defines no ``group_matcher``.
+    """
+    from timm.models import group_modules
+
+    root, prefix = (backbone.model, "model.") if isinstance(backbone, TimmBackbone) else (backbone, "")
+    if not hasattr(root, "group_matcher"):
+        raise ValueError(f"backbone {type(root).__name__} defines no group_matcher: it cannot be frozen "
+                         "by stages; use model.trainable_stages=0 (all frozen) or null (none)")
+    groups = group_modules(root, root.group_matcher(coarse=True))
+    return [[prefix + n for n in groups[k]] for k in sorted(groups)]
+
+
+def freeze_stages(backbone: nn.Module, *, trainable: int) -> int:
+    """Freeze all but the last ``trainable`` stages with timm's ``freeze`` (parameters off,
+    BatchNorm → FrozenBatchNorm2d so its statistics stay fixed in training); returns how many
+    stages were frozen. ``trainable=0`` freezes the whole backbone.
+    """
+    from timm.utils import freeze
+
+    if trainable == 0:
+        freeze(backbone)
+        return len(backbone_stages(backbone)) if _has_groups(backbone) else 1
+    stages = backbone_stages(backbone)
+    n_frozen = max(len(stages) - trainable, 0)
+    names = [n for stage in stages[:n_frozen] for n in stage]
+    if names:
+        freeze(backbone, names)
+    return n_frozen
+
+
+def _has_groups(backbone: nn.Module) -> bool:
+    return hasattr(backbone.model if isinstance(backbone, TimmBackbone) else backbone, "group_matcher")
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:
@@ -207,6 +251,7 @@ def create_backbone(
     in_chans: int,
     pretrained_path: str | Path | None = None,
     dp_compatible: bool = True,
+    trainable_stages: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a headless backbone by name: registered names first, else timm (random init).
@@ -215,7 +260,8 @@ def create_backbone(
     or, in another library's layout, by order (:func:`fedmed.models.pretrained.load_pretrained`;
     the input conv is adapted to ``in_chans``; what loaded is in ``model.pretrained_report``). Extra ``kwargs``
     go to the factory (e.g. ``img_size=64`` for a timm ViT). Raises ``ValueError`` for an
-    unknown name, listing the registered ones.
+    unknown name, listing the registered ones. ``trainable_stages``: see :func:`freeze_stages`
+    (None trains every stage).
     """
     if name in _BACKBONES:
         model = _BACKBONES[name](in_chans=in_chans, **kwargs)
@@ -238,6 +284,9 @@ def create_backbone(
             classifier=getattr(target, "pretrained_cfg", {}).get("classifier"))
     if dp_compatible:
         make_dp_compatible(model)
+    if trainable_stages is not None:
+        n = freeze_stages(model, trainable=trainable_stages)
+        log.info("%s: %d stage(s) frozen, the last %d trainable", name, n, trainable_stages)
     if isinstance(model, TimmBackbone):
         _probe(model, in_chans=in_chans)
     return model
@@ -259,7 +308,8 @@ def _probe(model: TimmBackbone, *, in_chans: int) -> None:
         except Exception:  # noqa: BLE001 - retry at the size the model was built for
             size = model.default_cfg["input_size"]
             f = model(torch.zeros(1, in_chans, size, size))
-        grads = torch.autograd.grad(f.float().mean(), params, allow_unused=True)
+        grads = (torch.autograd.grad(f.float().mean(), params, allow_unused=True) if params
+                 else [])  # a frozen backbone has nothing to check
     finally:
         model.train(was_training)
     model.output = "tokens" if f.ndim == 3 else "map"

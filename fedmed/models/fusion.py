@@ -60,6 +60,7 @@ class ImageBranch(nn.Module):
         dp_compatible: bool = True,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        trainable_stages: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
@@ -67,6 +68,7 @@ class ImageBranch(nn.Module):
             in_chans=in_chans,
             pretrained_path=pretrained_path,
             dp_compatible=dp_compatible,
+            trainable_stages=trainable_stages,
         )
         stats = dict(self.backbone.default_cfg)
         stats.update({k: v for k, v in (("mean", image_mean), ("std", image_std)) if v is not None})
@@ -212,6 +214,7 @@ class FusionModel(nn.Module):
         dropout: float = 0.3,
         block_dropout: float = 0.1,
         dp_compatible: bool = True,
+        trainable_stages: int | None = None,
         notes: NotesConfig | None = None,
         notes_vocab_size: int | None = None,
     ) -> None:
@@ -237,6 +240,7 @@ class FusionModel(nn.Module):
                 dp_compatible=dp_compatible,
                 image_mean=image_mean,
                 image_std=image_std,
+                trainable_stages=trainable_stages,
             )
         if variant in ("fusion", "record"):
             self.record_branch = RecordBranch(
@@ -385,6 +389,7 @@ def build_model(
         fusion_heads=model_cfg.fusion_heads,
         dropout=model_cfg.dropout,
         dp_compatible=model_cfg.dp_compatible,
+        trainable_stages=model_cfg.trainable_stages,
         notes=notes,
         notes_vocab_size=notes_vocab_size,
     )
