@@ -153,6 +153,9 @@ def train_epochs(
             steps += 1
             if progress:
                 it.set_postfix(img_s=f"{n_epoch / (time.perf_counter() - t_epoch):.1f}", refresh=False)
+        if progress:  # the epoch's final rate, shown even when the epoch outran the refresh interval
+            it.set_postfix(img_s=f"{n_epoch / max(time.perf_counter() - t_epoch, 1e-9):.1f}")
+        it.close()
         if scheduler is not None:
             scheduler.step()
     seconds = time.perf_counter() - start

@@ -195,3 +195,18 @@ def test_cuda_step_with_amp_and_channels_last():
                          device=torch.device("cuda"), amp=True, channels_last=True)
     assert stats["steps"] == 2 and math.isfinite(stats["loss"])
     assert model.image_branch.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_progress_bar_per_epoch_shows_images_per_second(capsys):
+    from torch.utils.data import DataLoader
+
+    from benchmarks.dp_step import _Samples
+    from fedmed.train.loop import train_epochs
+
+    model = _image_model(in_chans=1)
+    loader = DataLoader(_Samples(16, 32), batch_size=8)
+    stats = train_epochs(model, loader, loss_fn=nn.CrossEntropyLoss(), optimizer=make_optimizer(model, TrainConfig()),
+                         device=torch.device("cpu"), epochs=2, progress=True, desc="site")
+    err = capsys.readouterr().err
+    assert "site 1/2" in err and "site 2/2" in err and "img_s=" in err
+    assert stats["images_per_s"] == pytest.approx(stats["samples"] / stats["seconds"]) and stats["samples"] == 32
