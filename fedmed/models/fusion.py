@@ -79,6 +79,7 @@ class ImageBranch(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.missing = nn.Embedding(1, embed_dim)
         self.feature_hw: tuple[int, int] | None = None
+        self.tokens = True  # normalised per-location tokens for cross-attention (fusion)
 
     def forward(
         self, image: torch.Tensor, has_image: torch.Tensor | None = None
@@ -91,7 +92,10 @@ class ImageBranch(nn.Module):
         else:
             self.feature_hw = None
         proj = self.proj(f)
-        tokens, pooled = self.norm(proj), self.norm(proj.mean(dim=1))
+        # Only the fusion variant reads the tokens; normalising them anyway would call `norm` a
+        # second time for nothing, and Opacus then finds no per-sample gradient for it (DP fails).
+        tokens = self.norm(proj) if self.tokens else proj
+        pooled = self.norm(proj.mean(dim=1))
         b = tokens.shape[0]
         m = _mask(has_image, b, tokens)
         miss = self.missing(torch.zeros(b, 1, dtype=torch.long, device=tokens.device))
@@ -242,6 +246,7 @@ class FusionModel(nn.Module):
                 image_std=image_std,
                 trainable_stages=trainable_stages,
             )
+            self.image_branch.tokens = variant == "fusion"
         if variant in ("fusion", "record"):
             self.record_branch = RecordBranch(
                 n_numeric=n_numeric,

@@ -96,7 +96,8 @@ def test_local_keys_are_the_trainable_batchnorm_tensors(model_kw, mode, expected
         local_keys(model, "mean")
 
 
-def test_dp_accepts_a_frozen_pretrained_batchnorm_backbone(tmp_path):
+@pytest.mark.parametrize("variant", ["fusion", "image"])
+def test_dp_accepts_a_frozen_pretrained_batchnorm_backbone(tmp_path, variant):
     """DP-SGD on the unfrozen part only: Opacus accepts the model, BatchNorm stays BatchNorm
     (frozen), and one private step moves the head while the backbone stays bit-identical."""
     from benchmarks.dp_step import _Samples
@@ -104,7 +105,7 @@ def test_dp_accepts_a_frozen_pretrained_batchnorm_backbone(tmp_path):
     from fedmed.train.loop import train_epochs
 
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="test_efficientnet", embed_dim=16, heads=2, fusion_heads=2,
+    cfg = ModelConfig(variant=variant, backbone="test_efficientnet", embed_dim=16, heads=2, fusion_heads=2,
                       dp_compatible=False, trainable_stages=0)
     model = build_model(cfg, n_classes=2, in_chans=1, n_numeric=6, cat_cardinalities=[2])
     assert ModuleValidator.validate(model, strict=False) == []
