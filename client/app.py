@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
+from fedmed.client.local_state import keep_local, restore_local
 from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import (
@@ -48,6 +49,7 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
     rnd = int(config.get("server-round", 0))
     weights = unpack(msg.content["arrays"], rt.model.state_dict())
     rt.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    restore_local(rt.model, context, mode=rt.cfg.federation.bn)  # FedBN: this site's own BatchNorm
     return rt, rnd
 
 
@@ -75,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
             grad_clip=rt.cfg.train.grad_clip, max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch,
             desc=f"{rt.site} round {rnd}",
         )
+    keep_local(rt.model, context, mode=rt.cfg.federation.bn, received=msg.content["arrays"])
     metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
     if "secagg-ids" in config:
         arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])

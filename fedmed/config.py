@@ -111,6 +111,10 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     multilabel: bool = False
     dp_compatible: bool = Field(True, description="GroupNorm, no in-place ops (Opacus-ready)")
+    trainable_stages: int | None = Field(
+        None, ge=0, le=64, description="fine-tune only the backbone's last N stages (timm's coarse "
+        "groups: stem, blocks…, head); the rest is frozen, its BatchNorm statistics fixed "
+        "(FrozenBatchNorm). 0 = frozen backbone (DP with pretrained BatchNorm); null = train all")
     notes: NotesConfig = Field(default_factory=NotesConfig)
 
     @model_validator(mode="after")
@@ -139,6 +143,12 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: bool = True
     seed: int = 0
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=10.0, description="the image backbone's learning rate = lr × this (e.g. 0.1 "
+        "for a pretrained backbone under a fresh head)")
+    warmup_epochs: int = Field(0, ge=0, le=1000, description="linear learning-rate warm-up (in a "
+                               "federation: over the first rounds covering as many local epochs)")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored elsewhere)")
     grad_clip: float | None = Field(None, gt=0.0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     progress: bool = True
@@ -173,6 +183,10 @@ class FederationConfig(_Strict):
     client_dp_clip: float = Field(1.0, gt=0.0, description="clipping norm (initial norm when adaptive)")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
+    bn: Literal["average", "local"] = Field(
+        "average", description="BatchNorm weights and statistics: averaged like every weight, or "
+        "kept at each site and never uploaded (FedBN, Li et al. 2021); needs BatchNorm in the model "
+        "(model.dp_compatible=false)")
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")

@@ -70,6 +70,21 @@ def send_and_receive(grid: GridLike, messages: Any, *, timeout: float, poll: flo
     return replies
 
 
+def _local_keys(cfg: FedmedConfig) -> list[str]:
+    """Keys the sites keep (``federation.bn: local``); an error when the model has no BatchNorm."""
+    from fedmed.models import local_keys
+
+    if cfg.federation.bn == "average":
+        return []
+    model = model_from_config(cfg, model_cfg=cfg.model.model_copy(update={"pretrained_path": None}))
+    keys = local_keys(model, cfg.federation.bn)
+    if not keys:
+        raise ValueError("federation.bn: local keeps each site's BatchNorm, but the model has no trainable "
+                         "BatchNorm (model.dp_compatible=true turns it into GroupNorm; frozen stages keep "
+                         "theirs fixed): set model.dp_compatible=false, or federation.bn=average")
+    return keys
+
+
 def config_hash(cfg: FedmedConfig) -> str:
     """A stable fingerprint of the settings that change results (resume must match).
 
@@ -84,11 +99,15 @@ def config_hash(cfg: FedmedConfig) -> str:
 
 
 def round_lr(cfg: FedmedConfig, rnd: int) -> float:
-    """Cosine schedule over rounds (the papers' cosine schedule, stretched over the federation)."""
-    if cfg.train.scheduler != "cosine" or cfg.federation.rounds <= 1:
+    """Cosine schedule over rounds (the papers' cosine schedule, stretched over the federation),
+    after ``train.warmup_epochs`` of linear warm-up counted in rounds (:mod:`fedmed.train.schedule`)."""
+    from fedmed.train.schedule import lr_factor, warmup_rounds
+
+    warmup = warmup_rounds(cfg.train.warmup_epochs, cfg.federation.local_epochs)
+    if (cfg.train.scheduler != "cosine" or cfg.federation.rounds <= 1) and not warmup:
         return cfg.train.lr
-    frac = (rnd - 1) / cfg.federation.rounds
-    return cfg.train.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.train.lr * lr_factor(rnd - 1, total=cfg.federation.rounds, warmup=warmup,
+                                    cosine=cfg.train.scheduler == "cosine")
 
 
 def aggregate_site_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -208,6 +227,7 @@ def run_federation(
         init = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         state = FederationState(arrays=init, strategy=make_strategy(fed), config_hash=chash)
     strategy = state.strategy
+    local = _local_keys(cfg)
     job = encode_job(job_for_sites(cfg))
     meta = {"config": cfg.model_dump(mode="json")}
 
@@ -234,8 +254,8 @@ def run_federation(
         if ok:
             if not fed.secure_aggregation:
                 agg, train_metrics = strategy.aggregate_train(rnd, ok)
-            if agg is not None:
-                state.arrays = unpack(agg, state.arrays)
+            if agg is not None:  # FedBN: the sites' own BatchNorm is never averaged into the global model
+                state.arrays = {**unpack(agg, state.arrays), **{k: state.arrays[k] for k in local}}
             if train_metrics is not None:
                 row.update({f"train_{k}": float(v) for k, v in train_metrics.items()
                             if isinstance(v, (int, float))})
