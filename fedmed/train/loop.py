@@ -91,6 +91,13 @@ def _trainable(model: nn.Module) -> Iterable[torch.Tensor]:
     return (p for p in model.parameters() if p.requires_grad)
 
 
+def _batches(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # a sampler without a length
+        return None
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -126,10 +133,13 @@ def train_epochs(
     samples = steps = 0
     start = time.perf_counter()
     for epoch in range(epochs):
-        it = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress,
-                  unit="batch")
+        # Updated by hand (not tqdm(loader)): a wrapped iterator closes the bar when the loader
+        # is exhausted, before the epoch's final rate could be shown.
+        it = tqdm(total=_batches(loader), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                  disable=not progress, unit="batch")
         t_epoch, n_epoch = time.perf_counter(), 0
-        for step, batch in enumerate(it):
+        for step, batch in enumerate(loader):
+            it.update(1)
             if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
                 break
             inputs, target = split_batch(batch, device, fmt=fmt)
