@@ -64,6 +64,9 @@ class DataConfig(_Strict):
     color_constancy: bool = Field(
         False, description="shades-of-grey colour normalisation (RGB): removes each centre's tint"
     )
+    multiframe: Literal["middle", "first", "refuse"] = Field(
+        "middle", description="multi-frame DICOM (cine, tomosynthesis, multi-frame CT): train on "
+        "the middle frame, the first, or refuse such files")
     augment: bool = True
     any_orientation: bool = Field(
         False, description="images have no up/down (dermoscopy, histology): augment with "
