@@ -137,13 +137,19 @@ def _check_columns(df: pd.DataFrame, required: list[str], allowed: list[str], pa
     return not missing
 
 
-def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
-                  problems: list[str]) -> tuple[pd.DataFrame, pd.Series] | None:
-    df = read_table(path)
+def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems: list[str],
+                  *, images: bool) -> tuple[pd.DataFrame, pd.Series, pd.Series] | None:
+    """Records indexed by patient id, their labels and their file lines.
+
+    ``label`` is required only when the site has no ``images.csv``: with images, each image
+    carries its own label and the records' label (if any) is a patient-level fallback.
+    """
+    df = read_table(path, keep=[cfg.id_column])
     idc, labc = cfg.id_column, cfg.label_column
     features = [*cfg.numeric, *cfg.categorical] + ([cfg.notes_column] if cfg.notes_column else [])
-    required = list(dict.fromkeys([idc, labc, *features]))
-    complete = _check_columns(df, required, required, path, cfg, problems)
+    required = list(dict.fromkeys([idc, *([] if images else [labc]), *features]))
+    allowed = list(dict.fromkeys([idc, labc, *features]))
+    complete = _check_columns(df, required, allowed, path, cfg, problems)
     ids = _ids(df[idc]) if idc in df.columns else None
     if ids is not None and ids.isna().any():
         problems.append(f"{path.name}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
@@ -153,20 +159,21 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
         problems.append(f"{path.name}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
                         f"appear on more than one row ({int(dup.sum())} rows: "
                         f"{_lines(df.index[dup])}); records hold one row per patient")
-    labels = (_check_labels(df, labc, classes, path, problems, allow_empty=False)
-              if labc in df.columns else None)
+    labels = (_check_labels(df, labc, classes, path, problems, allow_empty=images)
+              if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
     for col in (c for c in cfg.numeric if c in df.columns):
         bad = df[col].notna() & to_numeric(df[col]).isna()
         bad &= df[col].astype("string").str.strip().fillna("") != ""
         if bad.any():
             problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) that "
                             f"are not finite numbers ({_lines(df.index[bad])})")
-    if not complete or ids is None or labels is None:
+    if not complete or ids is None:
         return None
     out = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="patient_id"))
     for col in features:
         out[col] = to_numeric(df[col]).to_numpy() if col in cfg.numeric else df[col].to_numpy()
-    return out, pd.Series(labels.to_numpy(), index=out.index)
+    return (out, pd.Series(labels.to_numpy(), index=out.index),
+            pd.Series(df.index.to_numpy(), index=out.index, name=df.index.name))
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -178,7 +185,7 @@ def _inside(path: str, roots: list[str]) -> bool:
 def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
                  rec_labels: pd.Series | None, problems: list[str]) -> pd.DataFrame | None:
     """``rec_labels`` None means the records could not be read: skip label cross-checks."""
-    df = read_table(path)
+    df = read_table(path, keep=[cfg.id_column, "image"])
     idc, labc = cfg.id_column, cfg.label_column
     if not _check_columns(df, ["image", idc], ["image", idc, labc], path, cfg, problems):
         return None
@@ -203,19 +210,28 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
                         f"({_lines(df.index[absent])})")
     own = (_check_labels(df, labc, classes, path, problems, allow_empty=True)
            if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
+    # An image's own label is that image's (sample's) label: follow-up images of one patient
+    # may show different findings. The records' label only fills images that carry none.
     lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
     rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
-    clash = own.notna() & rec.notna() & (own != rec)
-    if clash.any():
-        problems.append(f"{path.name}: column {labc!r} disagrees with the patient's label in the "
-                        f"records on {int(clash.sum())} row(s) ({_lines(df.index[clash])})")
     orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
     if orphan.any():
         problems.append(f"{path.name}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
-                        f"record to take it from ({_lines(df.index[orphan])})")
+                        f"record label to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
     return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
                          "label": label.to_numpy()})
+
+
+def _check_unlabelled_patients(path: Path, cfg: DataConfig, labels: pd.Series, lines: pd.Series,
+                               images: pd.DataFrame | None, problems: list[str]) -> None:
+    """A record-only patient (no image rows) needs the records' label: it is its only sample."""
+    with_images = set() if images is None else set(images["patient_id"].dropna())
+    bare = labels.isna() & ~labels.index.isin(list(with_images))
+    if bare.any():
+        where = pd.Index(lines[bare].to_numpy(), name=lines.name)
+        problems.append(f"{path.name}: {int(bare.sum())} patient(s) have no {cfg.label_column!r} "
+                        f"in the records and no image in images.csv to carry one ({_lines(where)})")
 
 
 def _records_path(site_dir: Path) -> Path | None:
@@ -242,12 +258,15 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
     classes = {normalise_value(c): i for i, c in enumerate(data_cfg.classes)}
     problems: list[str] = []
     try:
-        loaded = _load_records(rec_path, data_cfg, classes, problems) if rec_path else None
-        records, rec_labels = loaded if loaded else (None, None)
+        loaded = (_load_records(rec_path, data_cfg, classes, problems, images=img_path.is_file())
+                  if rec_path else None)
+        records, rec_labels, rec_lines = loaded if loaded else (None, None, None)
         if rec_path is None:  # image-only site: labels must come from images.csv
             rec_labels = pd.Series(dtype=object)
         images = (_load_images(img_path, site_dir, data_cfg, classes, rec_labels, problems)
                   if img_path.is_file() else None)
+        if rec_labels is not None and rec_lines is not None:
+            _check_unlabelled_patients(rec_path, data_cfg, rec_labels, rec_lines, images, problems)
     except RecordError as exc:
         raise SiteDataError(str(exc)) from None
     if problems:

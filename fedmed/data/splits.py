@@ -1,8 +1,11 @@
 """Patient-level, label-stratified train/val/test splits.
 
-A patient's samples (several images of one lesion, say) always land on one side, otherwise
-test scores leak. Stratifying on (site, label) keeps every site and class on every side
-where the counts allow it.
+A patient's samples (several images of one lesion, follow-up X-rays with different findings)
+always land on one side, otherwise test scores leak: a model that recalls the person scores
+on their other images. Labels are per sample, so a patient can carry a mix of labels;
+StratifiedGroupKFold balances each fold on the groups' label *mix* (it counts every
+patient's samples per class), which is the stratification wanted here. Stratifying on
+(site, label) keeps every site and class on every side where the counts allow it.
 """
 
 from __future__ import annotations
