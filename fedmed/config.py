@@ -76,6 +76,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
+    split_column: str | None = Field(
+        None, description="column in records (or images) naming each patient's side: train, val "
+        "or test (a study's fixed split); without val rows, val is carved from the train "
+        "patients by val_fraction")
     cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
     image_roots: list[str] = Field(
         default_factory=list, description="folders outside a site folder that its images.csv may "

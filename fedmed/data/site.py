@@ -19,10 +19,12 @@ import pandas as pd
 
 from fedmed.config import DataConfig
 from fedmed.data.records import RecordEncoder, RecordError, normalise_value, read_table, to_numeric
+from fedmed.data.splits import SPLIT_NAMES
 
 __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
 
 _SHOW = 10  # line numbers / paths shown per problem
+_SPLIT = "split"  # the samples column that holds data.split_column's side
 SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site"]
 
 
@@ -148,7 +150,7 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
     idc, labc = cfg.id_column, cfg.label_column
     features = [*cfg.numeric, *cfg.categorical] + ([cfg.notes_column] if cfg.notes_column else [])
     required = list(dict.fromkeys([idc, *([] if images else [labc]), *features]))
-    allowed = list(dict.fromkeys([idc, labc, *features]))
+    allowed = list(dict.fromkeys([idc, labc, *features, *([cfg.split_column] if cfg.split_column else [])]))
     complete = _check_columns(df, required, allowed, path, cfg, problems)
     ids = _ids(df[idc]) if idc in df.columns else None
     if ids is not None and ids.isna().any():
@@ -172,6 +174,8 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
     out = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="patient_id"))
     for col in features:
         out[col] = to_numeric(df[col]).to_numpy() if col in cfg.numeric else df[col].to_numpy()
+    if cfg.split_column and cfg.split_column in df.columns:
+        out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
     return (out, pd.Series(labels.to_numpy(), index=out.index),
             pd.Series(df.index.to_numpy(), index=out.index, name=df.index.name))
 
@@ -187,7 +191,8 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
     """``rec_labels`` None means the records could not be read: skip label cross-checks."""
     df = read_table(path, keep=[cfg.id_column, "image"])
     idc, labc = cfg.id_column, cfg.label_column
-    if not _check_columns(df, ["image", idc], ["image", idc, labc], path, cfg, problems):
+    allowed = ["image", idc, labc, *([cfg.split_column] if cfg.split_column else [])]
+    if not _check_columns(df, ["image", idc], allowed, path, cfg, problems):
         return None
     ids, files = _ids(df[idc]), df["image"].astype("string").str.strip()
     for col, vals in (("image", files.isna() | (files == "")), (idc, ids.isna())):
@@ -219,8 +224,11 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
         problems.append(f"{path.name}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
                         f"record label to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
-    return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
-                         "label": label.to_numpy()})
+    out = pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
+                        "label": label.to_numpy(), "line": df.index.to_numpy()})
+    if cfg.split_column and cfg.split_column in df.columns:
+        out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
+    return out
 
 
 def _check_unlabelled_patients(path: Path, cfg: DataConfig, labels: pd.Series, lines: pd.Series,
@@ -232,6 +240,67 @@ def _check_unlabelled_patients(path: Path, cfg: DataConfig, labels: pd.Series, l
         where = pd.Index(lines[bare].to_numpy(), name=lines.name)
         problems.append(f"{path.name}: {int(bare.sum())} patient(s) have no {cfg.label_column!r} "
                         f"in the records and no image in images.csv to carry one ({_lines(where)})")
+
+
+def _check_split_values(df: pd.DataFrame, col: str, path: Path, problems: list[str]) -> pd.Series:
+    """The split column as lower-case train/val/test; empty and unknown cells are problems."""
+    vals = df[col].astype("string").str.strip().str.lower()
+    empty = vals.isna() | (vals == "")
+    if empty.any():
+        problems.append(f"{path.name}: split column {col!r} is empty on {int(empty.sum())} row(s) "
+                        f"({_lines(df.index[empty])})")
+    bad = ~empty & ~vals.isin(SPLIT_NAMES)
+    if bad.any():  # the values are not shown (the column may be a wrong one, ids say)
+        problems.append(f"{path.name}: split column {col!r} has {int(bad.sum())} value(s) that are "
+                        f"not one of {list(SPLIT_NAMES)} ({_lines(df.index[bad])})")
+    return vals.where(~empty & ~bad).astype(object)
+
+
+def _check_split(cfg: DataConfig, rec_path: Path | None, records: pd.DataFrame | None,
+                 rec_lines: pd.Series | None, img_path: Path, images: pd.DataFrame | None,
+                 problems: list[str]) -> pd.Series | None:
+    """Each patient's side from ``data.split_column``; None when the column is not set.
+
+    A patient on two sides (images that disagree, or images vs records), a record-only
+    patient without a side, or a column found in neither table is a problem naming lines.
+    """
+    col = cfg.split_column
+    if not col:
+        return None
+    in_rec = records is not None and _SPLIT in records.columns
+    in_img = images is not None and _SPLIT in images.columns
+    if not in_rec and not in_img:
+        where = " or ".join(p.name for p in (rec_path, img_path if images is not None else None) if p)
+        problems.append(f"data.split_column {col!r} is set but {where} has no such column")
+        return None
+    side: dict[str, str] = {}
+    if in_img:
+        per = images.dropna(subset=["patient_id"]).groupby("patient_id")[_SPLIT]
+        split_ids = per.nunique()
+        split_ids = split_ids.index[split_ids > 1]
+        if len(split_ids):
+            rows = images.index[images["patient_id"].isin(split_ids)]
+            problems.append(f"{img_path.name}: {len(split_ids)} patient(s) have images on more than "
+                            f"one side of split column {col!r} "
+                            f"({_lines(pd.Index(images.loc[rows, 'line'], name='line'))})")
+        side.update({p: v for p, v in per.first().items() if isinstance(v, str)})
+    if in_rec and rec_path is not None and rec_lines is not None:
+        rec_side = records[_SPLIT]
+        clash = pd.Series([isinstance(v, str) and p in side and side[p] != v
+                           for p, v in rec_side.items()], index=rec_side.index)
+        if clash.any():
+            problems.append(f"{rec_path.name}: split column {col!r} puts {int(clash.sum())} "
+                            f"patient(s) on another side than their images in {img_path.name} "
+                            f"({_lines(pd.Index(rec_lines[clash].to_numpy(), name=rec_lines.name))})")
+        side.update({p: v for p, v in rec_side.items() if isinstance(v, str) and p not in side})
+    elif records is not None and len(records) and rec_path is not None and rec_lines is not None:
+        with_images = set() if images is None else set(images["patient_id"].dropna())
+        bare = ~records.index.isin(list(with_images))
+        if bare.any():
+            problems.append(f"{rec_path.name}: {int(bare.sum())} record-only patient(s) have no side: "
+                            f"split column {col!r} is only in {img_path.name} "
+                            f"({_lines(pd.Index(rec_lines[bare].to_numpy(), name=rec_lines.name))})")
+    return pd.Series(side, dtype=object)
 
 
 def _records_path(site_dir: Path) -> Path | None:
@@ -267,6 +336,7 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
                   if img_path.is_file() else None)
         if rec_labels is not None and rec_lines is not None:
             _check_unlabelled_patients(rec_path, data_cfg, rec_labels, rec_lines, images, problems)
+        sides = _check_split(data_cfg, rec_path, records, rec_lines, img_path, images, problems)
     except RecordError as exc:
         raise SiteDataError(str(exc)) from None
     if problems:
@@ -277,7 +347,17 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
         feats += [data_cfg.notes_column] if data_cfg.notes_column else []
         records = pd.DataFrame(columns=feats, index=pd.Index([], name="patient_id", dtype=object))
         rec_labels = pd.Series(dtype=object)
-    return _assemble(name, site_dir, data_cfg, classes, records, rec_labels, images)
+    site = _assemble(name, site_dir, data_cfg, classes, records.drop(columns=[_SPLIT], errors="ignore"),
+                     rec_labels, None if images is None else images.drop(columns=["line", _SPLIT],
+                                                                           errors="ignore"))
+    if sides is not None:
+        site.samples[_SPLIT] = site.samples["patient_id"].map(sides).to_numpy()
+        counts = site.samples[_SPLIT].value_counts()
+        empty = [k for k in ("train", "test") if not counts.get(k, 0)]
+        if empty:
+            raise SiteDataError(f"site {name!r}: split column {data_cfg.split_column!r} leaves the "
+                                f"{' and '.join(empty)} side(s) empty ({', '.join(f'{k}: {int(counts.get(k, 0))}' for k in SPLIT_NAMES)} samples)")
+    return site
 
 
 def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
