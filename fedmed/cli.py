@@ -68,15 +68,21 @@ def _cmd_deidentify(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
-    from fedmed.data.site import load_site
+    from fedmed.data.checks import check_site, format_checks
+    from fedmed.data.images import ImageCache, Preprocess
     from fedmed.task import site_dirs
 
     cfg = load_config(args.config, args.overrides)
-    for name, path in site_dirs(cfg.data).items():
-        site = load_site(path, cfg.data, name=name)
-        print(site.summary.table())
-        print()
-    return 0
+    cache = None if args.no_images else ImageCache(cfg.data.cache_dir, Preprocess.from_config(cfg.data))
+    checks = [check_site(path, cfg.data, name=name, cache=cache)
+              for name, path in site_dirs(cfg.data).items()]
+    if args.verbose:
+        for c in checks:
+            print(c.summary + "\n" if c.summary else "")
+    print(format_checks(checks))
+    bad = [c.name for c in checks if not c.ok]
+    print(f"\n{len(checks) - len(bad)} of {len(checks)} site(s) ok" + (f"; errors at {bad}" if bad else ""))
+    return 1 if bad else 0
 
 
 def _cmd_train_local(args: argparse.Namespace) -> int:
@@ -126,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument("--salt-file", required=True, help="secret salt (created if absent); keep it at the site")
     deid.set_defaults(func=_cmd_deidentify)
 
-    chk = data.add_parser("check", help="validate every site folder of a config and print summaries")
+    chk = data.add_parser("check", help="validate every site folder of a config (tables, ranges, ids, "
+                          "split, every image decoded once); exit 1 on any error")
     _add_config_args(chk)
+    chk.add_argument("--no-images", action="store_true", help="skip decoding the images")
+    chk.add_argument("--verbose", "-v", action="store_true", help="also print each site's summary")
     chk.set_defaults(func=_cmd_check)
 
     tl = sub.add_parser("train-local", help="train and evaluate on one site or a pooled set")

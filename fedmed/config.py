@@ -54,6 +54,10 @@ class DataConfig(_Strict):
         default_factory=dict, description="column -> allowed values (fixed vocabulary)"
     )
     ignore_columns: list[str] = Field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"age": (0.0, 120.0)},
+        description="numeric column -> (min, max) plausible values; a value outside is a data "
+        "error naming the lines. Columns without a range must stay within +-1e9")
     image_size: int = Field(64, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     window: tuple[float, float] | None = Field(

@@ -67,6 +67,8 @@ def read_table(path: str | Path, *, keep: Sequence[str] = ()) -> pd.DataFrame:
     if not path.is_file():
         raise RecordError(f"table not found: {path.name!r}")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise RecordError(f"{path.name}: the file is empty (no header, no rows)")
     try:
         if suffix == ".csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],

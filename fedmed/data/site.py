@@ -147,6 +147,8 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
     carries its own label and the records' label (if any) is a patient-level fallback.
     """
     df = read_table(path, keep=[cfg.id_column])
+    if _header_only(df, path, problems):
+        return None
     idc, labc = cfg.id_column, cfg.label_column
     features = [*cfg.numeric, *cfg.categorical] + ([cfg.notes_column] if cfg.notes_column else [])
     required = list(dict.fromkeys([idc, *([] if images else [labc]), *features]))
@@ -163,12 +165,15 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
                         f"{_lines(df.index[dup])}); records hold one row per patient")
     labels = (_check_labels(df, labc, classes, path, problems, allow_empty=images)
               if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
+    if ids is not None:
+        _check_id_spelling(ids, path, idc, problems)
     for col in (c for c in cfg.numeric if c in df.columns):
         bad = df[col].notna() & to_numeric(df[col]).isna()
         bad &= df[col].astype("string").str.strip().fillna("") != ""
         if bad.any():
             problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) that "
                             f"are not finite numbers ({_lines(df.index[bad])})")
+        _check_range(to_numeric(df[col]), df.index, col, cfg, path, problems)
     if not complete or ids is None:
         return None
     out = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="patient_id"))
@@ -178,6 +183,47 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
         out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
     return (out, pd.Series(labels.to_numpy(), index=out.index),
             pd.Series(df.index.to_numpy(), index=out.index, name=df.index.name))
+
+
+_HUGE = 1e9  # |value| beyond this, in a column without a configured range, is an export error
+
+
+def _check_range(values: pd.Series, lines: pd.Index, col: str, cfg: DataConfig, path: Path,
+                 problems: list[str]) -> None:
+    """Values outside ``data.ranges[col]`` (or beyond +-1e9 without one) are problems."""
+    lo, hi = cfg.ranges.get(col, (-_HUGE, _HUGE))
+    bad = values.notna() & ((values < lo) | (values > hi))
+    if bad.any():  # the bounds are config, not data: they may be shown; the values may not
+        what = (f"outside data.ranges [{lo:g}, {hi:g}]" if col in cfg.ranges
+                else f"beyond +-{_HUGE:g} (set data.ranges.{col} if such values are real)")
+        problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) {what} "
+                        f"({_lines(lines[bad.to_numpy()])})")
+
+
+_SCI = r"^[+-]?\d(\.\d+)?[eE][+-]?\d+$"
+
+
+def _check_id_spelling(ids: pd.Series, path: Path, idc: str, problems: list[str]) -> None:
+    """Ids a spreadsheet has mangled: scientific notation, or "7" next to "7.0" in one table."""
+    text = ids.dropna().astype(str)
+    sci = text.str.match(_SCI)
+    if sci.any():
+        problems.append(f"{path.name}: {int(sci.sum())} id(s) in column {idc!r} are in scientific "
+                        "notation, as a spreadsheet writes long numbers (digits may be lost; "
+                        f"export ids as text) ({_lines(text.index[sci])})")
+    as_num = text.map(normalise_value)
+    clash = as_num.duplicated(keep=False) & ~text.duplicated(keep=False)
+    if clash.any():
+        problems.append(f"{path.name}: {int(clash.sum())} id(s) in column {idc!r} differ only in "
+                        "how a number is written (7 vs 7.0 vs 007): one patient or several? "
+                        f"({_lines(text.index[clash])})")
+
+
+def _header_only(df: pd.DataFrame, path: Path, problems: list[str]) -> bool:
+    if len(df) == 0:
+        problems.append(f"{path.name}: the table has a header but no data rows (an empty export?)")
+        return True
+    return False
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -190,11 +236,14 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
                  rec_labels: pd.Series | None, problems: list[str]) -> pd.DataFrame | None:
     """``rec_labels`` None means the records could not be read: skip label cross-checks."""
     df = read_table(path, keep=[cfg.id_column, "image"])
+    if _header_only(df, path, problems):
+        return None
     idc, labc = cfg.id_column, cfg.label_column
     allowed = ["image", idc, labc, *([cfg.split_column] if cfg.split_column else [])]
     if not _check_columns(df, ["image", idc], allowed, path, cfg, problems):
         return None
     ids, files = _ids(df[idc]), df["image"].astype("string").str.strip()
+    _check_id_spelling(ids, path, idc, problems)
     for col, vals in (("image", files.isna() | (files == "")), (idc, ids.isna())):
         if vals.any():
             problems.append(f"{path.name}: column {col!r} is empty on {int(vals.sum())} row(s) "
