@@ -234,7 +234,9 @@ class FedmedConfig(_Strict):
 
 
 # Message types a site may answer (Flower's "<category>[.<action>]").
-MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query")
+# query.statistics (fedmed.stats): aggregates only, small cells suppressed below the site's
+# stats_min_count — allowed by default, as federated-statistics tools do (FLARE's min_count).
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query", "query.statistics")
 
 
 class SitePolicy(_Strict):
@@ -261,6 +263,9 @@ class SitePolicy(_Strict):
     share_site_metrics: bool = Field(
         True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
     allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
+    stats_min_count: int = Field(
+        5, ge=1, description="federated statistics: counts below this never leave the site (the "
+        "server may ask for a larger k, never a smaller one)")
 
     @field_validator("allowed_messages")
     @classmethod

@@ -29,6 +29,7 @@ __all__ = [
     "screen_metric_replies",
     "Rejected",
     "CALIBRATION_ACTION",
+    "STATS_ACTION",
     "encode_job",
     "decode_job",
     "ERROR_CODES",
@@ -49,6 +50,8 @@ JOB_KEY = "fedmed-job"
 # Temperature scaling after the last round travels as message type "evaluate.calibration";
 # its config says the step ("calibration": "fit" | "measure").
 CALIBRATION_ACTION = "calibration"
+# Federated statistics (fedmed.stats) travel as message type "query.statistics".
+STATS_ACTION = "statistics"
 
 
 # A site's error reply is Error(code, reason) with reason "fedmed/<kind> ref=<12 hex>

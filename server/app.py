@@ -64,4 +64,10 @@ def run(grid: Grid, run_config: dict) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, dict(context.run_config))
+    run_config = dict(context.run_config)
+    if run_config.get("fedmed-task") == "stats":
+        from fedmed.server.stats import run_stats
+
+        run_stats(grid, run_config)
+        return
+    run(grid, run_config)

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-key", dest="auth_keys", type=Path, action="append", default=[],
                    help="public key (.pub) of an invited site (repeat per site): only they may join")
     p.add_argument("--startup-timeout", type=float, default=90.0)
+    p.add_argument("--stats", action="store_true", help="federated statistics instead of training "
+                   "(fedmed.stats): aggregates only, small cells suppressed at each site")
+    p.add_argument("--stats-k", type=int, default=5, help="--stats: smallest count shown (sites may raise it)")
+    p.add_argument("--stats-bins", type=int, default=10)
+    p.add_argument("--stats-epsilon", type=float, help="--stats: Gaussian noise with this ε (default none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name
     out = out.resolve()
-    if out.exists() and (out / "state.pkl").exists() and not args.resume:
+    if out.exists() and (out / "state.pkl").exists() and not args.resume and not args.stats:
         raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
     out.mkdir(parents=True, exist_ok=True)
     tls = _tls(args)
@@ -119,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"fedmed-server: invited site key {Path(key).name}", flush=True)
         run_cfg = {"fedmed-config": str(out / "config.json"), "out-dir": str(out),
                    "resume": bool(args.resume), "mlflow-uri": args.mlflow_uri or ""}
+        if args.stats:
+            from fedmed.server.stats import STATS_REQUEST, StatsRequest
+
+            req = StatsRequest(k=args.stats_k, bins=args.stats_bins, epsilon=args.stats_epsilon)
+            (out / STATS_REQUEST).write_text(json.dumps(req.__dict__))
+            run_cfg["fedmed-task"] = "stats"
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
         if res.returncode != 0:
@@ -131,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         if status != "finished:completed":
             print(f"fedmed-server: federation ended with status {status}: {details}", file=sys.stderr)
             return 1
+        if args.stats:
+            print(f"\nfedmed-server: statistics {out / 'stats.html'} and {out / 'stats.json'}", flush=True)
+            return 0
         from fedmed.server.checkpoint import load_state
         from fedmed.server.report import summary_table
 
