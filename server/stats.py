@@ -96,7 +96,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
         ax.set_title(name, fontsize=8)
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=6)
         ax.tick_params(axis="y", labelsize=6)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.06)
     return f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,{_png(fig)}">'
 
 
