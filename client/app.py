@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
-from fedmed.client.policy import check_local_steps, check_number, check_number_list
+from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import (
     CALIBRATION_ACTION,
@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict = {"num-examples": n_train}
     if rt.cfg.privacy.enabled:
         stats, metrics["epsilon"] = _private_round(rt, lr=lr, mu=mu, rnd=rnd,
-                                                   federation=str(config.get("federation-id", "run")))
+                                                   federation=check_name("federation-id",
+                                                                         config.get("federation-id", "run")))
     else:
         optimizer = make_optimizer(rt.model, rt.cfg.train, lr=lr)
         stats = train_epochs(
@@ -152,7 +153,7 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
 
     import torch
 
-    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp
+    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp, total_epsilon
 
     p, site = rt.cfg.privacy, rt.site_cfg
     if mu > 0:
@@ -166,6 +167,14 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
     ledger = PrivacyLedger(state_dir / "privacy" / f"{federation}.json", accountant=p.accountant)
     cap = min(p.target_epsilon, site.policy.max_epsilon or float("inf"))
     spent = ledger.epsilon(p.target_delta)
+    if site.policy.max_total_epsilon is not None:
+        # A new federation id starts a new ledger; the site's total over all of them is capped
+        # too (sequential composition: the ε of every federation it trained in add up).
+        others = total_epsilon(state_dir / "privacy", delta=p.target_delta, exclude=ledger.path)
+        cap = min(cap, site.policy.max_total_epsilon - others)
+        if cap <= 0:
+            raise BudgetError(f"this site's total privacy budget over all federations is spent "
+                              f"(ε={others:.3g} of policy.max_total_epsilon={site.policy.max_total_epsilon:g})")
     projected = ledger.epsilon(p.target_delta, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
     if projected > cap * 1.01:
         raise BudgetError(f"site {rt.site}: privacy budget spent (ε={spent:.3g} of {cap:.3g}; another "

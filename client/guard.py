@@ -13,6 +13,7 @@ so a hospital can show what left the building.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -84,8 +85,9 @@ def describe_reply(msg: Message) -> dict[str, Any]:
             out[key] = {name: [list(a.shape), a.dtype] for name, a in record.items()}
         elif isinstance(record, MetricRecord):
             out[key] = dict(record)
-        elif isinstance(record, ConfigRecord):
-            out[key] = {k: v for k, v in record.items()}
+        elif isinstance(record, ConfigRecord):  # bytes (a public key): its size and fingerprint
+            out[key] = {k: ({"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()[:12]}
+                            if isinstance(v, bytes) else v) for k, v in record.items()}
         else:
             out[key] = type(record).__name__
     return out
@@ -150,10 +152,13 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
             raise GuardError(f"handler returned an error reply (code {reply.error.code}: "
                              f"{reply.error.reason})")  # the site's log only
         _check(reply, max_list=site.policy.max_metric_list)
+        _audit(context, describe_reply(reply))  # fail closed: what cannot be logged is not sent
+        return reply
     except Exception as exc:  # noqa: BLE001 - nothing leaves as exception text
         reply = error_reply(msg, exc, site=site_name)
+    try:
         _audit(context, {"type": msg.metadata.message_type, "keys": [], "bytes": wire_bytes(reply),
                          "error": reply.error.reason})
-        return reply
-    _audit(context, describe_reply(reply))
+    except Exception:  # noqa: BLE001 - an error reply carries nothing; still tell the server
+        log.exception("could not write the audit log for an error reply")
     return reply

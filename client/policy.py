@@ -15,7 +15,8 @@ from typing import Any
 from fedmed.config import FedmedConfig, SiteConfig
 from fedmed.messages import PublicRefusal
 
-__all__ = ["check_message", "check_job", "check_local_steps", "check_number_list", "local_steps"]
+__all__ = ["check_message", "check_job", "check_local_steps", "check_number_list", "check_number",
+           "check_name", "local_steps"]
 
 # Temperatures, learning rates and the like: finite and in a sane range.
 _NUMBER_RANGE = (1e-3, 1e3)
@@ -117,6 +118,15 @@ def check_number(name: str, value: Any) -> float:
     if not (math.isfinite(x) and lo <= x <= hi):
         raise PublicRefusal(f"{name} must be a finite number in [{lo:g}, {hi:g}]")
     return x
+
+
+def check_name(name: str, value: Any) -> str:
+    """A name from the server that the site uses in a file name (the federation id): no paths."""
+    text = str(value)
+    if not (0 < len(text) <= 64 and all(ch.isalnum() or ch in "_-." for ch in text) and ".." not in text
+            and not text.startswith(".")):
+        raise PublicRefusal(f"{name} must be 1-64 letters, digits, '_', '-' or '.' (no path)")
+    return text
 
 
 def _key(name: str) -> str:

@@ -248,6 +248,9 @@ class SitePolicy(_Strict):
 
     require_dp: bool = Field(False, description="refuse any training job without DP-SGD (privacy.enabled)")
     max_epsilon: float | None = Field(None, gt=0.0, description="cap on the federation's ε at this site")
+    max_total_epsilon: float | None = Field(
+        None, gt=0.0, description="cap on the ε of all federations this site trained in, added up "
+        "(a coordinator cannot reset the budget by starting a new federation)")
     max_delta: float | None = Field(None, gt=0.0, lt=1.0)
     max_grad_norm: float | None = Field(None, gt=0.0, description="cap on DP-SGD's clipping norm")
     budget: Literal["refuse", "spend"] = Field(

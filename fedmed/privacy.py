@@ -32,6 +32,7 @@ __all__ = [
     "plan_dp",
     "check_caps",
     "PrivacyLedger",
+    "total_epsilon",
     "make_private",
 ]
 
@@ -119,6 +120,17 @@ class PrivacyLedger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}))
         os.replace(tmp, self.path)
+
+
+def total_epsilon(folder: Path, *, delta: float, exclude: Path | None = None) -> float:
+    """ε spent over every federation ledger in ``folder`` (sequential composition: they add)."""
+    total = 0.0
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if exclude is not None and path.resolve() == Path(exclude).resolve():
+            continue
+        data = json.loads(path.read_text())
+        total += PrivacyLedger(path, accountant=str(data.get("accountant", "rdp"))).epsilon(delta)
+    return total
 
 
 def _collate_with_empty(batch: list[dict[str, torch.Tensor]], template: dict[str, torch.Tensor]):

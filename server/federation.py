@@ -128,9 +128,8 @@ def _wait_for_sites(grid: GridLike, minimum: int, timeout: float) -> int:
         time.sleep(0.5)
 
 
-def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    per_site, failed = screen_metric_replies(replies)
-    return per_site, list(failed)
+def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    return screen_metric_replies(replies)
 
 
 def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: ConfigRecord,

@@ -85,12 +85,15 @@ def image_problems(site: SiteData, cache: ImageCache) -> tuple[int, list[str]]:
     rows = site.samples[site.samples["has_image"]]
     if rows.empty:
         return 0, []
-    try:
-        lines = list(read_table(site.site_dir / "images.csv").index)
-    except RecordError:
-        lines = list(range(2, len(rows) + 2))
-    if len(lines) != len(rows):  # images come first in samples, in images.csv order
-        lines = list(range(2, len(rows) + 2))
+    if "image_line" in rows and rows["image_line"].notna().all():
+        lines = [int(x) for x in rows["image_line"]]
+    else:  # images come first in samples, in images.csv order
+        try:
+            lines = list(read_table(site.site_dir / "images.csv").index)
+        except RecordError:
+            lines = []
+        if len(lines) != len(rows):
+            lines = list(range(2, len(rows) + 2))
     by_reason: dict[str, list[int]] = defaultdict(list)
     verdict: dict[str, str | None] = {}
     for path, line in zip(rows["image_path"], lines):

@@ -25,7 +25,10 @@ __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sit
 
 _SHOW = 10  # line numbers / paths shown per problem
 _SPLIT = "split"  # the samples column that holds data.split_column's side
-SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site"]
+# image_line: the image's 1-based line in images.csv, so image errors can say where a file is
+# listed instead of naming it (file names are often built from patient ids).
+SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site",
+                  "image_line"]
 
 
 class SiteDataError(ValueError):
@@ -274,7 +277,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
                         f"record label to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
     out = pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
-                        "label": label.to_numpy(), "line": df.index.to_numpy()})
+                        "label": label.to_numpy(), "image_line": df.index.to_numpy()})
     if cfg.split_column and cfg.split_column in df.columns:
         out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
     return out
@@ -331,7 +334,7 @@ def _check_split(cfg: DataConfig, rec_path: Path | None, records: pd.DataFrame |
             rows = images.index[images["patient_id"].isin(split_ids)]
             problems.append(f"{img_path.name}: {len(split_ids)} patient(s) have images on more than "
                             f"one side of split column {col!r} "
-                            f"({_lines(pd.Index(images.loc[rows, 'line'], name='line'))})")
+                            f"({_lines(pd.Index(images.loc[rows, 'image_line'], name='line'))})")
         side.update({p: v for p, v in per.first().items() if isinstance(v, str)})
     if in_rec and rec_path is not None and rec_lines is not None:
         rec_side = records[_SPLIT]
@@ -397,7 +400,7 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
         records = pd.DataFrame(columns=feats, index=pd.Index([], name="patient_id", dtype=object))
         rec_labels = pd.Series(dtype=object)
     site = _assemble(name, site_dir, data_cfg, classes, records.drop(columns=[_SPLIT], errors="ignore"),
-                     rec_labels, None if images is None else images.drop(columns=["line", _SPLIT],
+                     rec_labels, None if images is None else images.drop(columns=[_SPLIT],
                                                                            errors="ignore"))
     if sides is not None:
         site.samples[_SPLIT] = site.samples["patient_id"].map(sides).to_numpy()
@@ -427,6 +430,8 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int
     samples["has_image"] = samples["has_image"].astype(bool)
     samples["has_record"] = samples["patient_id"].isin(rec_ids)
     samples["site"] = name
+    samples["image_line"] = samples.get("image_line", pd.Series(pd.NA, index=samples.index)
+                                        ).astype("Int64")
     samples = samples[SAMPLE_COLUMNS]
     counts = np.bincount(samples["label"].to_numpy(), minlength=len(cfg.classes))
     features = [*cfg.numeric, *cfg.categorical]

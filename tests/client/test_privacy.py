@@ -56,6 +56,18 @@ def test_spend_mode_trains_until_its_own_cap(synth_config, synth_root, tmp_path)
     assert 1 <= len(spent) < 4 and spent[-1] <= 6.0 * 1.01
 
 
+def test_a_new_federation_id_is_no_new_budget(synth_config, synth_root, tmp_path):
+    """policy.max_total_epsilon caps ε summed over every federation the site trained in."""
+    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"policy": {"max_total_epsilon": 6.0}},
+                  privacy={"target_epsilon": 4.0}, rounds=3)
+    first = [_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f1")[1] for r in (1, 2, 3)]
+    second = []
+    with pytest.raises(BudgetError, match="budget"):
+        for r in (1, 2, 3):  # the coordinator starts "another" federation to reset the budget
+            second.append(_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f2")[1])
+    assert len(second) < 3 and first[-1] + (second[-1] if second else 0.0) <= 6.0 * 1.01
+
+
 # --- per-sample gradients: fedmed's Conv2d grad sampler against Opacus' own and plain autograd ---
 
 import copy  # noqa: E402

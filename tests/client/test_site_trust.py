@@ -190,6 +190,15 @@ def test_job_paths_are_ignored_and_local_paths_refused(synth_config, synth_root,
     assert reply.has_error() and "model.notes.tokenizer_dir names a path" in reply.error.reason
 
 
+def test_federation_id_cannot_name_a_path(synth_config, synth_root, tmp_path):
+    """The federation id names the site's DP ledger file: a path in it is refused."""
+    _, path = synth_config(privacy={"enabled": True}, model={"variant": "record"})
+    ctx = _site(tmp_path, synth_root / "hospital_a")
+    reply = _send(ctx, load_config(path), **{"federation-id": "../../escaped"})
+    assert reply.has_error() and "federation-id must be" in reply.error.reason
+    assert not list(tmp_path.rglob("escaped*"))
+
+
 def test_other_fedmed_version_is_refused_as_unapproved(synth_config, tmp_path):
     _, path = synth_config()
     cfg = load_config(path)
@@ -240,3 +249,19 @@ def test_metrics_lists_beyond_the_policy_are_blocked(tmp_path, synth_root):
 
     reply = privacy_guard(_message("train", RecordDict()), ctx, long_list)
     assert reply.has_error() and reply.error.code == ERROR_CODES["guard"]
+
+
+def test_a_public_key_reply_is_audited(tmp_path, synth_root):
+    """The secure-aggregation key reply (bytes) is logged by size and fingerprint, and sent."""
+    from fedmed.messages import SECAGG_KEY, SITE_KEY
+
+    ctx = _site(tmp_path, synth_root / "hospital_a")
+
+    def key_reply(msg, ctx):
+        return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"public-key": b"k" * 32}),
+                                           SITE_KEY: ConfigRecord({"name": "hospital_a"})}), reply_to=msg)
+
+    reply = privacy_guard(_message("query", RecordDict()), ctx, key_reply)
+    assert not reply.has_error()
+    entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert entry[SECAGG_KEY]["public-key"]["bytes"] == 32
