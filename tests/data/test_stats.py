@@ -2,7 +2,8 @@
 
 The site side (:func:`fedmed.stats.site_statistics`) on a real site folder, the real
 ClientApp handler behind the site's guard with a hostile request (k=1, bad numbers), and
-the pooled view. The federation itself runs in tests/server/test_stats_federation.py.
+the pooled view. Over real SuperNodes: tests/server/test_stats_deployment.py; in simulation:
+test_stats_in_simulation below (slow).
 """
 
 from __future__ import annotations
@@ -163,3 +164,25 @@ def test_policy_can_close_statistics(make_site, data_cfg, tmp_path):
     ctx = _context(_site_yaml(tmp_path, make_site(), allowed_messages=["train", "evaluate"]))
     reply = app(_message(cfg, **{"stats-k": 5}), ctx)
     assert reply.has_error() and "query.statistics is not allowed" in reply.error.reason
+
+
+@pytest.mark.slow
+def test_stats_in_simulation(make_site, data_cfg, tmp_path):
+    """``fedmed stats`` end to end in Flower's simulation engine: two sites, JSON and HTML."""
+    import yaml
+
+    from fedmed.cli import main
+
+    make_site("north")
+    make_site("south")
+    data = data_cfg.model_dump(mode="json")
+    data.update(root=str(tmp_path), sites=["north", "south"], ranges={"age": [0, 120], "bp": [60, 200]})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "stats-sim", "data": data}))
+    out = tmp_path / "stats"
+    assert main(["stats", "-c", str(cfg), "--out", str(out), "--k", "1", "--cpus", "2"]) == 0
+    res = json.loads((out / "stats.json").read_text())
+    assert sorted(res["sites"]) == ["north", "south"] and res["failed"] == {}
+    for stats in res["sites"].values():
+        assert stats["stats.k"] == 5 and all(v == SUPPRESSED or v == 0 or v >= 5 for v in _counts(stats))
+    assert res["pooled"]["counts"]["n.patients"] == 84 and (out / "stats.html").exists()
