@@ -28,6 +28,7 @@ from fedmed.messages import (
     PERSONALIZE_ACTION,
     SECAGG_KEY,
     SITE_KEY,
+    STATS_ACTION,
     PublicRefusal,
     decode_job,
     make_reply,
@@ -84,6 +85,41 @@ def train(msg: Message, context: Context) -> Message:
     else:
         arrays = pack(rt.model.state_dict(), half=bool(config.get("half-updates", False)))
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+
+
+@app.query(STATS_ACTION)
+def statistics_fn(msg: Message, context: Context) -> Message:
+    """Aggregate statistics of this site's data (:mod:`fedmed.stats`): counts with cells below
+    the site's ``policy.stats_min_count`` (or the server's larger k) suppressed; no row-level value."""
+    from fedmed.client.policy import check_job
+    from fedmed.client.site import _check_version
+    from fedmed.data.images import ImageCache, Preprocess
+    from fedmed.data.site import load_site
+    from fedmed.job import site_job_config
+    from fedmed.stats import StatsRequest, site_statistics
+
+    config = msg.content[CONFIG_KEY]
+    job = decode_job(config)
+    _check_version(job)
+    site_cfg = resolve_site(context)
+    cfg = site_job_config(job, site_cfg)
+    check_job(cfg, site_cfg, message_type=msg.metadata.message_type)
+    try:  # the server's numbers are checked before any data is read
+        eps = float(config.get("stats-epsilon", 0.0))
+        req = StatsRequest(k=int(config.get("stats-k", 0)), bins=int(config.get("stats-bins", 10)),
+                           epsilon=eps if eps > 0 else None, delta=float(config.get("stats-delta", 1e-5)),
+                           images=bool(config.get("stats-images", True)))
+    except (TypeError, ValueError) as exc:
+        raise PublicRefusal(f"statistics request refused: {exc}") from None
+    site = load_site(site_cfg.data_dir, cfg.data, name=site_cfg.site)
+    cache = (ImageCache(cfg.data.cache_dir, Preprocess.from_config(cfg.data))
+             if req.images and site.samples["has_image"].any() else None)
+    try:
+        metrics = site_statistics(site, cfg.data, request=req, site_k=site_cfg.policy.stats_min_count,
+                                  cache=cache, seed=int(config.get("server-round", 0)))
+    except ValueError as exc:  # "fewer than k patients": fixed words and k
+        raise PublicRefusal(str(exc)) from None
+    return make_reply(msg, site=site_cfg.site, metrics=metrics)
 
 
 @app.query()

@@ -55,6 +55,10 @@ class DataConfig(_Strict):
         default_factory=dict, description="column -> allowed values (fixed vocabulary)"
     )
     ignore_columns: list[str] = Field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"age": (0.0, 120.0)},
+        description="numeric column -> (min, max) plausible values; a value outside is a data "
+        "error naming the lines. Columns without a range must stay within +-1e9")
     image_size: int = Field(64, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     window: tuple[float, float] | None = Field(
@@ -65,6 +69,9 @@ class DataConfig(_Strict):
     color_constancy: bool = Field(
         False, description="shades-of-grey colour normalisation (RGB): removes each centre's tint"
     )
+    multiframe: Literal["middle", "first", "refuse"] = Field(
+        "middle", description="multi-frame DICOM (cine, tomosynthesis, multi-frame CT): train on "
+        "the middle frame, the first, or refuse such files")
     augment: bool = True
     any_orientation: bool = Field(
         False, description="images have no up/down (dermoscopy, histology): augment with "
@@ -74,6 +81,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
+    split_column: str | None = Field(
+        None, description="column in records (or images) naming each patient's side: train, val "
+        "or test (a study's fixed split); without val rows, val is carved from the train "
+        "patients by val_fraction")
     cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
     image_roots: list[str] = Field(
         default_factory=list, description="folders outside a site folder that its images.csv may "
@@ -262,7 +273,9 @@ class FedmedConfig(_Strict):
 
 
 # Message types a site may answer (Flower's "<category>[.<action>]").
-MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query",
+# query.statistics (fedmed.stats): aggregates only, small cells suppressed below the site's
+# stats_min_count — allowed by default, as federated-statistics tools do (FLARE's min_count).
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query", "query.statistics",
                  "evaluate.external", "evaluate.personalize", "evaluate.crosssite")
 # evaluate.crosssite sends the site's own local model through the server: a site opts in.
 DEFAULT_MESSAGES = tuple(t for t in MESSAGE_TYPES if t != "evaluate.crosssite")
@@ -300,6 +313,9 @@ class SitePolicy(_Strict):
     share_site_metrics: bool = Field(
         True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
     allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
+    stats_min_count: int = Field(
+        5, ge=1, description="federated statistics: counts below this never leave the site (the "
+        "server may ask for a larger k, never a smaller one)")
 
     @field_validator("allowed_messages")
     @classmethod

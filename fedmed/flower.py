@@ -54,6 +54,7 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "sites": "",
     "data-root": "",
     "device": "auto",
+    "fedmed-task": "",  # "" runs the federation; "stats" the federated statistics (server/stats.py)
 }
 
 

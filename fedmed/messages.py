@@ -35,6 +35,7 @@ __all__ = [
     "PERSONALIZE_TYPE",
     "CROSS_SITE_ACTION",
     "CROSS_SITE_TYPE",
+    "STATS_ACTION",
     "encode_job",
     "decode_job",
     "ERROR_CODES",
@@ -67,6 +68,8 @@ PERSONALIZE_TYPE = f"evaluate.{PERSONALIZE_ACTION}"
 # "evaluate.crosssite"; its config says the step ("crosssite": "train" | "score").
 CROSS_SITE_ACTION = "crosssite"
 CROSS_SITE_TYPE = f"evaluate.{CROSS_SITE_ACTION}"
+# Federated statistics (fedmed.stats) travel as message type "query.statistics".
+STATS_ACTION = "statistics"
 
 
 # A site's error reply is Error(code, reason) with reason "fedmed/<kind> ref=<12 hex>

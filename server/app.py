@@ -93,7 +93,13 @@ def run_evaluation(grid: Grid, run_config: dict) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    if context.run_config.get("evaluate-model"):
-        run_evaluation(grid, dict(context.run_config))
+    run_config = dict(context.run_config)
+    if run_config.get("evaluate-model"):
+        run_evaluation(grid, run_config)
         return
-    run(grid, dict(context.run_config))
+    if run_config.get("fedmed-task") == "stats":
+        from fedmed.server.stats import run_stats
+
+        run_stats(grid, run_config)
+        return
+    run(grid, run_config)

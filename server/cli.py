@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-split", choices=["all", "test"], default="test",
                    help="with --evaluate: each site's test split (default) or every row (sites new to the model)")
     p.add_argument("--bootstrap", type=int, default=200, help="with --evaluate: bootstrap replicates per site")
+    p.add_argument("--stats", action="store_true", help="federated statistics instead of training "
+                   "(fedmed.stats): aggregates only, small cells suppressed at each site")
+    p.add_argument("--stats-k", type=int, default=5, help="--stats: smallest count shown (sites may raise it)")
+    p.add_argument("--stats-bins", type=int, default=10)
+    p.add_argument("--stats-epsilon", type=float, help="--stats: Gaussian noise with this ε (default none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, _overrides(args))
         out = (Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name).resolve()
-    if args.evaluate is None and out.exists() and (out / "state.pkl").exists() and not args.resume:
+    if (args.evaluate is None and not args.stats and out.exists() and (out / "state.pkl").exists()
+            and not args.resume):
         raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
     out.mkdir(parents=True, exist_ok=True)
     tls = _tls(args)
@@ -134,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
         if args.evaluate is not None:
             run_cfg.update({"evaluate-model": str(args.evaluate.resolve()), "evaluate-split": args.evaluate_split,
                             "bootstrap": int(args.bootstrap)})
+        if args.stats:
+            from fedmed.server.stats import STATS_REQUEST, StatsRequest
+
+            req = StatsRequest(k=args.stats_k, bins=args.stats_bins, epsilon=args.stats_epsilon)
+            (out / STATS_REQUEST).write_text(json.dumps(req.__dict__))
+            run_cfg["fedmed-task"] = "stats"
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
         if res.returncode != 0:
@@ -151,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
             print("\n" + metrics_table(json.loads((out / "evaluation.json").read_text())), flush=True)
             print(f"\nfedmed-server: evaluation completed; {out / 'evaluation.html'}", flush=True)
+        if args.stats:
+            print(f"\nfedmed-server: statistics {out / 'stats.html'} and {out / 'stats.json'}", flush=True)
             return 0
         from fedmed.server.checkpoint import load_state
         from fedmed.server.report import summary_table
