@@ -24,7 +24,8 @@ _spec.loader.exec_module(_sim)
 def test_federation_stops_when_central_val_auc_stalls(synth_config, synth_root, tmp_path, monkeypatch):
     for name in ("_run_id", "_node_id", "_task_id"):  # set by Flower's runtimes for a ServerApp
         monkeypatch.setattr(TaskIdentity, name, 1)
-    # lr 1e-12: the weights move by ~1e-12 a round, so central val AUC can never rise after round 1
+    # lr 1e-12: the global model cannot get better after round 1 — the weights move by ~1e-12 a
+    # round, or (site policy: lr below 1e-3 is refused) not at all; either way the score stalls
     _, path = synth_config(federation={"rounds": 6, "local_epochs": 1, "early_stopping_rounds": 2},
                            train={"lr": 1e-12, "max_steps_per_epoch": 2})
     cfg = load_config(path)
