@@ -91,13 +91,6 @@ def _trainable(model: nn.Module) -> Iterable[torch.Tensor]:
     return (p for p in model.parameters() if p.requires_grad)
 
 
-def _batches(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # a sampler without a length
-        return None
-
-
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -133,13 +126,13 @@ def train_epochs(
     samples = steps = 0
     start = time.perf_counter()
     for epoch in range(epochs):
-        # Updated by hand (not tqdm(loader)): a wrapped iterator closes the bar when the loader
-        # is exhausted, before the epoch's final rate could be shown.
-        it = tqdm(total=_batches(loader), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
-                  disable=not progress, unit="batch")
+        it = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress,
+                  unit="batch")
+        # The last step draws the bar once more with the epoch's rate: the wrapped loader closes
+        # the bar when it is exhausted, and a short epoch may never reach tqdm's refresh interval.
+        last = min(x for x in (it.total, max_steps_per_epoch) if x is not None) - 1 if it.total else -1
         t_epoch, n_epoch = time.perf_counter(), 0
-        for step, batch in enumerate(loader):
-            it.update(1)
+        for step, batch in enumerate(it):
             if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
                 break
             inputs, target = split_batch(batch, device, fmt=fmt)
@@ -162,9 +155,8 @@ def train_epochs(
             n_epoch += len(target)
             steps += 1
             if progress:
-                it.set_postfix(img_s=f"{n_epoch / (time.perf_counter() - t_epoch):.1f}", refresh=False)
-        if progress:  # the epoch's final rate, shown even when the epoch outran the refresh interval
-            it.set_postfix(img_s=f"{n_epoch / max(time.perf_counter() - t_epoch, 1e-9):.1f}")
+                it.set_postfix(img_s=f"{n_epoch / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
+                               refresh=step == last)
         it.close()
         if scheduler is not None:
             scheduler.step()
