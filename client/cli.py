@@ -19,9 +19,21 @@ from fedmed.client import flower_compat, gate
 from fedmed.client.refusals import REFUSAL_MARK
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import run_command
-from fedmed.flower import Tls, flower_env, free_port, interrupt_on_sigterm, server_healthy, spawn, stop
+from fedmed.flower import (
+    Tls,
+    flower_env,
+    free_port,
+    interrupt_on_sigterm,
+    parse_address,
+    server_healthy,
+    server_problem,
+    spawn,
+    stop,
+)
 
 __all__ = ["main", "build_parser"]
+
+UNREACHABLE_EVERY = 5.0  # seconds between "cannot reach the coordinator" lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +74,7 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    parse_address(args.server)  # a malformed address is refused now, not retried forever
     cfg = site_config(args)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
@@ -172,6 +185,7 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
     procs = start()
     node = procs[0]
     logs, offsets = [log_path, log_path.with_name("clientapp.log")], {}
+    last_probe = time.monotonic()
     seen_server = False
     gone_since: float | None = None
     backoff = 2.0
@@ -206,6 +220,12 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
                               "(is its public key invited with --auth-key?); leaving", file=sys.stderr)
                         return 3
             _echo_refusals(logs, offsets)
+            if time.monotonic() - last_probe >= UNREACHABLE_EVERY:
+                last_probe = time.monotonic()
+                problem = server_problem(args.server, tls=tls)
+                if problem is not None:
+                    print(f"fedmed-client: cannot reach the coordinator at {args.server}: {problem}; "
+                          "retrying", file=sys.stderr, flush=True)
             time.sleep(1.0)
     finally:
         _echo_refusals(logs, offsets)
