@@ -61,7 +61,7 @@ def check_fab(content: bytes) -> None:
         raise AppRefused("the app's pyproject.toml does not parse", str(exc)) from None
     components = project.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
     if components != ALLOWED_COMPONENTS:
-        raise AppRefused("the app's components are not the allow-listed fedmed ServerApp/ClientApp",
+        raise AppRefused("the app's components are not the allow-listed fedmed ServerApp and ClientApp",
                          f"components: {components!r}")
     meta = project.get("project", {})
     if meta.get("dependencies", []):

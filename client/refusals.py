@@ -37,7 +37,7 @@ def new_ref() -> str:
 def site_error(kind: str, ref: str, public: str = "") -> tuple[int, str]:
     """``(code, reason)`` of a site error reply of ``kind``; ``public`` must be fixed text."""
     if hasattr(messages, "error_reason"):
-        reason = messages.error_reason(kind, ref, public)
+        reason = messages.error_reason(kind, ref, public=public)
     else:
         reason = f"fedmed/{kind} ref={ref}" + (f": {public}" if public else "")
     codes = getattr(messages, "ERROR_CODES", None) or _FALLBACK_CODES
