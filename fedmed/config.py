@@ -20,8 +20,10 @@ __all__ = [
     "NotesConfig",
     "TrainConfig",
     "FederationConfig",
+    "PersonalizeConfig",
     "PrivacyConfig",
     "TrackingConfig",
+    "SitePolicy",
     "SiteConfig",
     "FedmedConfig",
     "load_config",
@@ -73,6 +75,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
     cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
+    image_roots: list[str] = Field(
+        default_factory=list, description="folders outside a site folder that its images.csv may "
+        "point into (local runs; in a federation only each site's own config decides)")
     num_workers: int = Field(0, ge=0, le=64)
 
 
@@ -106,6 +111,10 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     multilabel: bool = False
     dp_compatible: bool = Field(True, description="GroupNorm, no in-place ops (Opacus-ready)")
+    trainable_stages: int | None = Field(
+        None, ge=0, le=64, description="fine-tune only the backbone's last N stages (timm's coarse "
+        "groups: stem, blocks…, head); the rest is frozen, its BatchNorm statistics fixed "
+        "(FrozenBatchNorm). 0 = frozen backbone (DP with pretrained BatchNorm); null = train all")
     notes: NotesConfig = Field(default_factory=NotesConfig)
 
     @model_validator(mode="after")
@@ -134,9 +143,25 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: bool = True
     seed: int = 0
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=10.0, description="the image backbone's learning rate = lr × this (e.g. 0.1 "
+        "for a pretrained backbone under a fresh head)")
+    warmup_epochs: int = Field(0, ge=0, le=1000, description="linear learning-rate warm-up (in a "
+                               "federation: over the first rounds covering as many local epochs)")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored elsewhere)")
     grad_clip: float | None = Field(None, gt=0.0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     progress: bool = True
+
+
+class PersonalizeConfig(_Strict):
+    """Local fine-tuning of the final global model at each site (after the last round)."""
+
+    epochs: int = Field(0, ge=0, le=1000, description="fine-tuning epochs on each site's train split; 0 = off")
+    layers: list[str] = Field(
+        default_factory=lambda: ["head", "classifier"],
+        description="parameter-name prefixes to fine-tune (the rest stay frozen); ['all'] = every layer")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="fine-tuning learning rate (default train.lr)")
 
 
 class FederationConfig(_Strict):
@@ -148,6 +173,9 @@ class FederationConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
+    early_stopping_rounds: int = Field(
+        0, ge=0, description="stop when the selection score (central val AUC, else the sites' weighted "
+        "AUC) has not improved for N rounds; the best round is kept; 0 = off")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
         "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")
@@ -155,12 +183,20 @@ class FederationConfig(_Strict):
     client_dp_clip: float = Field(1.0, gt=0.0, description="clipping norm (initial norm when adaptive)")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
+    bn: Literal["average", "local"] = Field(
+        "average", description="BatchNorm weights and statistics: averaged like every weight, or "
+        "kept at each site and never uploaded (FedBN, Li et al. 2021); needs BatchNorm in the model "
+        "(model.dp_compatible=false)")
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
+    cross_site: bool = Field(
+        False, description="after the last round: each site trains a local model from the same start for "
+        "the same budget; the global and every local model are scored at every site (a matrix)")
     calibration: Literal["federated", "central", "off"] = Field(
         "federated", description="temperature scaling of the best model after the last round, fitted "
         "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")
@@ -175,6 +211,13 @@ class FederationConfig(_Strict):
         if self.calibration == "central" and not self.central_test:
             raise ValueError("calibration: central fits the temperature on the server's held-out set; "
                              "set federation.central_test, or use calibration: federated")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_site_shows_single_sites(self) -> "FederationConfig":
+        if self.cross_site and (self.secure_aggregation or self.client_dp != "off"):
+            raise ValueError("cross_site sends each site's own local model through the server, which "
+                             "secure_aggregation / client_dp are there to prevent; choose one")
         return self
 
     @model_validator(mode="after")
@@ -218,19 +261,77 @@ class FedmedConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+# Message types a site may answer (Flower's "<category>[.<action>]").
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query",
+                 "evaluate.external", "evaluate.personalize", "evaluate.crosssite")
+# evaluate.crosssite sends the site's own local model through the server: a site opts in.
+DEFAULT_MESSAGES = tuple(t for t in MESSAGE_TYPES if t != "evaluate.crosssite")
+
+
+class SitePolicy(_Strict):
+    """What this hospital allows, whatever the coordinator asks (checked before any data is read).
+
+    The coordinator's job is untrusted input: a job or message outside this policy is refused
+    with the reason at both ends. Defaults are what a hospital's security officer would sign.
+    """
+
+    require_dp: bool = Field(False, description="refuse any training job without DP-SGD (privacy.enabled)")
+    max_epsilon: float | None = Field(None, gt=0.0, description="cap on the federation's ε at this site")
+    max_total_epsilon: float | None = Field(
+        None, gt=0.0, description="cap on the ε of all federations this site trained in, added up "
+        "(a coordinator cannot reset the budget by starting a new federation)")
+    max_delta: float | None = Field(None, gt=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(None, gt=0.0, description="cap on DP-SGD's clipping norm")
+    budget: Literal["refuse", "spend"] = Field(
+        "refuse", description="refuse a DP plan above max_epsilon, or train until it is spent")
+    min_batch_size: int = Field(16, ge=1, description="smallest local batch: no update from one patient's gradient")
+    max_local_steps: int | None = Field(
+        10_000, ge=1, description="cap on optimiser steps per round (local epochs × steps per epoch)")
+    max_metric_list: int = Field(
+        256, ge=1, le=100_000, description="longest list the server may ask for (e.g. calibration's temperatures)")
+    allowed_messages: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MESSAGES),
+        description=f"message types this site answers, of {list(MESSAGE_TYPES)} (default: all but "
+                    "evaluate.crosssite)")
+    local_model: Literal["private", "relay", "share"] = Field(
+        "relay", description="cross-site validation: the site's locally trained model stays here (private: "
+        "scored at home only), goes through the server to the other sites without being kept (relay), or "
+        "may be kept by the server (share)")
+    share_site_metrics: bool = Field(
+        True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
+    allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
+
+    @field_validator("allowed_messages")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in MESSAGE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown message types {unknown}; valid: {list(MESSAGE_TYPES)}")
+        return v
+
+
 class SiteConfig(_Strict):
-    """One hospital's own settings: its data and the caps it enforces."""
+    """One hospital's own settings: its data, where its files may be, and its policy."""
 
     site: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     data_dir: str
-    max_epsilon: float | None = Field(None, gt=0.0)
-    max_delta: float | None = Field(None, gt=0.0, lt=1.0)
-    max_grad_norm: float | None = Field(None, gt=0.0)
-    budget: Literal["refuse", "spend"] = Field(
-        "refuse", description="refuse a DP plan above max_epsilon, or train until it is spent")
+    id_column: str = Field("patient_id", description="this site's patient id column: never a feature or label")
+    image_roots: list[str] = Field(
+        default_factory=list, description="folders outside data_dir that images.csv may point into")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    num_workers: int = Field(0, ge=0, le=64, description="data-loading workers (the site's choice, not the job's)")
     cache_dir: str | None = None
     state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = [k for k in ("max_epsilon", "max_delta", "max_grad_norm", "budget")
+                 if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"{moved} moved into the site's `policy:` section (policy.{moved[0]}: ...)")
+        return data
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -325,6 +426,10 @@ def load_config(
     data = _read_yaml(path) if path is not None else dict(raw or {})
     if path is not None:
         _resolve_paths(data, Path(path).resolve().parent, _PATH_KEYS)
+    if path is not None and isinstance(data.get("data"), dict) and isinstance(data["data"].get("image_roots"), list):
+        base = Path(path).resolve().parent
+        data["data"]["image_roots"] = [str((base / Path(r).expanduser()).resolve())
+                                       for r in data["data"]["image_roots"]]
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = apply_overrides(data, ov)
     if ov:
@@ -340,7 +445,10 @@ def load_site_config(
 ) -> SiteConfig:
     """Load one hospital's :class:`SiteConfig`; relative ``data_dir`` is file-relative."""
     data = _read_yaml(path)
-    _resolve_paths(data, Path(path).resolve().parent, [("data_dir",), ("cache_dir",)])
+    base = Path(path).resolve().parent
+    _resolve_paths(data, base, [("data_dir",), ("cache_dir",), ("state_dir",)])
+    if isinstance(data.get("image_roots"), list):
+        data["image_roots"] = [str((base / Path(r).expanduser()).resolve()) for r in data["image_roots"]]
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = apply_overrides(data, ov)
     try:

@@ -51,6 +51,9 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "out-dir": "",
     "resume": False,
     "mlflow-uri": "",
+    "evaluate-model": "",  # fedmed-server --evaluate: score this saved model, no training
+    "evaluate-split": "test",
+    "bootstrap": 200,
     "sites": "",
     "data-root": "",
     "device": "auto",

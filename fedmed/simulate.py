@@ -60,7 +60,7 @@ def prepare_sites(
     chosen sites and write new site folders under ``<out_dir>/partitions``.
     """
     from fedmed.data.site import combine_sites, load_site
-    from fedmed.partition import get_partitioner, partition_table, write_partitions
+    from fedmed.partition import get_partitioner, image_roots_of, partition_table, write_partitions
 
     dirs = federation_sites(cfg, sites)
     loaded = [load_site(p, cfg.data, name=s) for s, p in dirs.items()]
@@ -81,7 +81,9 @@ def prepare_sites(
                      meta={"partitioner": name, "num_sites": num_sites, "alpha": alpha, "seed": seed,
                            "source": {s: str(p) for s, p in dirs.items()}})
     table = partition_table(pooled.samples, parts, classes=cfg.data.classes)
-    data = cfg.data.model_copy(update={"root": str(root.resolve()), "sites": list(parts)})
+    # The partitions point at the original image files: allow exactly their folders.
+    roots = sorted({*cfg.data.image_roots, *image_roots_of(pooled)})
+    data = cfg.data.model_copy(update={"root": str(root.resolve()), "sites": list(parts), "image_roots": roots})
     return cfg.model_copy(update={"data": data}), table
 
 
@@ -207,8 +209,13 @@ def simulate(
 
     # Each simulated site keeps its state (the DP ledger) in this run's folder: a re-run is a
     # new federation with its own budget, not the spent budget of an earlier run.
+    # Simulated sites are the user's own data, so they run with an open policy (a real
+    # site's policy is its own YAML, enforced by fedmed-client) and the config's image roots.
+    site_extra = {"image_roots": list(cfg.data.image_roots), "num_workers": cfg.data.num_workers,
+                  "id_column": cfg.data.id_column,
+                  "policy": {"allow_notes": True, "min_batch_size": 1, "max_local_steps": None}}
     env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
-           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"),
+           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
            "OMP_NUM_THREADS": str(num_cpus_per_site), "MKL_NUM_THREADS": str(num_cpus_per_site),
            "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     backend = {"client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},

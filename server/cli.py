@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-key", dest="auth_keys", type=Path, action="append", default=[],
                    help="public key (.pub) of an invited site (repeat per site): only they may join")
     p.add_argument("--startup-timeout", type=float, default=90.0)
+    p.add_argument("--evaluate", metavar="MODEL", type=Path,
+                   help="no training: send this saved model to the sites, collect metrics with CIs "
+                        "(its own config is used; --config is ignored; output beside the model by default)")
+    p.add_argument("--evaluate-split", choices=["all", "test"], default="test",
+                   help="with --evaluate: each site's test split (default) or every row (sites new to the model)")
+    p.add_argument("--bootstrap", type=int, default=200, help="with --evaluate: bootstrap replicates per site")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -113,10 +119,16 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, _overrides(args))
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name
-    out = out.resolve()
-    if out.exists() and (out / "state.pkl").exists() and not args.resume:
+    if args.evaluate is not None:  # the model's own config; the flags set only sites and timeouts
+        from fedmed.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.evaluate)
+        cfg = load_config(overrides=_overrides(args), raw=ckpt.config.model_dump(mode="json"))
+        out = (Path(args.out) if args.out else ckpt.path.parent / "federated-evaluation").resolve()
+    else:
+        cfg = load_config(args.config, _overrides(args))
+        out = (Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name).resolve()
+    if args.evaluate is None and out.exists() and (out / "state.pkl").exists() and not args.resume:
         raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
     out.mkdir(parents=True, exist_ok=True)
     tls = _tls(args)
@@ -173,6 +185,9 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
             print(f"fedmed-server: invited site key {Path(key).name}", flush=True)
         run_cfg = {"fedmed-config": str(out / "config.json"), "out-dir": str(out),
                    "resume": bool(args.resume), "mlflow-uri": args.mlflow_uri or ""}
+        if args.evaluate is not None:
+            run_cfg.update({"evaluate-model": str(args.evaluate.resolve()), "evaluate-split": args.evaluate_split,
+                            "bootstrap": int(args.bootstrap)})
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
         if res.returncode != 0:
@@ -186,6 +201,12 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
             print(f"fedmed-server: federation ended ({status}): {_reason(details)} (details: {out / 'run.log'})",
                   file=sys.stderr)
             return 1
+        if args.evaluate is not None:
+            from fedmed.evaluate import metrics_table
+
+            print("\n" + metrics_table(json.loads((out / "evaluation.json").read_text())), flush=True)
+            print(f"\nfedmed-server: evaluation completed; {out / 'evaluation.html'}", flush=True)
+            return 0
         # The ServerApp printed the round table above; it is not repeated here.
         print(f"\nfedmed-server: federation completed; report {out / 'report.html'}; "
               f"summary {out / 'summary.json'}", flush=True)

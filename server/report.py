@@ -209,6 +209,8 @@ def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | N
     if best is not None:
         rows.append(("best round", f"{best} ({key} = {_fmt(score)})"))
     last = history[-1] if history else {}
+    if isinstance(last.get("early_stop"), str):  # federation.early_stopping_rounds ended the run
+        rows.append(("stopped early", last["early_stop"]))
     for k, v in last.items():
         if k.startswith("central_test_") and _num(v) is not None:
             rows.append((f"final test {k[len('central_test_'):]}", _fmt(v)))
@@ -236,15 +238,33 @@ def _site_rows(history: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+# A site's refusal (fedmed.messages.describe_error) starts with one of these kinds.
+REFUSAL_KINDS = ("policy", "budget", "app-refused")
+
+
+def _what(reason: str, default: str) -> str:
+    kind = reason.split(" ", 1)[0]
+    return "refused by the site" if kind in REFUSAL_KINDS else default
+
+
 def _problem_rows(history: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for i, row in enumerate(history):
         rnd = str(row.get("round", i + 1))
         for site, reason in (row.get("sites_rejected") or {}).items():
-            rows.append([rnd, str(site), "update rejected", str(reason)])
-        for site in row.get("sites_eval_failed") or []:
-            rows.append([rnd, str(site), "evaluation failed", ""])
+            rows.append([rnd, str(site), _what(str(reason), "update rejected"), str(reason)])
+        failed = row.get("sites_eval_failed") or {}
+        for site, reason in (failed.items() if isinstance(failed, dict) else ((s, "") for s in failed)):
+            rows.append([rnd, str(site), _what(str(reason), "evaluation failed"), str(reason)])
     return rows
+
+
+def site_problems(history: list[dict[str, Any]]) -> dict[str, str]:
+    """Each site's latest refusal or failure over the run (for summary.json and the console)."""
+    out: dict[str, str] = {}
+    for rnd, site, what, reason in _problem_rows(history):
+        out[site] = f"round {rnd}: {what}" + (f": {reason}" if reason else "")
+    return out
 
 
 # -- calibration ----------------------------------------------------------------------
@@ -329,8 +349,11 @@ def write_report(
     classes: list[str],
     config: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
+    sections: list[str] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and its PNGs; returns the HTML's path.
+
+    ``sections``: ready HTML blocks (e.g. personalisation) placed before the configuration.
 
     Images: ``curves.png``, ``sites.png`` (when sites were evaluated),
     ``confusion_matrix.png`` (when a matrix exists), ``epsilon.png`` (when a site reported ε),
@@ -369,6 +392,7 @@ def write_report(
         parts.append(f"<h2>{e(caption)}</h2><img src=\"{e(path.name)}\" alt=\"{e(caption)}\">")
     if isinstance(calibration, dict):
         parts += _calibration_section(calibration, out_dir)
+    parts += list(sections or [])
     if config is not None:
         parts += ["<h2>Configuration</h2>", f"<pre>{e(_config_text(config))}</pre>"]
     parts.append("</body></html>")
