@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from flwr.app import Context
@@ -93,6 +94,13 @@ def run_evaluation(grid: Grid, run_config: dict) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # One plain line per round (and per change while waiting for sites) on the run's output,
+    # which fedmed-server shows on its console.
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     run_config = dict(context.run_config)
     if run_config.get("evaluate-model"):
         run_evaluation(grid, run_config)
