@@ -218,6 +218,7 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
 
             print("\n" + metrics_table(json.loads((out / "evaluation.json").read_text())), flush=True)
             print(f"\nfedmed-server: evaluation completed; {out / 'evaluation.html'}", flush=True)
+            return 0
         if args.stats:
             print(f"\nfedmed-server: statistics {out / 'stats.html'} and {out / 'stats.json'}", flush=True)
             return 0
