@@ -306,8 +306,10 @@ class SitePolicy(_Strict):
         default_factory=lambda: list(DEFAULT_MESSAGES),
         description=f"message types this site answers, of {list(MESSAGE_TYPES)} (default: all but "
                     "evaluate.crosssite)")
+    # private by default: a relayed model passes through the coordinator, which a site cannot
+    # check keeps nothing; a site opts in to relay or share.
     local_model: Literal["private", "relay", "share"] = Field(
-        "relay", description="cross-site validation: the site's locally trained model stays here (private: "
+        "private", description="cross-site validation: the site's locally trained model stays here (private: "
         "scored at home only), goes through the server to the other sites without being kept (relay), or "
         "may be kept by the server (share)")
     share_site_metrics: bool = Field(
