@@ -9,39 +9,25 @@ reference; the server only learns the kind, the reference and fixed public text
 from __future__ import annotations
 
 import logging
-import secrets
 import sys
 from typing import Callable
 
 from flwr.app import Context, Message
 from flwr.app.error import Error
 
-from fedmed import messages
 from fedmed.client.approval import AppRefused
+from fedmed.messages import ERROR_CODES, error_reason, new_ref
 
 __all__ = ["REFUSAL_MARK", "new_ref", "site_error", "log_refusal", "log_internal", "run_app_safely"]
 
 log = logging.getLogger("fedmed.client")
 
 REFUSAL_MARK = "fedmed site REFUSED"
-# Used only until fedmed.messages carries the shared site error contract (same format).
-_FALLBACK_CODES = {"site-data": 1001, "policy": 1002, "budget": 1003, "app-refused": 1004, "guard": 1005,
-                   "internal": 1006}
-
-
-def new_ref() -> str:
-    """A fresh 12-hex reference tying a reply to the site's log line."""
-    return secrets.token_hex(6)
 
 
 def site_error(kind: str, ref: str, public: str = "") -> tuple[int, str]:
     """``(code, reason)`` of a site error reply of ``kind``; ``public`` must be fixed text."""
-    if hasattr(messages, "error_reason"):
-        reason = messages.error_reason(kind, ref, public=public)
-    else:
-        reason = f"fedmed/{kind} ref={ref}" + (f": {public}" if public else "")
-    codes = getattr(messages, "ERROR_CODES", None) or _FALLBACK_CODES
-    return int(codes[kind]), reason
+    return ERROR_CODES[kind], error_reason(kind, ref, public=public)
 
 
 def log_refusal(exc: AppRefused) -> tuple[int, str]:
@@ -63,16 +49,13 @@ def log_internal(what: str, exc: BaseException) -> tuple[int, str]:
 def run_app_safely(app: Callable[..., Message], message: Message, context: Context) -> Message:
     """The app's reply; an exception it raises becomes a code+ref error, its text never leaves.
 
-    A :class:`fedmed.messages.PublicRefusal` is the one exception whose text is safe to send.
+    fedmed's handlers already answer through the guard (:func:`fedmed.client.guard.error_reply`);
+    this catches what fails outside them (an unknown message type, Flower's own dispatch).
     """
+    from fedmed.client.guard import error_reply
+
     try:
         return app(message=message, context=context)
-    except Exception as ex:
-        public_cls = getattr(messages, "PublicRefusal", None)
-        if public_cls is not None and isinstance(ex, public_cls):
-            ref = new_ref()
-            log.error("fedmed site: the ClientApp refused the task (ref %s): %s", ref, ex)
-            code, reason = site_error(getattr(ex, "kind", "policy"), ref, str(ex))
-        else:
-            code, reason = log_internal("the ClientApp", ex)
-        return Message(Error(code=code, reason=reason), reply_to=message)
+    except Exception as ex:  # noqa: BLE001 - nothing leaves as exception text
+        site = str(context.node_config.get("site", "")) if context is not None else ""
+        return error_reply(message, ex, site=site or None)
