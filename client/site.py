@@ -64,9 +64,11 @@ def resolve_site(context: Context) -> SiteConfig:
         if pid >= len(sites):
             raise ValueError(f"partition-id {pid} but only {len(sites)} sites are configured")
         state = os.environ.get("FEDMED_SIM_STATE_DIR")
+        keys = os.environ.get("FEDMED_SIM_SECAGG_KEYS")  # simulate's throw-away site keys
         return SiteConfig(site=sites[pid], data_dir=str(Path(root) / sites[pid]),
                           device=str(context.run_config.get("device", "auto")),
-                          state_dir=str(Path(state) / sites[pid]) if state else None)
+                          state_dir=str(Path(state) / sites[pid]) if state else None,
+                          secagg={"signing_key": str(Path(keys) / sites[pid]), "peers_dir": keys} if keys else {})
     raise ValueError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
 
 

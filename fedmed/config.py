@@ -218,6 +218,17 @@ class FedmedConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+class SiteSecAggConfig(_Strict):
+    """What a site trusts in secure aggregation: its own key and its peers', never the server's word."""
+
+    signing_key: str | None = Field(None, description="this site's private key (fedmed site-key); "
+                                    "default: fedmed-client --auth-key")
+    peers_dir: str | None = Field(None, description="folder of the peer sites' <site>.pub keys, "
+                                  "received from the sites themselves, not from the coordinator")
+    min_sites: int = Field(2, ge=2, description="never mask or unmask in a sum of fewer sites")
+    required: bool = Field(False, description="refuse to send a training update without secure aggregation")
+
+
 class SiteConfig(_Strict):
     """One hospital's own settings: its data and the caps it enforces."""
 
@@ -231,6 +242,7 @@ class SiteConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     cache_dir: str | None = None
     state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
+    secagg: SiteSecAggConfig = Field(default_factory=SiteSecAggConfig)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
