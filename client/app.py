@@ -19,7 +19,7 @@ from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
-from fedmed.secagg import SecAggRefusal, SiteSession, load_identity
+from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
@@ -43,9 +43,10 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split, FedProx term when the server asks."""
     config = msg.content[CONFIG_KEY]
-    if "secagg-stage" in config:  # check the peers and open their shares before any data is read
+    if "secagg-stage" in config:  # check the plan and the peers, open their shares: before any data is read
+        plan = plan_hash({k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(config))
         _secagg(context, lambda s: s.accept(u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
-                                            round_id=int(config["server-round"]),
+                                            round_id=int(config["server-round"]), plan=plan,
                                             inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"]))))
     elif resolve_site(context).secagg.required:
         raise SecAggRefusal("this site sends training updates only under secure aggregation (secagg.required)")
@@ -101,7 +102,7 @@ def secagg(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG_KEY]
     stage, rnd, fid = str(config.get("secagg-stage", "")), int(config["server-round"]), str(config["federation-id"])
     steps = {
-        "keys": lambda s: s.advertise(federation=fid, round_id=rnd),
+        "keys": lambda s: s.advertise(federation=fid, round_id=rnd, plan=bytes(config["secagg-plan"])),
         "share": lambda s: s.share({k: list(config[f"secagg-{k}"]) for k in
                                     ("nodes", "sites", "enc-keys", "mask-keys", "signatures")},
                                    federation=fid, round_id=rnd),

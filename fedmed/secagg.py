@@ -10,15 +10,16 @@ HKDF, AES-GCM, ChaCha20 and ECDSA from ``cryptography``, and Flower's Shamir hel
 Per round, with node ids as the sites' public indices:
 
 1. **keys** — each site makes two fresh X25519 pairs (``enc`` for the shares, ``mask`` for
-   the masks) and signs ``(federation, round, site name, node id, enc, mask)`` with its
-   authentication key (the ECDSA P-384 key ``fedmed site-key`` writes).
+   the masks) and signs ``(federation, round, site name, node id, enc, mask, plan)`` with
+   its authentication key (the ECDSA P-384 key ``fedmed site-key`` writes); ``plan`` is the
+   server's hash of the round's model and settings (:func:`plan_hash`).
 2. **share** — the server relays every signed key. Each site checks every peer's signature
    against the peer public keys in its *own* config (``secagg.peers_dir``), the round, the
    federation and its own entry, and that at least ``secagg.min_sites`` sites take part; it
    refuses the round otherwise (:class:`SecAggRefusal`). Only then it draws a self-mask
    seed ``b`` and Shamir-shares ``b`` and its ``mask`` private key among the peers
    (threshold ``t = max(1, n // 2)``), each share AES-GCM-encrypted to one peer.
-3. **train** — the site adds ``PRG(b)`` and, for every peer ``v`` that sent shares,
+3. **train** — the site checks the model and settings it got against the signed plan, then adds ``PRG(b)`` and, for every peer ``v`` that sent shares,
    ``±PRG(s_uv)`` (``s_uv`` from X25519 + HKDF) to its fixed-point, example-weighted update
    (mod 2**64). Masks derive only from keys verified in step 2.
 4. **survivors** — the server names the sites whose masked update it received; each of
@@ -28,6 +29,7 @@ Per round, with node ids as the sites' public indices:
    the dropped sites' pairwise masks, and divides by the total weight: FedAvg.
 
 What it stops: a server that substitutes or replays keys (signatures, checked at the site),
+a server that sends sites different models or settings (the signed plan),
 a server that claims a live site dropped (its self-mask stays), a server that shows
 different survivor lists to different sites (the survivors' signatures). What it does not:
 a server colluding with ``t`` sites, a site that sends a bad share or update (the sum is
@@ -61,7 +63,7 @@ except ImportError:  # until the shared error contract (fedmed.messages) is merg
             super().__init__(text)
             self.kind = kind
 
-__all__ = ["SCALE_BITS", "SecAggRefusal", "SiteIdentity", "SiteSession", "threshold", "load_identity",
+__all__ = ["SCALE_BITS", "SecAggRefusal", "SiteIdentity", "SiteSession", "threshold", "load_identity", "plan_hash",
            "check_reply_record", "rebuild_secret", "unmask_sum", "mask_update", "generate_keypair",
            "fingerprint"]
 
@@ -156,6 +158,29 @@ def fingerprint(public: bytes) -> str:
     return hashlib.sha256(public).hexdigest()[:12]
 
 
+PER_SITE_KEYS = frozenset({"secagg-stage", "secagg-u2", "secagg-from", "secagg-ciphertexts"})
+
+
+def plan_hash(arrays: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> bytes:
+    """SHA-256 of the global model and the training settings (less the per-site secagg keys).
+
+    Every site signs it with its round key and checks the model it is sent against it, so
+    the server must send all sites the same model and settings: it cannot, say, send the
+    others ``lr=0`` (their updates then known) and read one site's update out of the sum.
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(_statement("array", name, a.dtype.str, ",".join(map(str, a.shape)), a.tobytes()))
+    clean = {k: ([x.hex() if isinstance(x, bytes) else x for x in v] if isinstance(v, list)
+                 else v.hex() if isinstance(v, bytes) else v) for k, v in config.items() if k not in PER_SITE_KEYS}
+    h.update(_statement("config", json.dumps(clean, sort_keys=True)))
+    return h.digest()
+
+
 # -- who a site trusts ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -246,13 +271,14 @@ class SiteSession:
                                f"message out of order for round {round_id}")
 
     # step 1
-    def advertise(self, *, federation: str, round_id: int) -> dict[str, Any]:
+    def advertise(self, *, federation: str, round_id: int, plan: bytes) -> dict[str, Any]:
+        """Fresh round keys, signed together with the server's announced :func:`plan_hash`."""
         enc_sk, enc_pk = generate_keypair()
         mask_sk, mask_pk = generate_keypair()
         sig = self.id.signing_key.sign(_statement("keys", federation, round_id, self.id.site, self.node,
-                                                  enc_pk, mask_pk), _SIG)
+                                                  enc_pk, mask_pk, plan), _SIG)
         self.state.clear()
-        self.state.update({"stage": "keys", "federation": federation, "round": round_id,
+        self.state.update({"stage": "keys", "federation": federation, "round": round_id, "plan": plan,
                            "enc-private": enc_sk, "mask-private": mask_sk})
         return {"stage": "keys", "enc-key": enc_pk, "mask-key": mask_pk, "signature": sig}
 
@@ -277,7 +303,7 @@ class SiteSession:
                                   "the key list misstates this site's own key")
                 continue
             if not _verify(self.id.trusted.get(site), sig,
-                           _statement("keys", federation, round_id, site, node, enc, mask)):
+                           _statement("keys", federation, round_id, site, node, enc, mask, self.state["plan"])):
                 why = "is not a trusted peer" if site not in self.id.trusted else "has no valid signature"
                 raise self._refuse(f"the key of peer {site!r} (node {node}, key {fingerprint(mask)}) {why} "
                               f"for round {round_id}", "a peer key has no valid signature from a trusted site key")
@@ -302,8 +328,14 @@ class SiteSession:
         return {"stage": "share", "to": holders, "ciphertexts": out}
 
     # step 3, before training: check the server's list and open the shares
-    def accept(self, *, u2: list[int], inbox: Mapping[int, bytes], federation: str, round_id: int) -> None:
+    def accept(self, *, u2: list[int], inbox: Mapping[int, bytes], plan: bytes, federation: str,
+               round_id: int) -> None:
+        """Check the model/settings against the signed plan and the masking list against the
+        verified roster, and open the peers' shares; all before any training."""
         self._expect("share", federation=federation, round_id=round_id)
+        if plan != self.state["plan"]:
+            raise self._refuse("the model or settings sent for training differ from the plan the peers signed",
+                               "the model or settings differ from the plan all sites signed")
         nodes = list(self.state["nodes"])
         u2 = sorted(int(n) for n in u2)
         if self.node not in u2 or not set(u2) <= set(nodes) or len(set(u2)) != len(u2):

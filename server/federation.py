@@ -35,7 +35,7 @@ from fedmed.messages import (
     screen_metric_replies,
     screen_train_replies,
 )
-from fedmed.secagg import check_reply_record, rebuild_secret, unmask_sum
+from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
 from fedmed.transfer import pack, unpack, widen
 from fedmed.task import model_from_config, seed_everything
 from fedmed.server.calibration import CentralLogits, calibrate_federation
@@ -178,7 +178,10 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
         log.warning("round %d: secure aggregation: %s; the round is skipped", rnd, why)
         return [], rej + [Rejected("*", f"secure aggregation: {why}; round skipped")], None, None
 
-    adverts, rejected = _secure_query(grid, sorted(grid.get_node_ids()), base, "keys", fed)
+    shared_config = {**dict(config), **base}  # every site trains on the same model and settings
+    plan = plan_hash({k: a.numpy() for k, a in current.items()}, shared_config)
+    adverts, rejected = _secure_query(grid, sorted(grid.get_node_ids()), base, "keys", fed,
+                                      lambda n: {"secagg-plan": plan})
     if len(adverts) < fed.min_sites:
         return skipped(f"only {len(adverts)} sites sent keys", rejected)
     nodes = sorted(adverts)
@@ -199,7 +202,7 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
             if int(dst) in inbox:
                 inbox[int(dst)][src] = blob
     msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: ConfigRecord({
-        **dict(config), **base, "secagg-stage": "train", "secagg-u2": u2, "secagg-from": list(inbox[n]),
+        **shared_config, "secagg-stage": "train", "secagg-u2": u2, "secagg-from": list(inbox[n]),
         "secagg-ciphertexts": list(inbox[n].values())})}), message_type=MessageType.TRAIN, dst_node_id=n)
         for n in u2]
     ok, failed = screen_train_replies(send_and_receive(grid, msgs, timeout=fed.round_timeout), current)

@@ -26,10 +26,13 @@ from fedmed import secagg
 from fedmed.certs import create_site_key
 from fedmed.config import load_config
 from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, rebuild_secret, unmask_sum
+from fedmed.server.checkpoint import load_state
+from fedmed.task import model_from_config, seed_everything
 
 NAMES = {17: "hospital_a", 4: "hospital_b", 230: "hospital_c"}
 WEIGHTS = {17: 40.0, 4: 25.0, 230: 135.0}
 FED, RND = "fed-1", 3
+PLAN = b"\x07" * 32  # the server's hash of the round's model and settings
 DT = {"w": np.float32, "b": np.float32}
 
 
@@ -70,7 +73,7 @@ class Server:
 
     def __init__(self, sessions: dict[int, SiteSession], rnd: int = RND) -> None:
         self.s, self.rnd = sessions, rnd
-        self.adverts = {n: s.advertise(federation=FED, round_id=rnd) for n, s in sessions.items()}
+        self.adverts = {n: s.advertise(federation=FED, round_id=rnd, plan=PLAN) for n, s in sessions.items()}
 
     def share(self, roster_for=lambda n, roster: roster) -> dict[int, dict]:
         roster = _roster(self.adverts)
@@ -83,7 +86,7 @@ class Server:
         out = {}
         for n in u2:
             inbox = {src: rec["ciphertexts"][rec["to"].index(n)] for src, rec in self.shared.items() if src != n}
-            self.s[n].accept(u2=u2, inbox=inbox, federation=FED, round_id=self.rnd)
+            self.s[n].accept(u2=u2, inbox=inbox, plan=PLAN, federation=FED, round_id=self.rnd)
             y = self.s[n].mask(updates[n], weight=WEIGHTS[n], federation=FED, round_id=self.rnd)
             if n in upload:  # the others "drop" after masking, before their upload arrives
                 out[n] = y
@@ -157,7 +160,7 @@ def _substitute(target: int, victim: int, *, resign: bool):
         r["enc-keys"][i], r["mask-keys"][i] = enc_pk, mask_pk
         if resign:  # signed with a key the server controls (not the victim's)
             r["signatures"][i] = server_ec.sign(secagg._statement("keys", FED, RND, NAMES[victim], victim, enc_pk,
-                                                                  mask_pk), secagg._SIG)
+                                                                  mask_pk, PLAN), secagg._SIG)
         return r
 
     return roster_for, (enc_sk, mask_sk)
@@ -206,7 +209,7 @@ def test_without_the_signature_check_the_substitution_unmasks_a_site(keys_dir, m
         nonce = os.urandom(12)
         inbox[holder] = nonce + AESGCM(key).encrypt(nonce, secagg._statement("shares", b"x", b"y"),
                                                     secagg._statement("share", FED, RND, holder, 17))
-    sessions[17].accept(u2=[4, 17, 230], inbox=inbox, federation=FED, round_id=RND)
+    sessions[17].accept(u2=[4, 17, 230], inbox=inbox, plan=PLAN, federation=FED, round_id=RND)
     y = sessions[17].mask(updates[17], weight=WEIGHTS[17], federation=FED, round_id=RND)
     acc = {k: y[k].copy() for k in DT}
     with np.errstate(over="ignore"):
@@ -250,6 +253,29 @@ def test_a_key_moved_to_another_node_or_site_is_refused(keys_dir):
         server.share(swap_names)
 
 
+def test_sites_promised_different_models_or_settings_refuse(keys_dir):
+    """A server that gives one site another model or other settings (say lr=0 to all but one,
+    to know their updates and read the last one out of the sum) is caught twice: by the
+    peers, when the announced plans differ, and by the site, when what it gets is not the plan."""
+    sessions = _sessions(keys_dir)
+    adverts = {n: s.advertise(federation=FED, round_id=RND, plan=PLAN if n != 4 else b"\x08" * 32)
+               for n, s in sessions.items()}
+    with pytest.raises(SecAggRefusal, match="no valid signature"):
+        sessions[17].share(_roster(adverts), federation=FED, round_id=RND)
+    updates = _updates(5)
+    server = Server(_sessions(keys_dir))
+    server.share()
+    inbox = {src: rec["ciphertexts"][rec["to"].index(4)] for src, rec in server.shared.items() if src != 4}
+    with pytest.raises(SecAggRefusal, match="differ from the plan"):
+        server.s[4].accept(u2=sorted(NAMES), inbox=inbox, plan=b"\x08" * 32, federation=FED, round_id=RND)
+    with pytest.raises(SecAggRefusal, match="out of order"):
+        server.s[4].mask(updates[4], weight=1.0, federation=FED, round_id=RND)
+    arrays = {"w": np.ones((2, 2), np.float32)}
+    assert secagg.plan_hash(arrays, {"lr": 1e-3}) != secagg.plan_hash(arrays, {"lr": 0.0})
+    assert secagg.plan_hash(arrays, {"lr": 1e-3, "secagg-u2": [1]}) == secagg.plan_hash(arrays, {"lr": 1e-3})
+    assert secagg.plan_hash(arrays, {}) != secagg.plan_hash({"w": np.zeros((2, 2), np.float32)}, {})
+
+
 def test_an_unknown_site_or_too_few_sites_is_refused(keys_dir, tmp_path):
     other = tmp_path / "stranger"
     create_site_key(other, site="hospital_x")
@@ -257,7 +283,7 @@ def test_an_unknown_site_or_too_few_sites_is_refused(keys_dir, tmp_path):
     stranger = SiteSession(load_identity(site="hospital_x", signing_key=str(other / "hospital_x"),
                                          peers_dir=str(keys_dir)), {}, node_id=99)
     names = {**NAMES, 99: "hospital_x"}
-    adverts = {n: s.advertise(federation=FED, round_id=RND) for n, s in {**sessions, 99: stranger}.items()}
+    adverts = {n: s.advertise(federation=FED, round_id=RND, plan=PLAN) for n, s in {**sessions, 99: stranger}.items()}
     roster = _roster({n: a for n, a in adverts.items() if n != 99})
     roster = {k: v + [adverts[99][{"enc-keys": "enc-key", "mask-keys": "mask-key",
                                    "signatures": "signature"}[k]]] if k not in ("nodes", "sites") else v
@@ -267,7 +293,7 @@ def test_an_unknown_site_or_too_few_sites_is_refused(keys_dir, tmp_path):
         sessions[17].share(roster, federation=FED, round_id=RND)
     # A server that leaves a site alone with one peer cannot get below the site's floor.
     strict = _sessions(keys_dir, min_sites=3)
-    adverts = {n: s.advertise(federation=FED, round_id=RND) for n, s in strict.items()}
+    adverts = {n: s.advertise(federation=FED, round_id=RND, plan=PLAN) for n, s in strict.items()}
     with pytest.raises(SecAggRefusal, match="min_sites"):
         strict[17].share(_roster({n: adverts[n] for n in (17, 4)}), federation=FED, round_id=RND)
 
@@ -302,7 +328,7 @@ def test_shares_are_revealed_once_per_round(keys_dir):
 
 def test_the_guard_allows_only_the_protocols_fields(keys_dir):
     s = _sessions(keys_dir)[17]
-    rec = s.advertise(federation=FED, round_id=RND)
+    rec = s.advertise(federation=FED, round_id=RND, plan=PLAN)
     assert secagg.check_reply_record(rec) is None
     assert secagg.check_reply_record({**rec, "note": "hospital_a/patient-17"}) is not None
     assert secagg.check_reply_record({**rec, "enc-key": b"x" * 31}) is not None
@@ -419,8 +445,17 @@ def _run(synth_config, synth_root, tmp_path, sites, *, secure, tamper=None, name
                                        "round_timeout": 5},
                            train={"max_steps_per_epoch": 2})
     grid = _Grid(_contexts(synth_root, tmp_path / name, sites, secure=secure), tamper)
-    state = run_federation(grid, load_config(path), out_dir=tmp_path / name / "out")
+    grid.cfg = load_config(path)
+    state = run_federation(grid, grid.cfg, out_dir=tmp_path / name / "out")
     return state, grid
+
+
+def _zero_lr_for(node):
+    def tamper(msg):
+        if msg.metadata.dst_node_id == node and msg.metadata.message_type == "train":
+            msg.content["config"]["lr"] = 0.0
+        return msg
+    return tamper
 
 
 def _max_diff(a, b) -> float:
@@ -495,7 +530,6 @@ def test_secure_aggregation_in_a_tls_deployment_signs_with_the_site_keys(synth_c
 
     from fedmed.certs import create_certificates
     from fedmed.flower import free_port
-    from fedmed.server.checkpoint import load_state
 
     bin_dir = Path(sys.executable).parent
     sites = ["hospital_a", "hospital_b", "hospital_c"]
@@ -537,3 +571,29 @@ def test_secure_aggregation_in_a_tls_deployment_signs_with_the_site_keys(synth_c
         assert stages == ["keys", "share", "survivors", "unmask"], stages
         train = [a for a in audit if a["type"] == "train"]
         assert len(train) == 1 and {d for _, d in train[0]["arrays"].values()} == {"uint64"}
+
+
+def test_hostile_server_sending_lr_zero_to_the_others_gets_refusals(synth_config, synth_root, tmp_path,
+                                                                    server_identity):
+    """The server sends hospital_b and hospital_c ``lr=0`` (their updates are then the model it
+    sent) to read hospital_a's update out of the sum: both refuse before training, and
+    hospital_a will not be unmasked alone."""
+    a_node, b_node, c_node = 9_000_000_000_000_000_001, 77, 4242
+    lr_zero = _zero_lr_for(b_node)
+
+    def tamper(msg):
+        return _zero_lr_for(c_node)(lr_zero(msg))
+
+    state, grid = _run(synth_config, synth_root, tmp_path, NODES, secure=True, tamper=tamper, name="lr0")
+    errors = {node: r.error.reason for node, kind, r in grid.log if kind == "train" and r.has_error()}
+    assert set(errors) == {b_node, c_node}
+    assert all("differ from the plan" in e for e in errors.values())
+    assert state.history[-1]["sites_trained"] == []                    # round skipped, nothing unmasked
+    seed_everything(grid.cfg.train.seed)  # the initial model, as run_federation makes it
+    init = {k: v.numpy() for k, v in model_from_config(grid.cfg).state_dict().items()}
+    assert _max_diff(state.arrays, init) == 0.0
+    session = SiteSession(load_identity(site="hospital_a", signing_key=str(tmp_path / "lr0" / "site-keys" / "hospital_a"),
+                                        peers_dir=str(tmp_path / "lr0" / "site-keys")),
+                          dict(grid.contexts[a_node].state["secagg"]), node_id=a_node)
+    with pytest.raises(SecAggRefusal, match="min_sites"):                # a server ignoring its own minimum
+        session.sign_survivors([a_node], federation=session.state["federation"], round_id=1)
