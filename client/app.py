@@ -17,8 +17,17 @@ from flwr.clientapp import ClientApp
 
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
+from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
-from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, SECAGG_KEY, SITE_KEY, decode_job, make_reply
+from fedmed.messages import (
+    CALIBRATION_ACTION,
+    CONFIG_KEY,
+    SECAGG_KEY,
+    SITE_KEY,
+    PublicRefusal,
+    decode_job,
+    make_reply,
+)
 from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
@@ -32,7 +41,7 @@ app = ClientApp(mods=[privacy_guard])
 def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
     config = msg.content[CONFIG_KEY]
     job = decode_job(config)
-    rt = runtime_for(job, context)
+    rt = runtime_for(job, context, message_type=msg.metadata.message_type)
     rnd = int(config.get("server-round", 0))
     weights = unpack(msg.content["arrays"], rt.model.state_dict())
     rt.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
@@ -53,12 +62,17 @@ def train(msg: Message, context: Context) -> Message:
     rt, rnd = _prepare(msg, context)
     # One seed per (run seed, round, site): reruns and resumed runs repeat exactly.
     rt.reseed(rt.cfg.train.seed + 1000 * rnd + zlib.crc32(rt.site.encode()) % 997)
-    lr = float(config.get("lr", rt.cfg.train.lr))
+    lr = check_number("lr", config.get("lr", rt.cfg.train.lr))
     mu = float(config.get("proximal-mu", 0.0))
-    metrics: dict = {"num-examples": len(rt.loaders["train"].dataset)}
+    if mu != 0.0:
+        mu = check_number("proximal-mu", mu)
+    n_train = len(rt.loaders["train"].dataset)
+    check_local_steps(rt.cfg, rt.site_cfg, n_train=n_train)
+    metrics: dict = {"num-examples": n_train}
     if rt.cfg.privacy.enabled:
         stats, metrics["epsilon"] = _private_round(rt, lr=lr, mu=mu, rnd=rnd,
-                                                   federation=str(config.get("federation-id", "run")))
+                                                   federation=check_name("federation-id",
+                                                                         config.get("federation-id", "run")))
     else:
         optimizer = make_optimizer(rt.model, rt.cfg.train, lr=lr)
         stats = train_epochs(
@@ -137,20 +151,28 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
 
     import torch
 
-    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp
+    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp, total_epsilon
 
     p, site = rt.cfg.privacy, rt.site_cfg
     if mu > 0:
-        raise ValueError("FedProx's proximal term is not covered by DP-SGD's per-sample clipping; "
-                         "use fedavg/fedadam/... with privacy.enabled")
+        raise PublicRefusal("FedProx's proximal term is not covered by DP-SGD's per-sample clipping; "
+                            "use fedavg, fedadam, ... with privacy.enabled")
     check_caps(p, site)
     train_ds = rt.loaders["train"].dataset
     plan = plan_dp(privacy=p, n_train=len(train_ds), batch_size=rt.cfg.train.batch_size,
                    rounds=rt.cfg.federation.rounds, local_epochs=rt.cfg.federation.local_epochs)
     state_dir = Path(site.state_dir) if site.state_dir else Path.home() / ".fedmed" / "sites" / site.site
     ledger = PrivacyLedger(state_dir / "privacy" / f"{federation}.json", accountant=p.accountant)
-    cap = min(p.target_epsilon, site.max_epsilon or float("inf"))
+    cap = min(p.target_epsilon, site.policy.max_epsilon or float("inf"))
     spent = ledger.epsilon(p.target_delta)
+    if site.policy.max_total_epsilon is not None:
+        # A new federation id starts a new ledger; the site's total over all of them is capped
+        # too (sequential composition: the ε of every federation it trained in add up).
+        others = total_epsilon(state_dir / "privacy", delta=p.target_delta, exclude=ledger.path)
+        cap = min(cap, site.policy.max_total_epsilon - others)
+        if cap <= 0:
+            raise BudgetError(f"this site's total privacy budget over all federations is spent "
+                              f"(ε={others:.3g} of policy.max_total_epsilon={site.policy.max_total_epsilon:g})")
     projected = ledger.epsilon(p.target_delta, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
     if projected > cap * 1.01:
         raise BudgetError(f"site {rt.site}: privacy budget spent (ε={spent:.3g} of {cap:.3g}; another "
@@ -191,14 +213,19 @@ def calibration_fn(msg: Message, context: Context) -> Message:
     rt, _ = _prepare(msg, context)
     config = msg.content[CONFIG_KEY]
     if rt.cfg.model.multilabel:
-        raise ValueError("temperature scaling here is for single-label (softmax) models")
+        raise PublicRefusal("temperature scaling here is for single-label (softmax) models")
     step = str(config.get(CALIBRATION_ACTION, ""))
     if step not in ("fit", "measure"):
-        raise ValueError(f"unknown calibration step {step!r}: expected 'fit' or 'measure'")
+        raise PublicRefusal("unknown calibration step: expected 'fit' or 'measure'")
+    # The server's numbers are checked before any data is touched.
+    if step == "fit":
+        temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
+    else:
+        temperature = check_number("temperature", config.get("temperature"))
     z, y = collect_logits(rt.model, rt.loaders["val" if step == "fit" else "test"], rt.device)
     metrics: dict = {"num-examples": len(y)}
     if len(y) and step == "fit":
-        metrics["nll_curve"] = nll_curve(z, y, np.asarray(config["temperatures"], dtype=float)).tolist()
+        metrics["nll_curve"] = nll_curve(z, y, temps).tolist()
     elif len(y):
-        metrics = measure(z, y, temperature=float(config["temperature"]))
+        metrics = measure(z, y, temperature=temperature)
     return make_reply(msg, site=rt.site, metrics=metrics)

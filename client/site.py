@@ -20,8 +20,13 @@ from flwr.app import Context
 from torch.utils.data import DataLoader
 
 import fedmed
+from pydantic import ValidationError
+
+from fedmed.client.policy import check_job
 from fedmed.config import FedmedConfig, SiteConfig, load_site_config
 from fedmed.device import select_device
+from fedmed.job import site_job_config
+from fedmed.messages import PublicRefusal
 from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
 
 __all__ = ["SiteRuntime", "runtime_for", "resolve_site"]
@@ -64,36 +69,46 @@ def resolve_site(context: Context) -> SiteConfig:
         if pid >= len(sites):
             raise ValueError(f"partition-id {pid} but only {len(sites)} sites are configured")
         state = os.environ.get("FEDMED_SIM_STATE_DIR")
+        # The simulating user is every site at once: its own data config (fedmed simulate
+        # passes it by environment) is each simulated site's policy and image roots.
+        extra = json.loads(os.environ.get("FEDMED_SIM_SITE_CONFIG", "") or "{}")
         keys = os.environ.get("FEDMED_SIM_SECAGG_KEYS")  # simulate's throw-away site keys
-        return SiteConfig(site=sites[pid], data_dir=str(Path(root) / sites[pid]),
-                          device=str(context.run_config.get("device", "auto")),
-                          state_dir=str(Path(state) / sites[pid]) if state else None,
-                          secagg={"signing_key": str(Path(keys) / sites[pid]), "peers_dir": keys} if keys else {})
+        if keys:
+            extra["secagg"] = {"signing_key": str(Path(keys) / sites[pid]), "peers_dir": keys}
+        return SiteConfig.model_validate({
+            **extra, "site": sites[pid], "data_dir": str(Path(root) / sites[pid]),
+            "device": str(context.run_config.get("device", "auto")),
+            "state_dir": str(Path(state) / sites[pid]) if state else None})
     raise ValueError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
 
 
 def _check_version(job: dict[str, Any]) -> None:
     want = job.get("fedmed_version")
-    if want is not None and want != fedmed.__version__:
-        raise RuntimeError(
-            f"the server runs fedmed {want} but this site has fedmed {fedmed.__version__} installed; "
-            "the site only runs the fedmed it has approved — upgrade both to the same version")
+    if want != fedmed.__version__:
+        raise PublicRefusal(
+            f"the server runs fedmed {str(want)[:20]} but this site has fedmed {fedmed.__version__} installed; "
+            "the site only runs the fedmed it has approved", kind="app-refused")
 
 
-def runtime_for(job: dict[str, Any], context: Context) -> SiteRuntime:
-    """Build (or reuse) this site's runtime for the server's job."""
+def runtime_for(job: dict[str, Any], context: Context, *, message_type: str = "train") -> SiteRuntime:
+    """Build (or reuse) this site's runtime for the server's job.
+
+    The job is held against the site's policy before any data is read
+    (:func:`fedmed.client.policy.check_job`); a malformed or refused job raises
+    :class:`PublicRefusal` naming only config keys and numbers.
+    """
     _check_version(job)
     site_cfg = resolve_site(context)
-    key = hashlib.sha256(json.dumps([job, site_cfg.model_dump(mode="json")], sort_keys=True,
-                                    default=str).encode()).hexdigest()
+    try:
+        cfg = site_job_config(job, site_cfg)
+    except ValidationError as exc:
+        keys = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:10]
+        raise PublicRefusal(f"the job is not a valid fedmed configuration (keys: {', '.join(keys)})") from None
+    check_job(cfg, site_cfg, message_type=message_type)
+    key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), site_cfg.model_dump(mode="json")],
+                                    sort_keys=True, default=str).encode()).hexdigest()
     if key in _CACHE:
         return _CACHE[key]
-    raw = {k: v for k, v in job.items() if k in ("name", "data", "model", "train", "privacy")}
-    raw["federation"] = {k: v for k, v in job.get("federation", {}).items()}
-    raw["train"] = {**raw["train"], "device": site_cfg.device, "progress": False}
-    if site_cfg.cache_dir:
-        raw["data"] = {**raw["data"], "cache_dir": site_cfg.cache_dir}
-    cfg = FedmedConfig.model_validate(raw)
     bundle = load_site_bundle(cfg, site_dir=site_cfg.data_dir, progress=False)
     device = select_device(site_cfg.device)
     model = model_from_config(cfg).to(device)

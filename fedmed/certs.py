@@ -9,6 +9,11 @@
 
 Built on ``cryptography`` (already a Flower dependency) rather than shelling out to openssl,
 so it works the same on every site's machine.
+
+Neither command replaces an existing file unless asked (``force=True`` / ``--force``): a new
+CA key silently invalidates the ``ca.crt`` every site holds, and a new site key locks the site
+out until the coordinator gets the new ``.pub``. Files are created with their final mode
+(private keys 0600) in one exclusive open, so a key is never briefly world-readable.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +30,31 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["create_certificates", "create_site_key", "add_cli"]
+__all__ = ["WouldOverwrite", "create_certificates", "create_site_key", "add_cli"]
+
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+class WouldOverwrite(ValueError):
+    """A key or certificate file already exists and ``force`` was not given."""
+
+
+def _refuse_existing(paths: list[Path], *, force: bool) -> None:
+    """Check every target before anything is generated, so no half-replaced set is left."""
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        names = ", ".join(str(p) for p in existing)
+        raise WouldOverwrite(f"{names} already exist{'s' if len(existing) == 1 else ''}: refusing to "
+                             "overwrite (replacing a CA or site key breaks every party that holds "
+                             "the old one); pass --force to replace")
+
+
+def _write(path: Path, data: bytes, *, private: bool = False, force: bool = False) -> None:
+    if force and (path.is_symlink() or path.exists()):
+        path.unlink()  # never write through a symlink planted at a key's path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def _name(cn: str) -> x509.Name:
@@ -38,10 +62,18 @@ def _name(cn: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def create_certificates(out: Path, *, hosts: list[str], days: int = 825) -> dict[str, Path]:
-    """A CA and a server certificate valid for ``hosts`` (DNS names or IP addresses)."""
+def create_certificates(out: Path, *, hosts: list[str], days: int = 825,
+                        force: bool = False) -> dict[str, Path]:
+    """A CA and a server certificate valid for ``hosts`` (DNS names or IP addresses).
+
+    Raises :class:`WouldOverwrite` naming the files if any of ``ca.crt``, ``ca.key``,
+    ``server.pem``, ``server.key`` exists in ``out`` and ``force`` is False (nothing written).
+    """
     if not hosts:
         raise ValueError("give at least one --host the sites will connect to (name or IP)")
+    out = Path(out)
+    files = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
+    _refuse_existing(list(files.values()), force=force)
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
@@ -70,23 +102,34 @@ def create_certificates(out: Path, *, hosts: list[str], days: int = 825) -> dict
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     nopw = serialization.NoEncryption()
-    files = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
-    _write(files["ca_cert"], ca_cert.public_bytes(pem))
-    _write(files["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw), private=True)
-    _write(files["cert"], cert.public_bytes(pem))
-    _write(files["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw), private=True)
+    _write(files["ca_cert"], ca_cert.public_bytes(pem), force=force)
+    _write(files["ca_key"], ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw),
+           private=True, force=force)
+    _write(files["cert"], cert.public_bytes(pem), force=force)
+    _write(files["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, nopw),
+           private=True, force=force)
     return files
 
 
-def create_site_key(out: Path, *, site: str) -> tuple[Path, Path]:
-    """An ECDSA (P-384) key pair in OpenSSH format for Flower's node authentication."""
+def create_site_key(out: Path, *, site: str, force: bool = False) -> tuple[Path, Path]:
+    """An ECDSA (P-384) key pair in OpenSSH format for Flower's node authentication.
+
+    ``site`` becomes the file name, so it must be a plain name (letters, digits, ``_.-``).
+    Raises :class:`WouldOverwrite` if ``<site>`` or ``<site>.pub`` exists and not ``force``.
+    """
+    if not _SITE_NAME.fullmatch(site):
+        raise ValueError(f"site name {site!r} must be letters, digits, '_', '.' or '-' "
+                         "(it becomes the key's file name)")
+    out = Path(out)
+    priv, pub = out / site, out / f"{site}.pub"
+    _refuse_existing([priv, pub], force=force)
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = out / site, out / f"{site}.pub"
     _write(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()), private=True)
+                                   serialization.NoEncryption()), private=True, force=force)
     _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                              serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
+                                              serialization.PublicFormat.OpenSSH) + f" {site}\n".encode(),
+           force=force)
     return priv, pub
 
 
@@ -95,9 +138,10 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("certs"))
     p.add_argument("--host", action="append", default=[], help="name or IP the sites dial (repeat)")
     p.add_argument("--days", type=int, default=825)
+    p.add_argument("--force", action="store_true", help="replace existing CA/server files")
 
     def run_certs(a: Any) -> int:
-        files = create_certificates(a.out, hosts=a.host, days=a.days)
+        files = create_certificates(a.out, hosts=a.host, days=a.days, force=a.force)
         print("\n".join(f"{k:8s} {v}" for k, v in files.items()))
         print("give ca.crt to every site; keep ca.key offline")
         return 0
@@ -106,9 +150,10 @@ def add_cli(sub: Any) -> None:
     k = sub.add_parser("site-key", help="create a site's key pair for node authentication")
     k.add_argument("--site", required=True)
     k.add_argument("--out", type=Path, default=Path("keys"))
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
 
     def run_key(a: Any) -> int:
-        priv, pub = create_site_key(a.out, site=a.site)
+        priv, pub = create_site_key(a.out, site=a.site, force=a.force)
         print(f"private {priv} (stays at the site)\npublic  {pub} (send to the coordinator: --auth-key)")
         return 0
 

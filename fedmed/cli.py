@@ -60,9 +60,17 @@ def _cmd_deidentify(args: argparse.Namespace) -> int:
         salt_file.write_bytes(secrets.token_bytes(32))
         salt_file.chmod(0o600)
         print(f"created a new secret salt in {salt_file}: keep it at the site, reuse it for later imports")
-    counts = deidentify_site(Path(args.site_dir), Path(args.out), salt=salt_file.read_bytes())
+    counts = deidentify_site(Path(args.site_dir), Path(args.out), salt=salt_file.read_bytes(),
+                             notes=args.notes, notes_column=args.notes_column,
+                             unlabelled=args.unlabelled_burned_in)
     print(f"wrote {args.out}: {counts['records']} records, {counts['images']} images "
           f"({counts['dicom']} DICOM de-identified); patient ids are salted pseudonyms")
+    if args.notes in ("drop", "scrub"):
+        print(f"notes: {args.notes} ({counts['notes_changed']} note(s) changed)")
+    if counts["refused"] or counts["review"]:
+        print(f"{counts['refused']} image(s) refused and {counts['review']} written for review "
+              f"(burned-in annotation or unreadable): see {Path(args.out) / 'review.csv'} "
+              "(images.csv line and reason)")
     return 0
 
 
@@ -124,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument("site_dir")
     deid.add_argument("--out", required=True)
     deid.add_argument("--salt-file", required=True, help="secret salt (created if absent); keep it at the site")
+    deid.add_argument("--notes", choices=["drop", "scrub", "keep"], default=None,
+                      help="what happens to the records' free-text notes column (required when "
+                           "there is one: no default); scrub is best effort, drop is safe")
+    deid.add_argument("--notes-column", default="notes", help="the free-text column (default: notes)")
+    deid.add_argument("--unlabelled-burned-in", choices=["refuse", "review"], default="refuse",
+                      help="US/secondary-capture/XA/... images without BurnedInAnnotation: refuse "
+                           "(default) or write and list them in review.csv; YES is always refused")
     deid.set_defaults(func=_cmd_deidentify)
 
     chk = data.add_parser("check", help="validate every site folder of a config and print summaries")

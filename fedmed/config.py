@@ -22,6 +22,7 @@ __all__ = [
     "FederationConfig",
     "PrivacyConfig",
     "TrackingConfig",
+    "SitePolicy",
     "SiteConfig",
     "FedmedConfig",
     "load_config",
@@ -73,6 +74,9 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
     cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
+    image_roots: list[str] = Field(
+        default_factory=list, description="folders outside a site folder that its images.csv may "
+        "point into (local runs; in a federation only each site's own config decides)")
     num_workers: int = Field(0, ge=0, le=64)
 
 
@@ -229,20 +233,70 @@ class SiteSecAggConfig(_Strict):
     required: bool = Field(False, description="refuse to send a training update without secure aggregation")
 
 
+# Message types a site may answer (Flower's "<category>[.<action>]").
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query")
+
+
+class SitePolicy(_Strict):
+    """What this hospital allows, whatever the coordinator asks (checked before any data is read).
+
+    The coordinator's job is untrusted input: a job or message outside this policy is refused
+    with the reason at both ends. Defaults are what a hospital's security officer would sign.
+    """
+
+    require_dp: bool = Field(False, description="refuse any training job without DP-SGD (privacy.enabled)")
+    max_epsilon: float | None = Field(None, gt=0.0, description="cap on the federation's ε at this site")
+    max_total_epsilon: float | None = Field(
+        None, gt=0.0, description="cap on the ε of all federations this site trained in, added up "
+        "(a coordinator cannot reset the budget by starting a new federation)")
+    max_delta: float | None = Field(None, gt=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(None, gt=0.0, description="cap on DP-SGD's clipping norm")
+    budget: Literal["refuse", "spend"] = Field(
+        "refuse", description="refuse a DP plan above max_epsilon, or train until it is spent")
+    min_batch_size: int = Field(16, ge=1, description="smallest local batch: no update from one patient's gradient")
+    max_local_steps: int | None = Field(
+        10_000, ge=1, description="cap on optimiser steps per round (local epochs × steps per epoch)")
+    max_metric_list: int = Field(
+        256, ge=1, le=100_000, description="longest list the server may ask for (e.g. calibration's temperatures)")
+    allowed_messages: list[str] = Field(
+        default_factory=lambda: list(MESSAGE_TYPES),
+        description=f"message types this site answers, of {list(MESSAGE_TYPES)}")
+    share_site_metrics: bool = Field(
+        True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
+    allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
+
+    @field_validator("allowed_messages")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in MESSAGE_TYPES]
+        if unknown:
+            raise ValueError(f"unknown message types {unknown}; valid: {list(MESSAGE_TYPES)}")
+        return v
+
+
 class SiteConfig(_Strict):
-    """One hospital's own settings: its data and the caps it enforces."""
+    """One hospital's own settings: its data, where its files may be, and its policy."""
 
     site: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     data_dir: str
-    max_epsilon: float | None = Field(None, gt=0.0)
-    max_delta: float | None = Field(None, gt=0.0, lt=1.0)
-    max_grad_norm: float | None = Field(None, gt=0.0)
-    budget: Literal["refuse", "spend"] = Field(
-        "refuse", description="refuse a DP plan above max_epsilon, or train until it is spent")
+    id_column: str = Field("patient_id", description="this site's patient id column: never a feature or label")
+    image_roots: list[str] = Field(
+        default_factory=list, description="folders outside data_dir that images.csv may point into")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    num_workers: int = Field(0, ge=0, le=64, description="data-loading workers (the site's choice, not the job's)")
     cache_dir: str | None = None
     state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
+    policy: SitePolicy = Field(default_factory=SitePolicy)
     secagg: SiteSecAggConfig = Field(default_factory=SiteSecAggConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        moved = [k for k in ("max_epsilon", "max_delta", "max_grad_norm", "budget")
+                 if isinstance(data, dict) and k in data]
+        if moved:
+            raise ValueError(f"{moved} moved into the site's `policy:` section (policy.{moved[0]}: ...)")
+        return data
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -337,6 +391,10 @@ def load_config(
     data = _read_yaml(path) if path is not None else dict(raw or {})
     if path is not None:
         _resolve_paths(data, Path(path).resolve().parent, _PATH_KEYS)
+    if path is not None and isinstance(data.get("data"), dict) and isinstance(data["data"].get("image_roots"), list):
+        base = Path(path).resolve().parent
+        data["data"]["image_roots"] = [str((base / Path(r).expanduser()).resolve())
+                                       for r in data["data"]["image_roots"]]
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = apply_overrides(data, ov)
     if ov:
@@ -352,7 +410,10 @@ def load_site_config(
 ) -> SiteConfig:
     """Load one hospital's :class:`SiteConfig`; relative ``data_dir`` is file-relative."""
     data = _read_yaml(path)
-    _resolve_paths(data, Path(path).resolve().parent, [("data_dir",), ("cache_dir",)])
+    base = Path(path).resolve().parent
+    _resolve_paths(data, base, [("data_dir",), ("cache_dir",), ("state_dir",)])
+    if isinstance(data.get("image_roots"), list):
+        data["image_roots"] = [str((base / Path(r).expanduser()).resolve()) for r in data["image_roots"]]
     ov = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
     data = apply_overrides(data, ov)
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -29,6 +31,12 @@ __all__ = [
     "CALIBRATION_ACTION",
     "encode_job",
     "decode_job",
+    "ERROR_CODES",
+    "PublicRefusal",
+    "new_ref",
+    "error_reason",
+    "describe_error",
+    "failure_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,15 +51,95 @@ JOB_KEY = "fedmed-job"
 CALIBRATION_ACTION = "calibration"
 
 
+# A site's error reply is Error(code, reason) with reason "fedmed/<kind> ref=<12 hex>
+# [site=<name>][: <public text>]". The full exception stays in the site's own log under that
+# ref; only the kind, the ref, the site's public name and (for refusals built from config
+# keys and numbers only) a public text ever leave.
+ERROR_CODES: dict[str, int] = {
+    "site-data": 1101,    # the site's data failed validation (details only in the site's log)
+    "policy": 1102,       # the job or message is outside the site's policy
+    "budget": 1103,       # the privacy budget is spent or the DP plan exceeds the site's caps
+    "app-refused": 1104,  # the submitted app is not the fedmed ClientApp this site approved
+    "guard": 1105,        # the outbound guard blocked a reply
+    "internal": 1199,     # anything else
+}
+_REF = re.compile(r"^[0-9a-f]{12}$")
+_SITE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Public text: words, numbers, config keys and a little punctuation; no path separators.
+_PUBLIC = re.compile(r"^[A-Za-z0-9 _.,;:=<>≤≥()\[\]'+*%εδσ-]{1,400}$")
+_REASON = re.compile(r"^fedmed/(?P<kind>[a-z-]+) ref=(?P<ref>[0-9a-f]{12})"
+                     r"(?: site=(?P<site>[A-Za-z0-9_.-]{1,64}))?(?:: (?P<text>.*))?$", re.S)
+
+
+class PublicRefusal(Exception):
+    """A refusal whose text is safe to send to the coordinator.
+
+    Raise it only with text built from config keys, numbers and fixed words — never a data
+    value, a patient id, a file name or a path. The guard still checks the text's characters.
+    """
+
+    kind = "policy"
+
+    def __init__(self, text: str, *, kind: str = "policy") -> None:
+        super().__init__(text)
+        if kind not in ERROR_CODES:
+            raise ValueError(f"unknown error kind {kind!r}")
+        self.kind = kind
+
+
+def new_ref() -> str:
+    """A fresh site-side reference for one failure (the site's log holds the details)."""
+    return secrets.token_hex(6)
+
+
+def error_reason(kind: str, ref: str, *, site: str | None = None, public: str = "") -> str:
+    """The only form a site's error reason takes; unsafe public text is dropped, not sent."""
+    if kind not in ERROR_CODES:
+        kind = "internal"
+    if not _REF.match(ref):
+        raise ValueError("ref must be 12 hex digits (new_ref())")
+    out = f"fedmed/{kind} ref={ref}"
+    if site and _SITE.match(site):
+        out += f" site={site}"
+    public = " ".join(public.split())
+    if public and _PUBLIC.match(public):
+        out += f": {public}"
+    return out
+
+
+def describe_error(reason: str | None) -> tuple[str | None, str]:
+    """``(site name or None, text to show)`` for an error reply, as the coordinator may keep it.
+
+    Anything that is not a fedmed error reason (an older site, Flower's own exception text)
+    is withheld: the coordinator never stores or prints text it cannot vouch for.
+    """
+    m = _REASON.match(reason or "")
+    if m is None:
+        return None, "site failed (error text withheld: not a fedmed error reason)"
+    text = m["text"] or ""
+    if text and not _PUBLIC.match(text):
+        text = ""
+    shown = f"{m['kind']} (site ref {m['ref']})" + (f": {text}" if text else "")
+    return m["site"], shown
+
+
 def encode_job(job: dict[str, Any]) -> str:
     """The federation's settings (model/train/data schema) as JSON for a ConfigRecord."""
     return json.dumps(job, sort_keys=True)
 
 
 def decode_job(config: ConfigRecord) -> dict[str, Any]:
+    """The job a message carries; refused (PublicRefusal) when it is absent or malformed."""
     if JOB_KEY not in config:
-        raise ValueError(f"the server's message has no {JOB_KEY!r}: server and site run different fedmed versions")
-    return json.loads(str(config[JOB_KEY]))
+        raise PublicRefusal(f"the server's message has no {JOB_KEY}: server and site run different fedmed versions",
+                            kind="app-refused")
+    try:
+        job = json.loads(str(config[JOB_KEY]))
+    except ValueError:
+        job = None
+    if not isinstance(job, dict):
+        raise PublicRefusal(f"the server's {JOB_KEY} is not a JSON object")
+    return job
 
 
 def make_reply(
@@ -82,11 +170,19 @@ def make_reply(
 
 
 def reply_site(msg: Message) -> str:
-    """The site name a reply carries (or its node id when it has none)."""
+    """The site name a reply carries (an error reply: from its reason; else its node id)."""
+    if msg.has_error():
+        site, _ = describe_error(msg.error.reason)
+        return site or f"node-{msg.metadata.src_node_id}"
     try:
         return str(msg.content[SITE_KEY]["name"])
-    except Exception:  # noqa: BLE001 - error replies carry no content
+    except Exception:  # noqa: BLE001 - a malformed reply
         return f"node-{msg.metadata.src_node_id}"
+
+
+def failure_text(msg: Message) -> str:
+    """Why an error reply failed, in the form the coordinator may keep (see describe_error)."""
+    return describe_error(msg.error.reason)[1]
 
 
 @dataclass
@@ -109,7 +205,7 @@ def screen_train_replies(
     for msg in replies:
         site = reply_site(msg)
         if msg.has_error():
-            rejected.append(Rejected(site, f"site failed: {msg.error.reason}"))
+            rejected.append(Rejected(site, failure_text(msg)))
             continue
         extra = set(msg.content.keys()) - REPLY_KEYS
         if extra:
@@ -154,7 +250,7 @@ def screen_metric_replies(replies: Iterable[Message]) -> tuple[dict[str, dict[st
     for msg in replies:
         site = reply_site(msg)
         if msg.has_error() or "metrics" not in msg.content:
-            failed[site] = f"site failed: {msg.error.reason}" if msg.has_error() else "reply lacks metrics"
+            failed[site] = failure_text(msg) if msg.has_error() else "reply lacks metrics"
             log.warning("evaluation at site %s failed: %s", site, failed[site])
             continue
         per_site[site] = dict(msg.content["metrics"].items())

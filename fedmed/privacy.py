@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.config import PrivacyConfig, SiteConfig
 from fedmed.dp_conv import use_fast_conv2d
+from fedmed.messages import PublicRefusal
 
 __all__ = [
     "BudgetError",
@@ -31,12 +32,19 @@ __all__ = [
     "plan_dp",
     "check_caps",
     "PrivacyLedger",
+    "total_epsilon",
     "make_private",
 ]
 
 
-class BudgetError(RuntimeError):
-    """The site refuses (plan above its cap) or has spent its privacy budget."""
+class BudgetError(PublicRefusal):
+    """The site refuses (plan above its cap) or has spent its privacy budget.
+
+    Its text is built from ε/δ numbers and config keys only, so the coordinator may see it.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, kind="budget")
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,14 @@ def plan_dp(*, privacy: PrivacyConfig, n_train: int, batch_size: int, rounds: in
 
 
 def check_caps(privacy: PrivacyConfig, site: SiteConfig) -> None:
-    """Refuse a job whose privacy settings exceed what this site allows."""
-    problems = []
-    if site.max_epsilon is not None and privacy.target_epsilon > site.max_epsilon and site.budget == "refuse":
-        problems.append(f"target ε={privacy.target_epsilon:g} exceeds this site's cap ε≤{site.max_epsilon:g}")
-    if site.max_delta is not None and privacy.target_delta > site.max_delta:
-        problems.append(f"δ={privacy.target_delta:g} exceeds this site's cap δ≤{site.max_delta:g}")
-    if site.max_grad_norm is not None and privacy.max_grad_norm > site.max_grad_norm:
-        problems.append(f"clipping norm {privacy.max_grad_norm:g} exceeds this site's cap {site.max_grad_norm:g}")
+    """Refuse a job whose privacy settings exceed what this site's policy allows."""
+    problems, pol = [], site.policy
+    if pol.max_epsilon is not None and privacy.target_epsilon > pol.max_epsilon and pol.budget == "refuse":
+        problems.append(f"target ε={privacy.target_epsilon:g} exceeds this site's cap ε≤{pol.max_epsilon:g}")
+    if pol.max_delta is not None and privacy.target_delta > pol.max_delta:
+        problems.append(f"δ={privacy.target_delta:g} exceeds this site's cap δ≤{pol.max_delta:g}")
+    if pol.max_grad_norm is not None and privacy.max_grad_norm > pol.max_grad_norm:
+        problems.append(f"clipping norm {privacy.max_grad_norm:g} exceeds this site's cap {pol.max_grad_norm:g}")
     if problems:
         raise BudgetError(f"site {site.site} refuses the privacy plan: " + "; ".join(problems))
 
@@ -92,7 +100,8 @@ class PrivacyLedger:
         if path.exists():
             data = json.loads(path.read_text())
             if data.get("accountant") != accountant:
-                raise BudgetError(f"{path}: accountant {data.get('accountant')} recorded, {accountant} asked")
+                raise BudgetError(f"the site's privacy ledger for this federation was kept with accountant "
+                                  f"{str(data.get('accountant'))[:8]}, the job asks for {accountant}")
             self.history = [tuple(h) for h in data["history"]]
 
     def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
@@ -111,6 +120,17 @@ class PrivacyLedger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}))
         os.replace(tmp, self.path)
+
+
+def total_epsilon(folder: Path, *, delta: float, exclude: Path | None = None) -> float:
+    """ε spent over every federation ledger in ``folder`` (sequential composition: they add)."""
+    total = 0.0
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if exclude is not None and path.resolve() == Path(exclude).resolve():
+            continue
+        data = json.loads(path.read_text())
+        total += PrivacyLedger(path, accountant=str(data.get("accountant", "rdp"))).epsilon(delta)
+    return total
 
 
 def _collate_with_empty(batch: list[dict[str, torch.Tensor]], template: dict[str, torch.Tensor]):

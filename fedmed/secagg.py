@@ -55,13 +55,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
-try:
-    from fedmed.messages import PublicRefusal
-except ImportError:  # until the shared error contract (fedmed.messages) is merged
-    class PublicRefusal(Exception):  # type: ignore[no-redef]
-        def __init__(self, text: str, *, kind: str = "policy") -> None:
-            super().__init__(text)
-            self.kind = kind
+from fedmed.messages import PublicRefusal
 
 __all__ = ["SCALE_BITS", "SecAggRefusal", "SiteIdentity", "SiteSession", "threshold", "load_identity", "plan_hash",
            "check_reply_record", "rebuild_secret", "unmask_sum", "mask_update", "generate_keypair",

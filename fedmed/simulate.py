@@ -223,8 +223,13 @@ def simulate(
 
     # Each simulated site keeps its state (the DP ledger) in this run's folder: a re-run is a
     # new federation with its own budget, not the spent budget of an earlier run.
+    # Simulated sites are the user's own data, so they run with an open policy (a real
+    # site's policy is its own YAML, enforced by fedmed-client) and the config's image roots.
+    site_extra = {"image_roots": list(cfg.data.image_roots), "num_workers": cfg.data.num_workers,
+                  "id_column": cfg.data.id_column,
+                  "policy": {"allow_notes": True, "min_batch_size": 1, "max_local_steps": None}}
     env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
-           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"),
+           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
            "OMP_NUM_THREADS": str(num_cpus_per_site), "MKL_NUM_THREADS": str(num_cpus_per_site),
            "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
     backend = {"client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},

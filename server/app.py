@@ -17,7 +17,7 @@ from fedmed.config import FedmedConfig
 from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.federation import run_federation
-from fedmed.server.report import summary_table, write_report
+from fedmed.server.report import site_problems, summary_table, write_report
 from fedmed.server.tracking import Tracker
 
 __all__ = ["app", "run"]
@@ -50,6 +50,11 @@ def run(grid: Grid, run_config: dict) -> Path:
         summary = {"rounds": state.round, "best_round": state.best_round, "best_score": state.best_score,
                    "final": {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
                    if state.history else {}}
+        problems = site_problems(state.history)
+        if problems:  # refused or failed sites, with the reason they sent (code + public text)
+            summary["site_problems"] = problems
+            for site, text in problems.items():
+                log.warning("site %s: %s", site, text)
         if state.calibration is not None:
             summary["calibration"] = calibration_summary(state.calibration)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

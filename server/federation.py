@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-import fedmed
-
 from fedmed.config import FedmedConfig
+from fedmed.job import job_for_sites
 from fedmed.messages import (
     CONFIG_KEY,
     JOB_KEY,
     SECAGG_KEY,
     Rejected,
     encode_job,
+    failure_text,
     reply_site,
     screen_metric_replies,
     screen_train_replies,
@@ -42,7 +42,7 @@ from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
 from fedmed.server.strategies import make_strategy
 
-__all__ = ["run_federation", "job_for_sites", "aggregate_site_metrics", "round_lr"]
+__all__ = ["run_federation", "aggregate_site_metrics", "round_lr"]
 
 log = logging.getLogger("fedmed.server")
 
@@ -69,15 +69,6 @@ def send_and_receive(grid: GridLike, messages: Any, *, timeout: float, poll: flo
         if pending:
             time.sleep(poll)
     return replies
-
-
-def job_for_sites(cfg: FedmedConfig) -> dict[str, Any]:
-    """What each site needs to build the same model and train it: no paths, no secrets."""
-    d = cfg.model_dump(mode="json")
-    data = {k: v for k, v in d["data"].items() if k not in ("root", "sites", "cache_dir")}
-    return {"fedmed_version": fedmed.__version__, "name": cfg.name, "data": data, "model": d["model"], "train": d["train"],
-            "federation": {k: d["federation"][k] for k in ("rounds", "local_epochs", "proximal_mu")},
-            "privacy": d["privacy"]}
 
 
 def config_hash(cfg: FedmedConfig) -> str:
@@ -138,9 +129,8 @@ def _wait_for_sites(grid: GridLike, minimum: int, timeout: float) -> int:
         time.sleep(0.5)
 
 
-def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    per_site, failed = screen_metric_replies(replies)
-    return per_site, list(failed)
+def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    return screen_metric_replies(replies)
 
 
 def _secure_query(grid: GridLike, nodes: list[int], base: dict[str, Any], stage: str, fed: Any,
@@ -154,7 +144,7 @@ def _secure_query(grid: GridLike, nodes: list[int], base: dict[str, Any], stage:
     for msg in send_and_receive(grid, msgs, timeout=fed.round_timeout):
         src = int(msg.metadata.src_node_id)
         rec = None if msg.has_error() else msg.content.get(SECAGG_KEY)
-        why = (msg.error.reason if msg.has_error() else "no secagg record" if rec is None
+        why = (failure_text(msg) if msg.has_error() else "no secagg record" if rec is None
                else check_reply_record(rec) or ("wrong step" if rec["stage"] != stage or src not in nodes else None))
         if why is None:
             got[src] = {**dict(rec), "site": reply_site(msg)}

@@ -236,15 +236,33 @@ def _site_rows(history: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
+# A site's refusal (fedmed.messages.describe_error) starts with one of these kinds.
+REFUSAL_KINDS = ("policy", "budget", "app-refused")
+
+
+def _what(reason: str, default: str) -> str:
+    kind = reason.split(" ", 1)[0]
+    return "refused by the site" if kind in REFUSAL_KINDS else default
+
+
 def _problem_rows(history: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for i, row in enumerate(history):
         rnd = str(row.get("round", i + 1))
         for site, reason in (row.get("sites_rejected") or {}).items():
-            rows.append([rnd, str(site), "update rejected", str(reason)])
-        for site in row.get("sites_eval_failed") or []:
-            rows.append([rnd, str(site), "evaluation failed", ""])
+            rows.append([rnd, str(site), _what(str(reason), "update rejected"), str(reason)])
+        failed = row.get("sites_eval_failed") or {}
+        for site, reason in (failed.items() if isinstance(failed, dict) else ((s, "") for s in failed)):
+            rows.append([rnd, str(site), _what(str(reason), "evaluation failed"), str(reason)])
     return rows
+
+
+def site_problems(history: list[dict[str, Any]]) -> dict[str, str]:
+    """Each site's latest refusal or failure over the run (for summary.json and the console)."""
+    out: dict[str, str] = {}
+    for rnd, site, what, reason in _problem_rows(history):
+        out[site] = f"round {rnd}: {what}" + (f": {reason}" if reason else "")
+    return out
 
 
 # -- calibration ----------------------------------------------------------------------

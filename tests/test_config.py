@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedmed.config import ConfigError, load_config, load_site_config, parse_overrides
@@ -43,9 +45,9 @@ def test_bad_override_is_clear():
 
 def test_site_config(tmp_path):
     path = tmp_path / "site.yaml"
-    path.write_text("site: hospital_a\ndata_dir: a\nmax_epsilon: 3\n")
+    path.write_text("site: hospital_a\ndata_dir: a\npolicy:\n  max_epsilon: 3\n")
     site = load_site_config(path)
-    assert site.data_dir == str((tmp_path / "a").resolve()) and site.max_epsilon == 3
+    assert site.data_dir == str((tmp_path / "a").resolve()) and site.policy.max_epsilon == 3
     path.write_text("site: hospital a\ndata_dir: a\n")
     with pytest.raises(ConfigError, match="site"):
         load_site_config(path)
@@ -68,3 +70,21 @@ def test_calibration_does_not_change_the_resume_fingerprint():
     base = config_hash(load_config(raw=raw))
     assert config_hash(load_config(raw=raw, overrides=["federation.calibration=off"])) == base
     assert config_hash(load_config(raw=raw, overrides=["federation.local_epochs=3"])) != base
+
+
+def test_site_example_documents_every_policy_key():
+    """configs/site_example.yaml loads and shows every key of the site policy (docs stay true)."""
+    from fedmed.config import SitePolicy
+
+    repo = Path(__file__).resolve().parents[1]
+    site = load_site_config(repo / "configs" / "site_example.yaml")
+    text = (repo / "configs" / "site_example.yaml").read_text()
+    assert set(SitePolicy.model_fields) <= {k for k in SitePolicy.model_fields if f"  {k}:" in text}
+    assert site.policy.min_batch_size >= 16 and site.policy.allow_notes is False
+
+
+def test_old_top_level_caps_say_where_they_moved(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("site: a\ndata_dir: a\nmax_epsilon: 3\n")
+    with pytest.raises(ConfigError, match="policy"):
+        load_site_config(path)

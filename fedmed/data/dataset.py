@@ -177,9 +177,13 @@ def build_splits(
     samples = site.samples
     spec = cache.spec if cache is not None else Preprocess.from_config(data_cfg)
     if cache is not None:
-        paths = samples.loc[samples["has_image"], "image_path"].tolist()
-        if paths:
-            cache.prepare(paths, progress=progress)
+        rows = samples.loc[samples["has_image"]]
+        if len(rows):  # failures are named by images.csv line, never by file name
+            lines = rows["image_line"] if "image_line" in rows else pd.Series(pd.NA, index=rows.index)
+            where = [f"{site}: images.csv line {line}, column 'image'" if pd.notna(line)
+                     else f"{site}: image {k + 1} of {len(rows)}"
+                     for k, (site, line) in enumerate(zip(rows["site"], lines))]
+            cache.prepare(rows["image_path"].tolist(), where=where, progress=progress)
     elif bool(samples["has_image"].any()):
         log.info("build_splits: no image cache given; image samples get zero images")
     idx = split_patients(samples, val_fraction=data_cfg.val_fraction,

@@ -2,8 +2,9 @@
 
 The steps follow the DICOM display pipeline (PS3.4 N.2): decode one frame, modality LUT
 (rescale slope/intercept), VOI LUT or window, MONOCHROME1 inversion. Colour data is returned
-as RGB. Every failure is a :class:`DicomError` that names the file and says what is wrong;
-messages never carry element values (they may hold patient data).
+as RGB. Every failure is a :class:`DicomError` that says what is wrong; messages never carry
+element values (they may hold patient data), nor the file's name or path (names are often
+built from patient ids): the file is on :attr:`DicomError.path` for the site's own log.
 """
 
 from __future__ import annotations
@@ -28,7 +29,20 @@ _MONO = ("MONOCHROME1", "MONOCHROME2")
 
 
 class DicomError(ValueError):
-    """A DICOM file cannot be turned into an image; the message names the file and why."""
+    """A DICOM file cannot be turned into an image; the message says why, ``path`` which."""
+
+    def __init__(self, reason: str, *, path: str | Path | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = None if path is None else str(path)
+
+
+def _scrub(text: str, path: Path) -> str:
+    """A library's error text without the file's path or name (pydicom sometimes adds them)."""
+    for s in (str(path), str(path.absolute()), path.name, path.stem):
+        if s:
+            text = text.replace(s, "<file>")
+    return text
 
 
 def apply_window(
@@ -55,45 +69,45 @@ def apply_window(
 
 def _read(path: Path) -> pydicom.Dataset:
     if not path.is_file():
-        raise DicomError(f"{path}: file not found")
+        raise DicomError("file not found", path=path)
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError:
-        raise DicomError(f"{path}: not a DICOM file (no 'DICM' file header)") from None
+        raise DicomError("not a DICOM file (no 'DICM' file header)", path=path) from None
     except Exception as exc:  # pydicom raises many types on damaged files
         raise DicomError(
-            f"{path}: not a readable DICOM file (truncated or corrupt: {type(exc).__name__})"
+            f"not a readable DICOM file (truncated or corrupt: {type(exc).__name__})", path=path
         ) from None
 
 
 def _decode_frame(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, str]:
     """Decode the middle frame; returns the array and its actual photometric interpretation."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DicomError(f"{path}: no pixel data (not an image object)")
+        raise DicomError("no pixel data (not an image object)", path=path)
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax is None:
-        raise DicomError(f"{path}: no transfer syntax in the file meta header")
+        raise DicomError("no transfer syntax in the file meta header", path=path)
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
         raise DicomError(
-            f"{path}: pixel data could not be decoded (no decoder for transfer syntax "
-            f"{tsyntax.name})"
+            f"pixel data could not be decoded (no decoder for transfer syntax {tsyntax.name})",
+            path=path,
         ) from None
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         raise DicomError(
-            f"{path}: pixel data could not be decoded (transfer syntax {tsyntax.name} needs "
-            f"a plugin: {needs})"
+            f"pixel data could not be decoded (transfer syntax {tsyntax.name} needs "
+            f"a plugin: {needs})", path=path
         )
     frames = int(ds.get("NumberOfFrames") or 1)
     try:
         arr, meta = decoder.as_array(ds, index=frames // 2, as_rgb=False)
     except Exception as exc:
-        first = " ".join(str(exc).split())[:300]
+        first = _scrub(" ".join(str(exc).split()), path)[:300]
         raise DicomError(
-            f"{path}: pixel data could not be decoded (transfer syntax {tsyntax.name}: "
-            f"{type(exc).__name__}{': ' + first if first else ''})"
+            f"pixel data could not be decoded (transfer syntax {tsyntax.name}: "
+            f"{type(exc).__name__}{': ' + first if first else ''})", path=path
         ) from None
     return arr, str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation")))
 
@@ -105,7 +119,7 @@ def _to_rgb(arr: np.ndarray, pi: str, ds: pydicom.Dataset, path: Path) -> np.nda
         arr = convert_color_space(arr, pi, "RGB")
     elif pi != "RGB" and not pi.startswith("YBR_"):
         # YBR_ICT / YBR_RCT / YBR_PARTIAL_* are converted by their codecs already.
-        raise DicomError(f"{path}: unsupported photometric interpretation {pi!r}")
+        raise DicomError(f"unsupported photometric interpretation {pi!r}", path=path)
     if arr.dtype == np.uint8:
         top = 255.0
     elif pi == "PALETTE COLOR" or np.issubdtype(arr.dtype, np.floating):
@@ -147,8 +161,8 @@ def read_dicom(
     Multi-frame files give their middle frame. Grayscale goes through the modality LUT, then
     ``window`` (center, width) if given, else the file's VOI LUT / window, else min-max;
     MONOCHROME1 is inverted so bright always means dense. A constant image gives zeros.
-    Raises :class:`DicomError` naming the file for unreadable files, missing pixel data or
-    pixel data that no installed plugin can decode.
+    Raises :class:`DicomError` (why; the file on ``.path``) for unreadable files, missing
+    pixel data or pixel data that no installed plugin can decode.
     """
     path = Path(path)
     ds = _read(path)
@@ -156,19 +170,19 @@ def read_dicom(
     try:
         if pi in _MONO:
             if arr.ndim != 2:
-                raise DicomError(f"{path}: {pi} pixel data has unexpected shape {arr.shape}")
+                raise DicomError(f"{pi} pixel data has unexpected shape {arr.shape}", path=path)
             img = _normalise_gray(arr, ds, window)
             if pi == "MONOCHROME1":
                 img = 1.0 - img
         else:
             img = _to_rgb(arr, pi, ds, path)
             if img.ndim != 3 or img.shape[-1] != 3:
-                raise DicomError(f"{path}: {pi} pixel data has unexpected shape {arr.shape}")
+                raise DicomError(f"{pi} pixel data has unexpected shape {arr.shape}", path=path)
     except DicomError:
         raise
     except Exception as exc:  # malformed LUTs, bad window values, ...
         raise DicomError(
-            f"{path}: pixel values could not be converted ({type(exc).__name__})"
+            f"pixel values could not be converted ({type(exc).__name__})", path=path
         ) from None
     img = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(img, 0.0, 1.0)

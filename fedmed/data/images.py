@@ -2,17 +2,23 @@
 
 Decoding a DICOM or a large JPEG costs far more than a training step, so each file is
 decoded once per preprocessing spec and stored as a small ``uint8`` ``.npy`` under
-``<cache_dir>/<spec.key()>/``. Errors name the file, never its contents.
+``<cache_dir>/<spec.key()>/``. Errors say what is wrong but never the file's name or path:
+site file names are often built from patient ids (``MRN123_chest.dcm``) and absolute paths
+name the site's machine, and error text may travel (logs, replies). Callers that know where a
+path came from say so (``ImageCache.prepare(..., where=["images.csv line 12, column 'image'"])``);
+the path itself is kept on :attr:`ImageError.path` and written to the site's own log at debug
+level only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +48,20 @@ RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _CACHE_VERSION = 1  # bump when preprocessing output changes for the same spec
 _MEMO_LIMIT = 2 * 1024**3
 _LIST_MAX = 20
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
-    """An image file is missing, unsupported or unreadable; the message names the file."""
+    """An image file is missing, unsupported or unreadable.
+
+    The message says why, never which file (see the module docstring); ``path`` holds the
+    file for the site's own debug log and must not be put into anything that leaves it.
+    """
+
+    def __init__(self, reason: str, *, path: str | Path | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path = None if path is None else str(path)
 
 
 def _read_raster(path: Path) -> np.ndarray:
@@ -69,10 +85,10 @@ def _read_raster(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(
-            f"{path}: not a readable image (corrupt or truncated: {type(exc).__name__})"
+            f"not a readable image (corrupt or truncated: {type(exc).__name__})", path=path
         ) from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: image too large to decode safely") from None
+        raise ImageError("image too large to decode safely", path=path) from None
 
 
 def read_image(
@@ -82,22 +98,23 @@ def read_image(
 
     DICOM (``.dcm``, ``.dicom`` or no extension) goes through :func:`read_dicom` with
     ``window``; PNG/JPEG/BMP/TIFF through Pillow (16-bit scaled by 65535). Raises
-    :class:`ImageError` naming the file when it is missing, unsupported or corrupt.
+    :class:`ImageError` (why, without the file name; the file on ``.path``) when it is
+    missing, unsupported or corrupt.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in DICOM_SUFFIXES and suffix not in RASTER_SUFFIXES:
         raise ImageError(
-            f"{path}: unsupported image type {suffix!r} "
-            f"(supported: .dcm, .dicom, {', '.join(RASTER_SUFFIXES)})"
+            f"unsupported image type {suffix!r} "
+            f"(supported: .dcm, .dicom, {', '.join(RASTER_SUFFIXES)})", path=path
         )
     if not path.is_file():
-        raise ImageError(f"{path}: file not found")
+        raise ImageError("file not found", path=path)
     if suffix in DICOM_SUFFIXES:
         try:
             return read_dicom(path, window=window)
         except DicomError as exc:
-            raise ImageError(str(exc)) from exc
+            raise ImageError(str(exc), path=path) from exc
     img = _read_raster(path)
     return np.clip(np.nan_to_num(img, nan=0.0), 0.0, 1.0)
 
@@ -224,7 +241,7 @@ class ImageCache:
         try:
             st = path.stat()
         except OSError:
-            raise ImageError(f"{path}: file not found") from None
+            raise ImageError("file not found", path=path) from None
         ident = f"{path}\0{st.st_mtime_ns}\0{st.st_size}"
         key = hashlib.sha1(ident.encode()).hexdigest()
         return key, self.dir / f"{key}.npy"
@@ -265,7 +282,7 @@ class ImageCache:
     def load(self, path: str | Path) -> np.ndarray:
         """The preprocessed ``uint8`` ``(C, size, size)`` image (read-only array).
 
-        Raises :class:`ImageError` naming the file if it cannot be read.
+        Raises :class:`ImageError` (why, not which file) if it cannot be read.
         """
         key, target = self._entry(Path(path))
         arr = self._memo.get(key)
@@ -281,12 +298,22 @@ class ImageCache:
         self.hits += 1
         return arr
 
-    def prepare(self, paths: Iterable[str | Path], *, progress: bool = True) -> None:
+    def prepare(self, paths: Iterable[str | Path], *, where: Sequence[str] | None = None,
+                progress: bool = True) -> None:
         """Decode every path into the cache up front; report ALL unreadable files at once.
 
-        Raises one :class:`ImageError` listing up to 20 bad files with reasons and the count.
+        ``where[k]`` says where ``paths[k]`` came from (e.g. ``"images.csv line 12, column
+        'image'"``); without it a failure is named by its position (``image 3 of 40``).
+        Raises one :class:`ImageError` listing up to 20 failures by ``where`` with reasons
+        and the count, never a file name or path (those go to the debug log).
         """
-        unique = list(dict.fromkeys(str(p) for p in paths))
+        paths = [str(p) for p in paths]
+        if where is not None and len(where) != len(paths):
+            raise ValueError(f"where has {len(where)} entries for {len(paths)} paths")
+        labels: dict[str, str] = {}
+        for k, p in enumerate(paths):
+            labels.setdefault(p, where[k] if where is not None else f"image {k + 1} of {len(paths)}")
+        unique = list(labels)
         failures: list[str] = []
         bar = tqdm(unique, desc="decoding images", unit="img", disable=not progress,
                    leave=False)
@@ -296,7 +323,8 @@ class ImageCache:
                 if key not in self._memo and not target.is_file():
                     self.load(p)
             except ImageError as exc:
-                failures.append(str(exc))
+                log.debug("%s: %s: %s", labels[p], p, exc.reason)
+                failures.append(f"{labels[p]}: {exc.reason}")
         if failures:
             shown = "\n  ".join(failures[:_LIST_MAX])
             extra = len(failures) - _LIST_MAX

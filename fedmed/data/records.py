@@ -54,7 +54,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"table not found: {path}")
+        raise RecordError(f"table not found: {path.name!r}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -66,12 +66,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
             df = pd.read_parquet(path)
             df.index = pd.Index(range(1, len(df) + 1), name="row")
         else:
-            raise RecordError(f"{path}: unsupported table type {suffix!r} (use .csv or .parquet)")
+            raise RecordError(f"{path.name}: unsupported table type {suffix!r} (use .csv or .parquet)")
     except RecordError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError,
             ValueError) as exc:
-        raise RecordError(f"{path}: not a readable table ({type(exc).__name__})") from None
+        raise RecordError(f"{path.name}: not a readable table ({type(exc).__name__})") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

@@ -1,8 +1,10 @@
 """Load and validate one site folder (see ``docs/architecture.md``) into samples + records.
 
 Validation collects every problem in the folder and raises one :class:`SiteDataError`
-listing them, each naming the file, column, 1-based line numbers and counts — never a
-patient id, a value of a feature, or a raw row. Label names and file paths may be named.
+listing them, each naming the file (by its name in the site folder), column, 1-based line
+numbers and counts — never a patient id, a cell value, an image file name or an absolute
+path. Image paths must resolve inside the site folder, symlinks included, unless the
+config's ``image_roots`` allows an outside folder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from fedmed.data.records import RecordEncoder, RecordError, normalise_value, rea
 __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
 
 _SHOW = 10  # line numbers / paths shown per problem
-SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site"]
+# image_line: the image's 1-based line in images.csv, so image errors can say where a file is
+# listed instead of naming it (file names are often built from patient ids).
+SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site",
+                  "image_line"]
 
 
 class SiteDataError(ValueError):
@@ -111,14 +116,14 @@ def _check_labels(df: pd.DataFrame, col: str, classes: dict[str, int], path: Pat
                   problems: list[str], *, allow_empty: bool) -> pd.Series:
     labels = _labels(df[col])
     if not allow_empty and labels.isna().any():
-        problems.append(f"{path}: column {col!r} is empty on {int(labels.isna().sum())} "
+        problems.append(f"{path.name}: column {col!r} is empty on {int(labels.isna().sum())} "
                         f"row(s) ({_lines(df.index[labels.isna()])})")
     bad = labels.notna() & ~labels.isin(list(classes))
     if bad.any():
-        counts = labels[bad].value_counts()
-        vals = ", ".join(f"{str(v)[:40]!r} ({n})" for v, n in counts.items())
-        problems.append(f"{path}: column {col!r} has {int(bad.sum())} label(s) not in "
-                        f"data.classes {list(classes)}: {vals} ({_lines(df.index[bad])})")
+        # The values are not shown: a wrong column (the id column as label) would list ids.
+        problems.append(f"{path.name}: column {col!r} has {int(bad.sum())} label(s) not in "
+                        f"data.classes {list(classes)} ({int(labels[bad].nunique())} distinct "
+                        f"value(s); {_lines(df.index[bad])})")
     return labels
 
 
@@ -126,10 +131,10 @@ def _check_columns(df: pd.DataFrame, required: list[str], allowed: list[str], pa
                    cfg: DataConfig, problems: list[str]) -> bool:
     missing = [c for c in required if c not in df.columns]
     if missing:
-        problems.append(f"{path}: missing required column(s) {missing}")
-    extra = [c for c in df.columns if c not in allowed and c not in cfg.ignore_columns]
+        problems.append(f"{path.name}: missing required column(s) {missing}")
+    extra = [str(c)[:40] for c in df.columns if c not in allowed and c not in cfg.ignore_columns]
     if extra:
-        problems.append(f"{path}: column(s) {extra} are not in the config; add them to "
+        problems.append(f"{path.name}: column(s) {extra} are not in the config; add them to "
                         "`data.ignore_columns` to skip them (or to data.numeric / "
                         "data.categorical to use them)")
     return not missing
@@ -144,11 +149,11 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
     complete = _check_columns(df, required, required, path, cfg, problems)
     ids = _ids(df[idc]) if idc in df.columns else None
     if ids is not None and ids.isna().any():
-        problems.append(f"{path}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
+        problems.append(f"{path.name}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
                         f"({_lines(df.index[ids.isna()])})")
     dup = ids.notna() & ids.duplicated(keep=False) if ids is not None else None
     if dup is not None and dup.any():
-        problems.append(f"{path}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
+        problems.append(f"{path.name}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
                         f"appear on more than one row ({int(dup.sum())} rows: "
                         f"{_lines(df.index[dup])}); records hold one row per patient")
     labels = (_check_labels(df, labc, classes, path, problems, allow_empty=False)
@@ -157,7 +162,7 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
         bad = df[col].notna() & to_numeric(df[col]).isna()
         bad &= df[col].astype("string").str.strip().fillna("") != ""
         if bad.any():
-            problems.append(f"{path}: numeric column {col!r} has {int(bad.sum())} value(s) that "
+            problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) that "
                             f"are not finite numbers ({_lines(df.index[bad])})")
     if not complete or ids is None or labels is None:
         return None
@@ -167,11 +172,10 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
     return out, pd.Series(labels.to_numpy(), index=out.index)
 
 
-def _rel(p: str, site_dir: Path) -> str:
-    try:
-        return str(Path(p).relative_to(site_dir))
-    except ValueError:
-        return p
+def _inside(path: str, roots: list[str]) -> bool:
+    """Whether ``path``, with every symlink and '..' resolved, lies under one of ``roots``."""
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
 def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
@@ -184,38 +188,43 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
     ids, files = _ids(df[idc]), df["image"].astype("string").str.strip()
     for col, vals in (("image", files.isna() | (files == "")), (idc, ids.isna())):
         if vals.any():
-            problems.append(f"{path}: column {col!r} is empty on {int(vals.sum())} row(s) "
+            problems.append(f"{path.name}: column {col!r} is empty on {int(vals.sum())} row(s) "
                             f"({_lines(df.index[vals])})")
     files = files.fillna("")
     full = [str(Path(f) if Path(f).is_absolute() else (site_dir / f).absolute()) if f else ""
             for f in files]
-    absent = [f for f, p in zip(files, full) if f and not os.path.isfile(p)]
-    if absent:
-        shown = ", ".join(_rel(f, site_dir) for f in absent[:_SHOW])
-        more = f" and {len(absent) - _SHOW} more" if len(absent) > _SHOW else ""
-        problems.append(f"{path}: {len(absent)} image file(s) in column 'image' do not exist: "
-                        f"{shown}{more}")
+    roots = [os.path.realpath(site_dir), *(os.path.realpath(r) for r in cfg.image_roots)]
+    outside = pd.Series([bool(p) and not _inside(p, roots) for p in full], index=df.index)
+    if outside.any():
+        problems.append(f"{path.name}: {int(outside.sum())} path(s) in column 'image' lead outside the "
+                        f"site folder (absolute, '..' or a symlink) ({_lines(df.index[outside])}); a "
+                        "folder outside it must be listed in the config's image_roots")
+    absent = pd.Series([bool(p) and not out and not os.path.isfile(p) for p, out in zip(full, outside)],
+                       index=df.index)
+    if absent.any():
+        problems.append(f"{path.name}: {int(absent.sum())} image file(s) in column 'image' do not exist "
+                        f"({_lines(df.index[absent])})")
     own = (_check_labels(df, labc, classes, path, problems, allow_empty=True)
            if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
     lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
     rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
     clash = own.notna() & rec.notna() & (own != rec)
     if clash.any():
-        problems.append(f"{path}: column {labc!r} disagrees with the patient's label in the "
+        problems.append(f"{path.name}: column {labc!r} disagrees with the patient's label in the "
                         f"records on {int(clash.sum())} row(s) ({_lines(df.index[clash])})")
     orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
     if orphan.any():
-        problems.append(f"{path}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
+        problems.append(f"{path.name}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
                         f"record to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
     return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
-                         "label": label.to_numpy()})
+                         "label": label.to_numpy(), "image_line": df.index.to_numpy()})
 
 
 def _records_path(site_dir: Path) -> Path | None:
     found = [site_dir / n for n in ("records.csv", "records.parquet") if (site_dir / n).is_file()]
     if len(found) > 1:
-        raise SiteDataError(f"{site_dir}: both records.csv and records.parquet exist; keep one")
+        raise SiteDataError(f"site folder {site_dir.name!r}: both records.csv and records.parquet exist; keep one")
     return found[0] if found else None
 
 
@@ -227,11 +236,11 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
     """
     site_dir = Path(site_dir).expanduser().absolute()
     if not site_dir.is_dir():
-        raise SiteDataError(f"site folder not found: {site_dir}")
+        raise SiteDataError(f"site folder not found: {site_dir.name!r}")
     name = name or site_dir.name
     rec_path, img_path = _records_path(site_dir), site_dir / "images.csv"
     if rec_path is None and not img_path.is_file():
-        raise SiteDataError(f"{site_dir}: no records.csv, records.parquet or images.csv "
+        raise SiteDataError(f"site folder {site_dir.name!r}: no records.csv, records.parquet or images.csv "
                             "(see docs/architecture.md for the site folder layout)")
     classes = {normalise_value(c): i for i, c in enumerate(data_cfg.classes)}
     problems: list[str] = []
@@ -245,7 +254,7 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
     except RecordError as exc:
         raise SiteDataError(str(exc)) from None
     if problems:
-        raise SiteDataError(f"site {name!r} ({site_dir}): {len(problems)} problem(s):\n  - "
+        raise SiteDataError(f"site {name!r}: {len(problems)} problem(s):\n  - "
                             + "\n  - ".join(problems))
     if records is None or rec_labels is None:
         feats = [*data_cfg.numeric, *data_cfg.categorical]
@@ -273,6 +282,8 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int
     samples["has_image"] = samples["has_image"].astype(bool)
     samples["has_record"] = samples["patient_id"].isin(rec_ids)
     samples["site"] = name
+    samples["image_line"] = samples.get("image_line", pd.Series(pd.NA, index=samples.index)
+                                        ).astype("Int64")
     samples = samples[SAMPLE_COLUMNS]
     counts = np.bincount(samples["label"].to_numpy(), minlength=len(cfg.classes))
     features = [*cfg.numeric, *cfg.categorical]

@@ -17,10 +17,10 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, Metadata, RecordDict
 
 from fedmed.client.app import app
-from fedmed.client.guard import GuardError, privacy_guard
+from fedmed.client.guard import privacy_guard
 from fedmed.config import load_config
-from fedmed.messages import JOB_KEY, REPLY_KEYS, encode_job
-from fedmed.server.federation import job_for_sites
+from fedmed.messages import ERROR_CODES, JOB_KEY, REPLY_KEYS, encode_job
+from fedmed.job import job_for_sites
 from fedmed.task import model_from_config
 from fedmed.transfer import nbytes, pack
 
@@ -117,20 +117,26 @@ def test_every_reply_holds_only_weights_metrics_and_site_name(synth_config, synt
     assert not any(s in (tmp_path / "audit.jsonl").read_text() for s in secrets)
 
 
-def test_guard_blocks_anything_outside_the_allow_list(tmp_path):
+def test_guard_blocks_anything_outside_the_allow_list(tmp_path, synth_root):
     request = _message("train", RecordDict())
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(yaml.safe_dump({"site": "hospital_a", "data_dir": str(synth_root / "hospital_a")}))
+    ctx = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml),
+                                                     "audit-log": str(tmp_path / "audit.jsonl")},
+                  state=RecordDict(), run_config={})
 
     def leaky(msg, ctx):
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 3}),
                                            "rows": ConfigRecord({"patient": "P-0001"})}), reply_to=msg)
 
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(GuardError, match="rows"):
-        privacy_guard(request, ctx, leaky)
-
     def sneaky_site(msg, ctx):
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 3}),
                                            "site": ConfigRecord({"name": "a", "mrn": "123"})}), reply_to=msg)
 
-    with pytest.raises(GuardError, match="site record"):
-        privacy_guard(request, ctx, sneaky_site)
+    for handler in (leaky, sneaky_site):
+        reply = privacy_guard(request, ctx, handler)
+        # blocked: an error reply with the guard's code, nothing of what the handler built
+        assert reply.has_error() and reply.error.code == ERROR_CODES["guard"]
+        assert "P-0001" not in reply.error.reason and "123" not in reply.error.reason
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [a["error"].split(" ")[0] for a in audit] == ["fedmed/guard"] * 2

@@ -9,8 +9,9 @@ from flwr.app import Context, RecordDict
 from fedmed.client.app import _private_round
 from fedmed.client.site import runtime_for
 from fedmed.config import load_config
+from fedmed.messages import PublicRefusal
 from fedmed.privacy import BudgetError, PrivacyLedger
-from fedmed.server.federation import job_for_sites
+from fedmed.job import job_for_sites
 
 
 def _runtime(synth_config, synth_root, tmp_path, *, site_caps: dict, privacy: dict, rounds: int = 3):
@@ -27,7 +28,7 @@ def _runtime(synth_config, synth_root, tmp_path, *, site_caps: dict, privacy: di
 
 
 def test_epsilon_accumulates_to_target_and_survives_restart(synth_config, synth_root, tmp_path):
-    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"max_epsilon": 8.0},
+    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"policy": {"max_epsilon": 8.0}},
                   privacy={"target_epsilon": 4.0, "target_delta": 1e-3})
     eps = [_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f1")[1] for r in (1, 2, 3)]
     assert 0 < eps[0] < eps[1] < eps[2]
@@ -39,20 +40,32 @@ def test_epsilon_accumulates_to_target_and_survives_restart(synth_config, synth_
 
 
 def test_site_refuses_plan_above_its_cap(synth_config, synth_root, tmp_path):
-    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"max_epsilon": 1.0},
-                  privacy={"target_epsilon": 8.0})
-    with pytest.raises(BudgetError, match="refuses"):
-        _private_round(rt, lr=1e-3, mu=0.0, rnd=1, federation="f2")
+    # refused by the site's policy when the job arrives, before its data is read
+    with pytest.raises(PublicRefusal, match="policy.max_epsilon"):
+        _runtime(synth_config, synth_root, tmp_path, site_caps={"policy": {"max_epsilon": 1.0}},
+                 privacy={"target_epsilon": 8.0})
 
 
 def test_spend_mode_trains_until_its_own_cap(synth_config, synth_root, tmp_path):
-    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"max_epsilon": 6.0, "budget": "spend"},
+    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"policy": {"max_epsilon": 6.0, "budget": "spend"}},
                   privacy={"target_epsilon": 8.0}, rounds=4)
     spent = []
     with pytest.raises(BudgetError, match="budget spent"):
         for r in range(1, 5):
             spent.append(_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f3")[1])
     assert 1 <= len(spent) < 4 and spent[-1] <= 6.0 * 1.01
+
+
+def test_a_new_federation_id_is_no_new_budget(synth_config, synth_root, tmp_path):
+    """policy.max_total_epsilon caps ε summed over every federation the site trained in."""
+    rt = _runtime(synth_config, synth_root, tmp_path, site_caps={"policy": {"max_total_epsilon": 6.0}},
+                  privacy={"target_epsilon": 4.0}, rounds=3)
+    first = [_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f1")[1] for r in (1, 2, 3)]
+    second = []
+    with pytest.raises(BudgetError, match="budget"):
+        for r in (1, 2, 3):  # the coordinator starts "another" federation to reset the budget
+            second.append(_private_round(rt, lr=1e-3, mu=0.0, rnd=r, federation="f2")[1])
+    assert len(second) < 3 and first[-1] + (second[-1] if second else 0.0) <= 6.0 * 1.01
 
 
 # --- per-sample gradients: fedmed's Conv2d grad sampler against Opacus' own and plain autograd ---

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -170,4 +172,47 @@ def test_corrupt_image_fails_up_front(make_site, data_cfg):
     cache = ImageCache(data_cfg.cache_dir, Preprocess.from_config(data_cfg))
     with pytest.raises(ImageError, match="2 of 47 images could not be read") as err:
         build_splits(site, data_cfg, cache=cache, progress=False)
-    assert "p002_0.png" in str(err.value) and "SECRET" not in str(err.value)
+    msg = str(err.value)
+    assert "p002" not in msg and "p003" not in msg and "SECRET" not in msg
+    assert str(site_dir) not in msg and "images.csv line" in msg and "column 'image'" in msg
+
+
+@pytest.mark.parametrize("content", [b"", b"DICM" * 40, None], ids=["empty", "garbage", "truncated"])
+def test_corrupt_dicom_named_after_a_patient_id_is_named_by_line(make_site, data_cfg, secret,
+                                                                  content):
+    """A DICOM file whose name is the patient's id: the error gives the images.csv line and
+    column, never the id, the file name or the absolute path (those go to the debug log)."""
+    import logging
+
+    import pandas as pd
+    from pydicom.data import get_testdata_file
+
+    site_dir = make_site()
+    images = pd.read_csv(site_dir / "images.csv", dtype=str, keep_default_na=False)
+    row = 7
+    pid = images.loc[row, "patient_id"]
+    assert secret in pid
+    images.loc[row, "image"] = f"images/{pid}.dcm"
+    images.to_csv(site_dir / "images.csv", index=False)
+    bad = site_dir / "images" / f"{pid}.dcm"
+    real = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    bad.write_bytes(real[: len(real) // 2] if content is None else content)
+    site = load_site(site_dir, data_cfg)
+    cache = ImageCache(data_cfg.cache_dir, Preprocess.from_config(data_cfg))
+    logger = logging.getLogger("fedmed.data.images")
+    seen: list[str] = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(ImageError, match="1 of 47 images could not be read") as err:
+            build_splits(site, data_cfg, cache=cache, progress=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    msg = str(err.value)
+    assert f"images.csv line {row + 2}, column 'image'" in msg  # header is line 1
+    assert pid not in msg and secret not in msg and str(site_dir) not in msg and ".dcm" not in msg
+    assert any(str(bad) in m for m in seen)  # the full path only in the site's debug log

@@ -81,18 +81,18 @@ ERROR_CASES = [
     ("extra-column", lambda r, i: (r.assign(ssn="x"), i),
      ["records.csv", "'ssn'", "data.ignore_columns"]),
     ("unknown-label", _set("records", 4, "label", "maybe"),
-     ["records.csv", "'label'", "'maybe' (1)", "line 6"]),
+     ["records.csv", "'label'", "1 distinct value(s)", "line 6"]),
     ("empty-label", _set("records", 2, "label", ""), ["records.csv", "'label'", "empty", "line 4"]),
     ("duplicate-id", lambda r, i: (pd.concat([r, r.iloc[[7]]], ignore_index=True), i),
      ["records.csv", "'patient_id'", "more than one row", "lines 9, 42"]),
     ("non-numeric", _set("records", 0, "age", "sixty"), ["records.csv", "'age'", "line 2"]),
     ("missing-image-file", _set("images", 3, "image", "images/nowhere.png"),
-     ["images.csv", "1 image file(s)", "images/nowhere.png"]),
+     ["images.csv", "1 image file(s)", "do not exist", "line 5"]),
     ("image-label-disagrees", _set("images", 0, "label", "benign"),
      ["images.csv", "'label'", "disagrees", "line 2"]),
     ("image-without-label-or-record", _set("images", 45, "label", ""),
      ["images.csv", "no 'label' and no record", "line 47"]),
-    ("image-unknown-label", _set("images", 46, "label", "cat"), ["images.csv", "'cat' (1)"]),
+    ("image-unknown-label", _set("images", 46, "label", "cat"), ["images.csv", "1 distinct value(s)", "line 48"]),
     ("image-extra-column", lambda r, i: (r, i.assign(width=1)), ["images.csv", "'width'"]),
     ("image-missing-column", lambda r, i: (r, i.drop(columns=["image"])),
      ["images.csv", "'image'"]),
@@ -114,6 +114,42 @@ def test_errors_name_file_and_column_never_ids(make_site, data_cfg, edit, expect
     for fragment in expected:
         assert fragment in msg, f"{fragment!r} not in:\n{msg}"
     assert secret not in msg
+    # Never a cell value, an image file name or an absolute path.
+    for value in ("maybe", "'cat'", "nowhere", str(site)):
+        assert value not in msg, f"{value!r} leaked into:\n{msg}"
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink-file", "symlink-dir"])
+def test_image_paths_stay_inside_the_site_folder(make_site, data_cfg, tmp_path, how):
+    """A row that leads outside the site folder is refused with its line, unless allowed."""
+    import os
+
+    records, images = _tables(make_site)
+    site = make_site("conf", records=records, images=images)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "other.png").write_bytes((site / images.loc[0, "image"]).read_bytes())
+    if how == "dotdot":
+        target = os.path.relpath(outside / "other.png", site)
+    elif how == "absolute":
+        target = str(outside / "other.png")
+    elif how == "symlink-file":
+        target = "images/link.png"
+        (site / target).symlink_to(outside / "other.png")
+    else:
+        (site / "images" / "sub").symlink_to(outside, target_is_directory=True)
+        target = "images/sub/other.png"
+    images = images.copy()
+    images.loc[1, "image"] = target
+    images.to_csv(site / "images.csv", index=False)
+    with pytest.raises(SiteDataError) as err:
+        load_site(site, data_cfg)
+    msg = str(err.value)
+    assert "lead outside the site folder" in msg and "line 3" in msg and "image_roots" in msg, msg
+    assert "other.png" not in msg and str(outside) not in msg
+    # The site's config may allow that one outside folder explicitly.
+    allowed = data_cfg.model_copy(update={"image_roots": [str(outside)]})
+    assert load_site(site, allowed).summary.images == len(images)
 
 
 def test_ignore_columns_allows_extra(make_site, data_cfg):
@@ -131,7 +167,8 @@ def test_all_problems_reported_together(make_site, data_cfg):
     records.loc[1, "label"] = "maybe"
     site = make_site("multi", records=records.assign(extra=1), images=images)
     msg = str(pytest.raises(SiteDataError, load_site, site, data_cfg).value)
-    assert "3 problem(s)" in msg and "'age'" in msg and "'maybe'" in msg and "'extra'" in msg
+    assert "3 problem(s)" in msg and "'age'" in msg and "'label'" in msg and "'extra'" in msg
+    assert "maybe" not in msg
 
 
 def test_folder_errors(tmp_path, data_cfg):

@@ -205,11 +205,13 @@ def write_dataset_config(
     image_size: int = 64,
     ignore_columns: Sequence[str] = (),
     sites: Sequence[str] | None = None,
+    image_roots: Sequence[str | Path] = (),
     comment: str | None = None,
 ) -> Path:
     """Write ``<out_dir>/fedmed-data.yaml``: the ``data:`` section for this dataset.
 
-    ``root: "."`` resolves against the file's own folder (``load_config`` does that), so the
+    ``image_roots`` names the folders outside the site folders that ``images.csv`` points
+    into (the loader refuses any other outside path). ``root: "."`` resolves against the file's own folder (``load_config`` does that), so the
     file is itself a minimal valid config and its ``data:`` block can be pasted into another.
     Category values are written as strings so ``1`` stays ``"1"`` and matches the CSV cells.
     """
@@ -225,6 +227,8 @@ def write_dataset_config(
         data["ignore_columns"] = [str(c) for c in ignore_columns]
     data["channels"] = int(channels)
     data["image_size"] = int(image_size)
+    if image_roots:  # images.csv points outside the site folders: allow exactly these folders
+        data["image_roots"] = [str(Path(r).resolve()) for r in image_roots]
     header = "# Written by fedmed.data.importers; the `data:` section for this dataset.\n"
     if comment:
         header += "".join(f"# {line}\n" for line in comment.splitlines())

@@ -165,6 +165,8 @@ def import_folder(
         ignore_columns=ignored,
         channels=1,
         image_size=64,
+        image_roots=sorted({str(base)} | {str(p.resolve().parent) for p in paths
+                                           if not p.resolve().is_relative_to(base)}),
         comment=f"Suggested from {table.name}: review numeric/categorical, channels and "
         "image_size before training.",
     )

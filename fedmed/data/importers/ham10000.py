@@ -152,6 +152,7 @@ def import_ham10000(
         categorical={"sex": ["female", "male"], "localization": localizations},
         channels=3,
         image_size=image_size,
+        image_roots=() if copy_images else [img_dir],
         comment="HAM10000 (CC BY-NC 4.0: non-commercial use only). Sites = the 'dataset' "
         "column;\npatient_id = lesion_id. dx_type is deliberately not a feature.",
     )
