@@ -19,22 +19,25 @@ Per round, with node ids as the sites' public indices:
    refuses the round otherwise (:class:`SecAggRefusal`). Only then it draws a self-mask
    seed ``b`` and Shamir-shares ``b`` and its ``mask`` private key among the peers
    (threshold ``t = max(1, n // 2)``), each share AES-GCM-encrypted to one peer.
-3. **train** — the site checks the model and settings it got against the signed plan, then adds ``PRG(b)`` and, for every peer ``v`` that sent shares,
-   ``±PRG(s_uv)`` (``s_uv`` from X25519 + HKDF) to its fixed-point, example-weighted update
-   (mod 2**64). Masks derive only from keys verified in step 2.
+3. **train** — the site checks the model and settings it got against the signed plan, then
+   adds ``PRG(b)`` and, for every peer ``v`` that sent shares, ``±PRG(s_uv)`` (``s_uv`` from
+   X25519 + HKDF) to its fixed-point, example-weighted update (mod 2**64). Masks derive only
+   from keys verified in step 2.
 4. **survivors** — the server names the sites whose masked update it received; each of
    them signs that list. 5. **unmask** — each site checks that *every* listed survivor signed
    the same list, then reveals (once per round) its shares of ``b`` for the survivors and of
    the ``mask`` key for the dropped; the server rebuilds those, removes the self-masks and
    the dropped sites' pairwise masks, and divides by the total weight: FedAvg.
 
-What it stops: a server that substitutes or replays keys (signatures, checked at the site),
-a server that sends sites different models or settings (the signed plan),
+What it stops: a server that substitutes or replays keys (signatures, checked at the site;
+a key from an earlier attempt of the same round is signed, but no share "from" it opens, so
+step 3 refuses), a server that sends sites different models or settings (the signed plan),
 a server that claims a live site dropped (its self-mask stays), a server that shows
 different survivor lists to different sites (the survivors' signatures). What it does not:
-a server colluding with ``t`` sites, a site that sends a bad share or update (the sum is
-then wrong, not leaked), differences of sums across rounds. A site that drops after it
-uploaded but before unmasking costs the round (the round is skipped, the model kept).
+a server colluding with ``t`` sites (with 3 sites, one), a site that sends a bad update or
+self-mask share (the sum is then wrong, not leaked), differences of sums across rounds. A
+site that drops after it uploaded but before unmasking costs the round (the round is
+skipped, the model kept).
 """
 
 from __future__ import annotations

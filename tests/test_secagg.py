@@ -239,6 +239,36 @@ def test_a_replayed_key_of_an_earlier_round_is_refused(keys_dir):
         server.share(replay)
 
 
+def test_a_key_replayed_from_an_earlier_attempt_of_the_same_round_gets_no_update(keys_dir):
+    """A resumed federation repeats a round, so an old attempt's key of hospital_b carries a
+    valid signature for it. The server holds neither half of that key's encryption pair, so
+    it cannot give hospital_a shares "from" it: hospital_a refuses before masking."""
+    sessions = _sessions(keys_dir)
+    first = Server(sessions)
+    first.share()
+    server = Server(sessions)  # the same federation, round and plan, asked again
+
+    def replay(n, roster):
+        if n != 17:
+            return roster
+        r = {k: list(v) for k, v in roster.items()}
+        i = r["nodes"].index(4)
+        for field, key in (("enc-keys", "enc-key"), ("mask-keys", "mask-key"), ("signatures", "signature")):
+            r[field][i] = first.adverts[4][key]
+        return r
+
+    server.share(replay)  # the signature is valid for this round...
+    stale = {src: rec["ciphertexts"][rec["to"].index(17)] for src, rec in first.shared.items() if src != 17}
+    fresh = {src: rec["ciphertexts"][rec["to"].index(17)] for src, rec in server.shared.items() if src != 17}
+    saved = dict(sessions[17].state)
+    for inbox in ({**fresh, 4: stale[4]}, fresh):  # ...but no share "from" the old key opens
+        sessions[17].state.clear()
+        sessions[17].state.update(saved)
+        with pytest.raises(SecAggRefusal, match="missing or altered"):
+            sessions[17].accept(u2=sorted(NAMES), inbox=inbox, plan=PLAN, federation=FED, round_id=RND)
+        assert sessions[17].state == {"stage": "refused"}  # the round's secrets are gone
+
+
 def test_a_key_moved_to_another_node_or_site_is_refused(keys_dir):
     sessions = _sessions(keys_dir)
     server = Server(sessions)
@@ -513,6 +543,7 @@ def test_hostile_server_substituting_a_key_gets_a_refusal(synth_config, synth_ro
     assert "no valid signature" in refused.error.reason and "hospital_b" not in refused.error.reason
     row = state.history[-1]
     assert sorted(row["sites_trained"]) == ["hospital_b", "hospital_c"]
+    assert "no valid signature" in row["sites_rejected"]["hospital_a"]  # the report names the refusal
     plain, _ = _run(synth_config, synth_root, tmp_path, {n: s for n, s in NODES.items() if n != a_node},
                     secure=False, name="plain-bc")
     print(f"hostile round vs FedAvg of hospital_b and hospital_c: {_max_diff(state.arrays, plain.arrays):.2e}")
