@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 __all__ = ["app"]
 
 log = logging.getLogger("fedmed.client")
+T = TypeVar("T")
 app = ClientApp(mods=[privacy_guard])
 
 
@@ -89,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
 
 
-def _secagg(context: Context, step):
+def _secagg(context: Context, step: Callable[[SiteSession], T]) -> tuple[str, T]:
     """Run one secure-aggregation step on this round's session in ``context.state``.
 
     A refusal (bad signature, unknown peer, step out of order...) wipes the round's secrets
