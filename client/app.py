@@ -64,10 +64,8 @@ def train(msg: Message, context: Context) -> Message:
     rt, rnd = _prepare(msg, context)
     # One seed per (run seed, round, site): reruns and resumed runs repeat exactly.
     rt.reseed(rt.cfg.train.seed + 1000 * rnd + zlib.crc32(rt.site.encode()) % 997)
-    lr = check_number("lr", config.get("lr", rt.cfg.train.lr))
-    mu = float(config.get("proximal-mu", 0.0))
-    if mu != 0.0:
-        mu = check_number("proximal-mu", mu)
+    lr = check_number("lr", config.get("lr", rt.cfg.train.lr), lo=0.0, hi=1.0)  # as train.lr
+    mu = check_number("proximal-mu", config.get("proximal-mu", 0.0), lo=0.0, hi=1e3)
     n_train = len(rt.loaders["train"].dataset)
     check_local_steps(rt.cfg, rt.site_cfg, n_train=n_train)
     metrics: dict = {"num-examples": n_train}

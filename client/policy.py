@@ -108,9 +108,8 @@ def check_number_list(name: str, values: Any, site: SiteConfig) -> list[float]:
     return [check_number(name, v) for v in values]
 
 
-def check_number(name: str, value: Any) -> float:
-    """One number from the server, finite and within a sane range."""
-    lo, hi = _NUMBER_RANGE
+def check_number(name: str, value: Any, *, lo: float = _NUMBER_RANGE[0], hi: float = _NUMBER_RANGE[1]) -> float:
+    """One number from the server, finite and within ``[lo, hi]``."""
     try:
         x = float(value)
     except (TypeError, ValueError):

@@ -32,6 +32,7 @@ __all__ = [
     "patient_labels",
     "partition_table",
     "write_partitions",
+    "image_roots_of",
 ]
 
 Partition = dict[str, list[str]]
@@ -202,6 +203,12 @@ def partition_table(samples: pd.DataFrame, parts: Partition, *, classes: list[st
     return "\n".join(lines)
 
 
+def image_roots_of(pooled: SiteData) -> list[str]:
+    """The folders of a pooled set's image files: what partitions of it may point into."""
+    paths = pooled.samples.loc[pooled.samples["has_image"], "image_path"]
+    return sorted({str(Path(p).resolve().parent) for p in paths})
+
+
 def write_partitions(
     pooled: SiteData,
     parts: Partition,
@@ -214,7 +221,8 @@ def write_partitions(
 
     ``records.csv`` holds the partition's patients (id, label, the record features);
     ``images.csv`` (when there are images) references the original files by absolute path —
-    nothing is copied. ``partition.json`` records ``meta`` and the per-site counts.
+    nothing is copied; the config that loads the partitions must list their folders in
+    ``data.image_roots`` (:func:`image_roots_of`). ``partition.json`` records ``meta`` and the per-site counts.
     Patients in ``parts`` that ``pooled`` does not hold are an error.
     """
     out_dir = Path(out_dir)

@@ -60,7 +60,7 @@ def prepare_sites(
     chosen sites and write new site folders under ``<out_dir>/partitions``.
     """
     from fedmed.data.site import combine_sites, load_site
-    from fedmed.partition import get_partitioner, partition_table, write_partitions
+    from fedmed.partition import get_partitioner, image_roots_of, partition_table, write_partitions
 
     dirs = federation_sites(cfg, sites)
     loaded = [load_site(p, cfg.data, name=s) for s, p in dirs.items()]
@@ -81,7 +81,9 @@ def prepare_sites(
                      meta={"partitioner": name, "num_sites": num_sites, "alpha": alpha, "seed": seed,
                            "source": {s: str(p) for s, p in dirs.items()}})
     table = partition_table(pooled.samples, parts, classes=cfg.data.classes)
-    data = cfg.data.model_copy(update={"root": str(root.resolve()), "sites": list(parts)})
+    # The partitions point at the original image files: allow exactly their folders.
+    roots = sorted({*cfg.data.image_roots, *image_roots_of(pooled)})
+    data = cfg.data.model_copy(update={"root": str(root.resolve()), "sites": list(parts), "image_roots": roots})
     return cfg.model_copy(update={"data": data}), table
 
 

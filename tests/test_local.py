@@ -35,7 +35,7 @@ def test_missing_modality_path_trains(synth_config, synth_root, tmp_path):
     images.to_csv(site / "images.csv", index=False)
     records = pd.read_csv(src / "records.csv", dtype={"patient_id": str})
     records.iloc[: len(records) // 2].to_csv(site / "records.csv", index=False)
-    _, path = synth_config(data={"root": str(tmp_path), "sites": ["site"]},
+    _, path = synth_config(data={"root": str(tmp_path), "sites": ["site"], "image_roots": [str(src)]},
                            train={"epochs": 3})
     cfg = load_config(path)
     res = train_local(cfg, sites=["site"], out_dir=tmp_path / "out")

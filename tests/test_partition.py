@@ -115,13 +115,17 @@ def test_written_partitions_load_as_ordinary_sites(synth_root: Path, tmp_path: P
     import yaml
 
     from fedmed.config import DataConfig
-    from fedmed.data.site import combine_sites, load_site
+    from fedmed.data.site import SiteDataError, combine_sites, load_site
+    from fedmed.partition import image_roots_of
 
     data = DataConfig.model_validate(yaml.safe_load((synth_root / "fedmed-data.yaml").read_text())["data"])
     pooled = combine_sites([load_site(synth_root / s, data) for s in ("hospital_a", "hospital_b")])
     parts = get_partitioner("dirichlet")(pooled.samples, num_sites=3, alpha=0.5, seed=0)
     written = write_partitions(pooled, parts, tmp_path / "parts", classes=data.classes, meta={"alpha": 0.5})
     assert (tmp_path / "parts" / "partition.json").exists()
+    with pytest.raises(SiteDataError, match="image_roots"):  # outside paths need an explicit allowance
+        load_site(next(iter(written.values())), data)
+    data = data.model_copy(update={"image_roots": image_roots_of(pooled)})
     total, images = 0, 0
     for site, folder in written.items():
         loaded = load_site(folder, data)
