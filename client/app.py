@@ -18,13 +18,18 @@ from flwr.clientapp import ClientApp
 
 from fedmed.calibration import collect_logits, measure, nll_curve
 from fedmed.client.guard import privacy_guard
+from fedmed.client.local_state import keep_local, restore_local
 from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
 from fedmed.messages import (
     CALIBRATION_ACTION,
     CONFIG_KEY,
+    CROSS_SITE_ACTION,
+    EXTERNAL_EVAL_ACTION,
+    PERSONALIZE_ACTION,
     SECAGG_KEY,
     SITE_KEY,
+    STATS_ACTION,
     PublicRefusal,
     decode_job,
     make_reply,
@@ -47,6 +52,7 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
     rnd = int(config.get("server-round", 0))
     weights = unpack(msg.content["arrays"], rt.model.state_dict())
     rt.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
+    restore_local(rt.model, context, mode=rt.cfg.federation.bn)  # FedBN: this site's own BatchNorm
     return rt, rnd
 
 
@@ -81,6 +87,7 @@ def train(msg: Message, context: Context) -> Message:
             grad_clip=rt.cfg.train.grad_clip, max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch,
             desc=f"{rt.site} round {rnd}",
         )
+    keep_local(rt.model, context, mode=rt.cfg.federation.bn, received=msg.content["arrays"])
     metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
     if "secagg-stage" in config:
         arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])
@@ -104,6 +111,41 @@ def _secagg(context: Context, step: Callable[[SiteSession], T]) -> tuple[str, T]
         return site.site, step(SiteSession(identity, state, node_id=int(context.node_id)))
     finally:
         context.state[SECAGG_KEY] = ConfigRecord(state)
+
+
+@app.query(STATS_ACTION)
+def statistics_fn(msg: Message, context: Context) -> Message:
+    """Aggregate statistics of this site's data (:mod:`fedmed.stats`): counts with cells below
+    the site's ``policy.stats_min_count`` (or the server's larger k) suppressed; no row-level value."""
+    from fedmed.client.policy import check_job
+    from fedmed.client.site import _check_version
+    from fedmed.data.images import ImageCache, Preprocess
+    from fedmed.data.site import load_site
+    from fedmed.job import site_job_config
+    from fedmed.stats import StatsRequest, site_statistics
+
+    config = msg.content[CONFIG_KEY]
+    job = decode_job(config)
+    _check_version(job)
+    site_cfg = resolve_site(context)
+    cfg = site_job_config(job, site_cfg)
+    check_job(cfg, site_cfg, message_type=msg.metadata.message_type)
+    try:  # the server's numbers are checked before any data is read
+        eps = float(config.get("stats-epsilon", 0.0))
+        req = StatsRequest(k=int(config.get("stats-k", 0)), bins=int(config.get("stats-bins", 10)),
+                           epsilon=eps if eps > 0 else None, delta=float(config.get("stats-delta", 1e-5)),
+                           images=bool(config.get("stats-images", True)))
+    except (TypeError, ValueError) as exc:
+        raise PublicRefusal(f"statistics request refused: {exc}") from None
+    site = load_site(site_cfg.data_dir, cfg.data, name=site_cfg.site)
+    cache = (ImageCache(cfg.data.cache_dir, Preprocess.from_config(cfg.data))
+             if req.images and site.samples["has_image"].any() else None)
+    try:
+        metrics = site_statistics(site, cfg.data, request=req, site_k=site_cfg.policy.stats_min_count,
+                                  cache=cache, seed=int(config.get("server-round", 0)))
+    except ValueError as exc:  # "fewer than k patients": fixed words and k
+        raise PublicRefusal(str(exc)) from None
+    return make_reply(msg, site=site_cfg.site, metrics=metrics)
 
 
 @app.query()
@@ -229,3 +271,48 @@ def calibration_fn(msg: Message, context: Context) -> Message:
     elif len(y):
         metrics = measure(z, y, temperature=temperature)
     return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(EXTERNAL_EVAL_ACTION)
+def external_evaluate_fn(msg: Message, context: Context) -> Message:
+    """``fedmed-server --evaluate``: a saved model scored on this site's data, no training.
+
+    Builds no optimiser and no training loader; numbers only (:mod:`fedmed.client.evaluation`).
+    """
+    from fedmed.client.evaluation import evaluate_saved_model
+    from fedmed.client.site import job_config
+    from fedmed.task import model_from_config
+
+    config = msg.content[CONFIG_KEY]
+    site_cfg = resolve_site(context)
+    cfg = job_config(decode_job(config), site_cfg, message_type=msg.metadata.message_type)
+    weights = unpack(msg.content["arrays"], model_from_config(cfg).state_dict())
+    metrics = evaluate_saved_model(cfg, site_cfg, weights, dict(config))
+    return make_reply(msg, site=site_cfg.site, metrics=metrics)
+
+
+@app.evaluate(PERSONALIZE_ACTION)
+def personalize_fn(msg: Message, context: Context) -> Message:
+    """``federation.personalize``: fine-tune the final model here, keep it here, send metrics only."""
+    from fedmed.client.personalize import personalize_at_site
+
+    rt, _ = _prepare(msg, context)
+    metrics = personalize_at_site(rt, dict(msg.content[CONFIG_KEY]))
+    return make_reply(msg, site=rt.site, metrics=metrics)
+
+
+@app.evaluate(CROSS_SITE_ACTION)
+def cross_site_fn(msg: Message, context: Context) -> Message:
+    """``federation.cross_site``: train a local model from the sent start ("train"), or score
+    a model on this site's test split ("score"); weights leave only as the site's policy allows."""
+    from fedmed.client.crosssite import score_model, train_local_model
+
+    rt, _ = _prepare(msg, context)
+    config = dict(msg.content[CONFIG_KEY])
+    step = str(config.get(CROSS_SITE_ACTION, ""))
+    if step == "train":
+        metrics, arrays = train_local_model(rt, config)
+        return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+    if step == "score":
+        return make_reply(msg, site=rt.site, metrics=score_model(rt, config))
+    raise PublicRefusal("unknown cross-site step: expected 'train' or 'score'")

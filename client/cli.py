@@ -8,17 +8,32 @@ leaves the site: replies carry weights and metrics only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from fedmed.client import flower_compat, gate
+from fedmed.client.refusals import REFUSAL_MARK
 from fedmed.config import SiteConfig, load_site_config
 from fedmed.errors import run_command
-from fedmed.flower import Tls, flower_env, free_port, interrupt_on_sigterm, server_healthy, spawn, stop
+from fedmed.flower import (
+    Tls,
+    flower_env,
+    free_port,
+    interrupt_on_sigterm,
+    parse_address,
+    server_healthy,
+    server_problem,
+    spawn,
+    stop,
+)
 
 __all__ = ["main", "build_parser"]
+
+UNREACHABLE_EVERY = 5.0  # seconds between "cannot reach the coordinator" lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +74,7 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    parse_address(args.server)  # a malformed address is refused now, not retried forever
     cfg = site_config(args)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
@@ -78,10 +94,11 @@ def run(args: argparse.Namespace) -> int:
     site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     env = flower_env(work / ".flwr")
     port = args.port or free_port()
-    # --isolation process: the warm runner below executes the ClientApp (fedmed.client.warm).
-    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port), "--isolation", "process",
+    isolation = _isolation(work, env)
+    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port), "--isolation", isolation,
                  "--node-config",
                  f"site='{cfg.site}' site-config='{site_yaml}' audit-log='{work / 'audit.jsonl'}'"]
+    # Flower's SuperNode installs no app dependencies unless --allow-runtime-dependency-installation.
     if tls is None:
         node_args.append("--insecure")
     else:
@@ -91,17 +108,70 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"site key not found: {args.auth_key}")
         node_args += ["--auth-supernode-private-key", str(args.auth_key.resolve())]
     log_path = work / "supernode.log"
-    if log_path.exists():  # keep the previous session's log beside the new one
-        log_path.replace(log_path.with_suffix(".log.1"))
+    app_log = work / "clientapp.log"
+    for path in (log_path, app_log):
+        if path.exists():  # keep the previous session's log beside the new one
+            path.replace(path.with_suffix(".log.1"))
     print(f"fedmed-client: site {cfg.site} joining {args.server} "
           f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
     runner_args = [sys.executable, "-m", "fedmed.client.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
 
     def start() -> list:
-        return [spawn(node_args, env=env, log_path=log_path),
-                spawn(runner_args, env=env, log_path=work / "clientapp.log")]
+        node = spawn(node_args, env=env, log_path=log_path)
+        if isolation == "subprocess":  # Flower's SuperExec runs the (gated) flwr-clientapp per task
+            return [node]
+        return [node, spawn(runner_args, env=env, log_path=app_log)]
 
     return _supervise(start, args, tls, log_path)
+
+
+def _isolation(work: Path, env: dict[str, str]) -> str:
+    """``process`` (fedmed's warm runner) when this Flower has what it needs, else ``subprocess``.
+
+    The fallback is Flower's own per-task ``flwr-clientapp`` behind fedmed's app gate; when
+    even the gate cannot be installed the site refuses to start: it would run unchecked apps.
+    """
+    problem = flower_compat.check_warm()
+    if problem is None:
+        return "process"
+    gate_problem = flower_compat.check_gate()
+    if gate_problem is not None:
+        raise SiteStartRefused(
+            f"this Flower ({flwr_version()}) lacks what fedmed's warm runner needs ({problem}) and fedmed "
+            f"cannot check submitted apps in Flower's own ClientApp process ({gate_problem}); refusing to "
+            "start rather than run unapproved code. Install the Flower version fedmed pins.")
+    gate.install_shim(work / "bin")
+    env["PATH"] = os.pathsep.join([str(work / "bin"), env["PATH"]])
+    print(f"fedmed-client: WARNING: this Flower ({flwr_version()}) lacks what fedmed's warm runner needs "
+          f"({problem}); falling back to Flower's --isolation subprocess (one process per task: slower, "
+          "still correct; submitted apps are still checked)", file=sys.stderr, flush=True)
+    return "subprocess"
+
+
+class SiteStartRefused(RuntimeError):
+    """The site cannot enforce what it promises and does not start."""
+
+
+def flwr_version() -> str:
+    from importlib.metadata import version
+
+    return f"flwr {version('flwr')}"
+
+
+def _echo_refusals(paths: list[Path], offsets: dict[Path, int]) -> None:
+    """Show on the console every refusal line the runners wrote to the site's logs."""
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offsets.get(path, 0))
+                data = fh.read()
+        except FileNotFoundError:
+            continue
+        end = data.rfind(b"\n") + 1
+        offsets[path] = offsets.get(path, 0) + end
+        for line in data[:end].decode(errors="replace").splitlines():
+            if line.startswith(REFUSAL_MARK):
+                print(f"fedmed-client: {line}", file=sys.stderr, flush=True)
 
 
 def _joined(log_path: Path) -> bool:
@@ -117,6 +187,8 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
     """
     procs = start()
     node = procs[0]
+    logs, offsets = [log_path, log_path.with_name("clientapp.log")], {}
+    last_probe = time.monotonic()
     seen_server = False
     gone_since: float | None = None
     backoff = 2.0
@@ -150,8 +222,16 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
                         print("fedmed-client: the coordinator never accepted this site "
                               "(is its public key invited with --auth-key?); leaving", file=sys.stderr)
                         return 3
+            _echo_refusals(logs, offsets)
+            if time.monotonic() - last_probe >= UNREACHABLE_EVERY:
+                last_probe = time.monotonic()
+                problem = server_problem(args.server, tls=tls)
+                if problem is not None:
+                    print(f"fedmed-client: cannot reach the coordinator at {args.server}: {problem}; "
+                          "retrying", file=sys.stderr, flush=True)
             time.sleep(1.0)
     finally:
+        _echo_refusals(logs, offsets)
         for p in procs:
             stop(p)
 

@@ -71,9 +71,9 @@ def error_reply(request: Message, exc: BaseException, *, site: str | None) -> Me
 
 def wire_bytes(msg: Message) -> int:
     """Bytes of the serialised objects Flower pushes for this message (HTTP framing aside)."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from fedmed.client.flower_compat import wire_bytes as _wire_bytes  # Flower internals live there
 
-    return int(sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values()))
+    return _wire_bytes(msg)
 
 
 def _sized(value: Any) -> Any:

@@ -28,7 +28,8 @@ def check_message(message_type: str, site: SiteConfig) -> None:
     if message_type not in allowed:
         raise PublicRefusal(f"message type {message_type} is not allowed by this site's policy "
                             f"(policy.allowed_messages: {', '.join(allowed)})")
-    metric_types = ("evaluate", "evaluate.calibration")
+    metric_types = ("evaluate", "evaluate.calibration", "evaluate.external", "evaluate.personalize",
+                    "evaluate.crosssite")
     if message_type in metric_types and not site.policy.share_site_metrics:
         raise PublicRefusal(f"this site does not share its own evaluation metrics "
                             f"(policy.share_site_metrics: false); message type {message_type} refused")

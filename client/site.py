@@ -29,7 +29,7 @@ from fedmed.job import site_job_config
 from fedmed.messages import PublicRefusal
 from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
 
-__all__ = ["SiteRuntime", "runtime_for", "resolve_site"]
+__all__ = ["SiteRuntime", "runtime_for", "resolve_site", "job_config"]
 
 _CACHE: dict[str, "SiteRuntime"] = {}
 
@@ -90,6 +90,18 @@ def _check_version(job: dict[str, Any]) -> None:
             "the site only runs the fedmed it has approved", kind="app-refused")
 
 
+def job_config(job: dict[str, Any], site_cfg: SiteConfig, *, message_type: str) -> FedmedConfig:
+    """The server's job as this site's config, held against its policy (no data is read)."""
+    _check_version(job)
+    try:
+        cfg = site_job_config(job, site_cfg)
+    except ValidationError as exc:
+        keys = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:10]
+        raise PublicRefusal(f"the job is not a valid fedmed configuration (keys: {', '.join(keys)})") from None
+    check_job(cfg, site_cfg, message_type=message_type)
+    return cfg
+
+
 def runtime_for(job: dict[str, Any], context: Context, *, message_type: str = "train") -> SiteRuntime:
     """Build (or reuse) this site's runtime for the server's job.
 
@@ -97,14 +109,8 @@ def runtime_for(job: dict[str, Any], context: Context, *, message_type: str = "t
     (:func:`fedmed.client.policy.check_job`); a malformed or refused job raises
     :class:`PublicRefusal` naming only config keys and numbers.
     """
-    _check_version(job)
     site_cfg = resolve_site(context)
-    try:
-        cfg = site_job_config(job, site_cfg)
-    except ValidationError as exc:
-        keys = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})[:10]
-        raise PublicRefusal(f"the job is not a valid fedmed configuration (keys: {', '.join(keys)})") from None
-    check_job(cfg, site_cfg, message_type=message_type)
+    cfg = job_config(job, site_cfg, message_type=message_type)
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), site_cfg.model_dump(mode="json")],
                                     sort_keys=True, default=str).encode()).hexdigest()
     if key in _CACHE:

@@ -76,15 +76,41 @@ def _cmd_deidentify(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
-    from fedmed.data.site import load_site
+    from fedmed.data.checks import check_site, format_checks
+    from fedmed.data.images import ImageCache, Preprocess
     from fedmed.task import site_dirs
 
     cfg = load_config(args.config, args.overrides)
-    for name, path in site_dirs(cfg.data).items():
-        site = load_site(path, cfg.data, name=name)
-        print(site.summary.table())
-        print()
-    return 0
+    cache = None if args.no_images else ImageCache(cfg.data.cache_dir, Preprocess.from_config(cfg.data))
+    checks = [check_site(path, cfg.data, name=name, cache=cache)
+              for name, path in site_dirs(cfg.data).items()]
+    if args.verbose:
+        for c in checks:
+            print(c.summary + "\n" if c.summary else "")
+    print(format_checks(checks))
+    bad = [c.name for c in checks if not c.ok]
+    print(f"\n{len(checks) - len(bad)} of {len(checks)} site(s) ok" + (f"; errors at {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    import time
+
+    from fedmed.config import load_config
+    from fedmed.server.stats import simulate_stats
+    from fedmed.stats import StatsRequest
+
+    cfg = load_config(args.config, args.overrides)
+    req = StatsRequest(k=args.k, bins=args.bins, epsilon=args.epsilon, images=not args.no_images)
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-stats-{time.strftime('%Y%m%d-%H%M%S')}"
+    res = simulate_stats(cfg, req, out_dir=out, sites=args.site, total_cpus=args.cpus)
+    for site, st in {**res["sites"], "pooled": res["pooled"]["counts"]}.items():
+        print(f"{site:16s} patients {st.get('n.patients', 0):>8.0f}  samples {st.get('n.samples', 0):>8.0f}  "
+              f"images {st.get('n.images', 0):>8.0f}")
+    for site, why in res["failed"].items():
+        print(f"{site:16s} FAILED: {why}")
+    print(f"\nwrote {out / 'stats.html'} and {out / 'stats.json'} (deployment: fedmed-server --stats)")
+    return 1 if res["failed"] else 0
 
 
 def _cmd_train_local(args: argparse.Namespace) -> int:
@@ -141,9 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default) or write and list them in review.csv; YES is always refused")
     deid.set_defaults(func=_cmd_deidentify)
 
-    chk = data.add_parser("check", help="validate every site folder of a config and print summaries")
+    chk = data.add_parser("check", help="validate every site folder of a config (tables, ranges, ids, "
+                          "split, every image decoded once); exit 1 on any error")
     _add_config_args(chk)
+    chk.add_argument("--no-images", action="store_true", help="skip decoding the images")
+    chk.add_argument("--verbose", "-v", action="store_true", help="also print each site's summary")
     chk.set_defaults(func=_cmd_check)
+
+    st = sub.add_parser("stats", help="federated statistics of every site (simulation; aggregates only, "
+                        "cells below k suppressed at the site)")
+    _add_config_args(st)
+    st.add_argument("--site", action="append", help="site name (repeat; default data.sites, else all)")
+    st.add_argument("--k", type=int, default=5, help="smallest count shown (each site may raise it)")
+    st.add_argument("--bins", type=int, default=10, help="histogram bins over data.ranges")
+    st.add_argument("--epsilon", type=float, help="Gaussian noise with this ε (default: none)")
+    st.add_argument("--no-images", action="store_true", help="skip image properties")
+    st.add_argument("--cpus", type=int, help="CPUs Ray may use")
+    st.add_argument("--out", help="output folder")
+    st.set_defaults(func=_cmd_stats)
 
     tl = sub.add_parser("train-local", help="train and evaluate on one site or a pooled set")
     _add_config_args(tl)
@@ -159,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
 _COMMAND_MODULES = ("fedmed.demo", "fedmed.simulate", "fedmed.compare", "fedmed.explain",
-                    "fedmed.calibration", "fedmed.certs")
+                    "fedmed.calibration", "fedmed.certs", "fedmed.evaluate", "fedmed.predict",
+                    "fedmed.export")
 
 
 def _extra_commands() -> dict[str, Callable[[Any], None]]:

@@ -20,6 +20,7 @@ __all__ = [
     "NotesConfig",
     "TrainConfig",
     "FederationConfig",
+    "PersonalizeConfig",
     "PrivacyConfig",
     "TrackingConfig",
     "SitePolicy",
@@ -54,6 +55,10 @@ class DataConfig(_Strict):
         default_factory=dict, description="column -> allowed values (fixed vocabulary)"
     )
     ignore_columns: list[str] = Field(default_factory=list)
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"age": (0.0, 120.0)},
+        description="numeric column -> (min, max) plausible values; a value outside is a data "
+        "error naming the lines. Columns without a range must stay within +-1e9")
     image_size: int = Field(64, ge=8, le=1024)
     channels: Literal[1, 3] = 1
     window: tuple[float, float] | None = Field(
@@ -64,6 +69,9 @@ class DataConfig(_Strict):
     color_constancy: bool = Field(
         False, description="shades-of-grey colour normalisation (RGB): removes each centre's tint"
     )
+    multiframe: Literal["middle", "first", "refuse"] = Field(
+        "middle", description="multi-frame DICOM (cine, tomosynthesis, multi-frame CT): train on "
+        "the middle frame, the first, or refuse such files")
     augment: bool = True
     any_orientation: bool = Field(
         False, description="images have no up/down (dermoscopy, histology): augment with "
@@ -73,6 +81,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     split_seed: int = 0
+    split_column: str | None = Field(
+        None, description="column in records (or images) naming each patient's side: train, val "
+        "or test (a study's fixed split); without val rows, val is carved from the train "
+        "patients by val_fraction")
     cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/fedmed)")
     image_roots: list[str] = Field(
         default_factory=list, description="folders outside a site folder that its images.csv may "
@@ -110,6 +122,10 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     multilabel: bool = False
     dp_compatible: bool = Field(True, description="GroupNorm, no in-place ops (Opacus-ready)")
+    trainable_stages: int | None = Field(
+        None, ge=0, le=64, description="fine-tune only the backbone's last N stages (timm's coarse "
+        "groups: stem, blocks…, head); the rest is frozen, its BatchNorm statistics fixed "
+        "(FrozenBatchNorm). 0 = frozen backbone (DP with pretrained BatchNorm); null = train all")
     notes: NotesConfig = Field(default_factory=NotesConfig)
 
     @model_validator(mode="after")
@@ -138,9 +154,25 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     amp: bool = True
     seed: int = 0
+    backbone_lr_scale: float = Field(
+        1.0, gt=0.0, le=10.0, description="the image backbone's learning rate = lr × this (e.g. 0.1 "
+        "for a pretrained backbone under a fresh head)")
+    warmup_epochs: int = Field(0, ge=0, le=1000, description="linear learning-rate warm-up (in a "
+                               "federation: over the first rounds covering as many local epochs)")
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored elsewhere)")
     grad_clip: float | None = Field(None, gt=0.0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     progress: bool = True
+
+
+class PersonalizeConfig(_Strict):
+    """Local fine-tuning of the final global model at each site (after the last round)."""
+
+    epochs: int = Field(0, ge=0, le=1000, description="fine-tuning epochs on each site's train split; 0 = off")
+    layers: list[str] = Field(
+        default_factory=lambda: ["head", "classifier"],
+        description="parameter-name prefixes to fine-tune (the rest stay frozen); ['all'] = every layer")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="fine-tuning learning rate (default train.lr)")
 
 
 class FederationConfig(_Strict):
@@ -152,6 +184,9 @@ class FederationConfig(_Strict):
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
+    early_stopping_rounds: int = Field(
+        0, ge=0, description="stop when the selection score (central val AUC, else the sites' weighted "
+        "AUC) has not improved for N rounds; the best round is kept; 0 = off")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
         "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")
@@ -159,12 +194,20 @@ class FederationConfig(_Strict):
     client_dp_clip: float = Field(1.0, gt=0.0, description="clipping norm (initial norm when adaptive)")
     local_epochs: int = Field(1, ge=1, le=1000)
     proximal_mu: float = Field(0.0, ge=0.0)
+    bn: Literal["average", "local"] = Field(
+        "average", description="BatchNorm weights and statistics: averaged like every weight, or "
+        "kept at each site and never uploaded (FedBN, Li et al. 2021); needs BatchNorm in the model "
+        "(model.dp_compatible=false)")
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)
+    personalize: PersonalizeConfig = Field(default_factory=PersonalizeConfig)
+    cross_site: bool = Field(
+        False, description="after the last round: each site trains a local model from the same start for "
+        "the same budget; the global and every local model are scored at every site (a matrix)")
     calibration: Literal["federated", "central", "off"] = Field(
         "federated", description="temperature scaling of the best model after the last round, fitted "
         "on the sites' val splits (each sends an NLL curve), on central_test's val split, or off")
@@ -179,6 +222,13 @@ class FederationConfig(_Strict):
         if self.calibration == "central" and not self.central_test:
             raise ValueError("calibration: central fits the temperature on the server's held-out set; "
                              "set federation.central_test, or use calibration: federated")
+        return self
+
+    @model_validator(mode="after")
+    def _cross_site_shows_single_sites(self) -> "FederationConfig":
+        if self.cross_site and (self.secure_aggregation or self.client_dp != "off"):
+            raise ValueError("cross_site sends each site's own local model through the server, which "
+                             "secure_aggregation / client_dp are there to prevent; choose one")
         return self
 
     @model_validator(mode="after")
@@ -234,7 +284,12 @@ class SiteSecAggConfig(_Strict):
 
 
 # Message types a site may answer (Flower's "<category>[.<action>]").
-MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query")
+# query.statistics (fedmed.stats): aggregates only, small cells suppressed below the site's
+# stats_min_count — allowed by default, as federated-statistics tools do (FLARE's min_count).
+MESSAGE_TYPES = ("train", "evaluate", "evaluate.calibration", "query", "query.statistics",
+                 "evaluate.external", "evaluate.personalize", "evaluate.crosssite")
+# evaluate.crosssite sends the site's own local model through the server: a site opts in.
+DEFAULT_MESSAGES = tuple(t for t in MESSAGE_TYPES if t != "evaluate.crosssite")
 
 
 class SitePolicy(_Strict):
@@ -259,11 +314,21 @@ class SitePolicy(_Strict):
     max_metric_list: int = Field(
         256, ge=1, le=100_000, description="longest list the server may ask for (e.g. calibration's temperatures)")
     allowed_messages: list[str] = Field(
-        default_factory=lambda: list(MESSAGE_TYPES),
-        description=f"message types this site answers, of {list(MESSAGE_TYPES)}")
+        default_factory=lambda: list(DEFAULT_MESSAGES),
+        description=f"message types this site answers, of {list(MESSAGE_TYPES)} (default: all but "
+                    "evaluate.crosssite)")
+    # private by default: a relayed model passes through the coordinator, which a site cannot
+    # check keeps nothing; a site opts in to relay or share.
+    local_model: Literal["private", "relay", "share"] = Field(
+        "private", description="cross-site validation: the site's locally trained model stays here (private: "
+        "scored at home only), goes through the server to the other sites without being kept (relay), or "
+        "may be kept by the server (share)")
     share_site_metrics: bool = Field(
         True, description="whether this site's own evaluation metrics may leave it (evaluate, calibration)")
     allow_notes: bool = Field(False, description="whether a job may train on the free-text notes column")
+    stats_min_count: int = Field(
+        5, ge=1, description="federated statistics: counts below this never leave the site (the "
+        "server may ask for a larger k, never a smaller one)")
 
     @field_validator("allowed_messages")
     @classmethod

@@ -35,10 +35,13 @@ __all__ = [
     "stop",
     "interrupt_on_sigterm",
     "server_healthy",
+    "server_problem",
+    "parse_address",
     "wait_healthy",
     "write_app_dir",
     "write_connection",
     "flwr",
+    "flwr_lines",
     "APP_CONFIG_DEFAULTS",
 ]
 
@@ -48,9 +51,13 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "out-dir": "",
     "resume": False,
     "mlflow-uri": "",
+    "evaluate-model": "",  # fedmed-server --evaluate: score this saved model, no training
+    "evaluate-split": "test",
+    "bootstrap": 200,
     "sites": "",
     "data-root": "",
     "device": "auto",
+    "fedmed-task": "",  # "" runs the federation; "stats" the federated statistics (server/stats.py)
 }
 
 
@@ -177,13 +184,47 @@ def _ssl_context(tls: Tls | None) -> ssl.SSLContext | None:
 
 def server_healthy(address: str, *, tls: Tls | None = None, timeout: float = 2.0) -> bool:
     """True when the SuperLink at ``host:port`` answers ``GET /health``."""
+    return server_problem(address, tls=tls, timeout=timeout) is None
+
+
+def server_problem(address: str, *, tls: Tls | None = None, timeout: float = 2.0) -> str | None:
+    """None when the coordinator at ``host:port`` answers ``GET /health``, else why not (one phrase)."""
     scheme = "https" if tls is not None and tls.enabled else "http"
     try:
         with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=timeout,
                                     context=_ssl_context(tls)) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ssl.SSLError):
-        return False
+            return None if r.status == 200 else f"it answered HTTP {r.status}"
+    except urllib.error.HTTPError as exc:
+        return f"it answered HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not trusted ({reason.verify_message})"
+        if isinstance(reason, ssl.SSLError):
+            return f"TLS failed ({reason.reason or reason})"
+        if isinstance(reason, ConnectionRefusedError):
+            return "connection refused (is fedmed-server running there?)"
+        if isinstance(reason, socket.gaierror):
+            return "the host name does not resolve"
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return f"no answer within {timeout:.0f}s"
+        return str(reason)
+    except (TimeoutError, socket.timeout):
+        return f"no answer within {timeout:.0f}s"
+    except (OSError, ssl.SSLError) as exc:
+        return type(exc).__name__
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) as a pair; ValueError with the expected form otherwise."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address \
+            or any(c.isspace() for c in address) or (":" in host and not address.startswith("[")):
+        raise ValueError(f"--server {address!r} is not HOST:PORT (e.g. coordinator.example.org:9092, "
+                         "10.0.0.5:9092 or [::1]:9092)")
+    return host, int(port)
 
 
 def wait_healthy(address: str, *, tls: Tls | None = None, timeout: float = 60.0,
@@ -233,6 +274,12 @@ def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | Non
     else:
         lines.append("insecure = true")
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def flwr_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:
+    """Start the ``flwr`` CLI with its output as a text pipe (``flwr log`` is read line by line)."""
+    return subprocess.Popen([_bin("flwr"), *args], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, errors="replace")
 
 
 def flwr(args: Sequence[str], *, env: dict[str, str], timeout: float | None = None,

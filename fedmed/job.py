@@ -17,7 +17,7 @@ from fedmed.config import FedmedConfig, SiteConfig
 __all__ = ["job_for_sites", "site_job_config", "JOB_SECTIONS", "JOB_FEDERATION_KEYS", "SITE_ONLY_DATA_KEYS"]
 
 JOB_SECTIONS = ("name", "data", "model", "train", "privacy")
-JOB_FEDERATION_KEYS = ("rounds", "local_epochs", "proximal_mu")
+JOB_FEDERATION_KEYS = ("rounds", "local_epochs", "proximal_mu", "bn")
 # Data keys a site sets itself: where its files are and how it reads them.
 SITE_ONLY_DATA_KEYS = ("root", "sites", "cache_dir", "image_roots", "num_workers")
 

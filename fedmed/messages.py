@@ -29,6 +29,13 @@ __all__ = [
     "screen_metric_replies",
     "Rejected",
     "CALIBRATION_ACTION",
+    "EXTERNAL_EVAL_ACTION",
+    "EXTERNAL_EVAL_TYPE",
+    "PERSONALIZE_ACTION",
+    "PERSONALIZE_TYPE",
+    "CROSS_SITE_ACTION",
+    "CROSS_SITE_TYPE",
+    "STATS_ACTION",
     "encode_job",
     "decode_job",
     "ERROR_CODES",
@@ -49,6 +56,20 @@ JOB_KEY = "fedmed-job"
 # Temperature scaling after the last round travels as message type "evaluate.calibration";
 # its config says the step ("calibration": "fit" | "measure").
 CALIBRATION_ACTION = "calibration"
+# Evaluation of a saved model, no training (fedmed-server --evaluate): message type
+# "evaluate.external"; its config carries "split", "temperature", "n-boot" and "seed".
+EXTERNAL_EVAL_ACTION = "external"
+EXTERNAL_EVAL_TYPE = f"evaluate.{EXTERNAL_EVAL_ACTION}"
+# Personalisation after the last round (federation.personalize): message type
+# "evaluate.personalize"; the site fine-tunes a copy locally, keeps it, and sends metrics only.
+PERSONALIZE_ACTION = "personalize"
+PERSONALIZE_TYPE = f"evaluate.{PERSONALIZE_ACTION}"
+# Cross-site validation after the last round (federation.cross_site): message type
+# "evaluate.crosssite"; its config says the step ("crosssite": "train" | "score").
+CROSS_SITE_ACTION = "crosssite"
+CROSS_SITE_TYPE = f"evaluate.{CROSS_SITE_ACTION}"
+# Federated statistics (fedmed.stats) travel as message type "query.statistics".
+STATS_ACTION = "statistics"
 
 
 # A site's error reply is Error(code, reason) with reason "fedmed/<kind> ref=<12 hex>

@@ -171,8 +171,13 @@ def make_private(
     """
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
+    # Opacus matches exact types, so timm's BatchNormAct2d (a BatchNorm2d subclass) passes its
+    # validator, yet in training it mixes the samples of a batch: refuse every live BatchNorm.
+    errors += [f"BatchNorm at {n or 'model'} mixes samples within a batch" for n, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if errors:
-        raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true")
+        raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true, or, to keep "
+                         "a pretrained backbone's BatchNorm, freeze it: model.trainable_stages=0")
     use_fast_conv2d(fast_conv)
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(ledger.history)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmed.config import DataConfig, FedmedConfig, ModelConfig
+from fedmed.data.checks import check_trainable
 from fedmed.data.dataset import SiteSplits, build_splits, class_counts
 from fedmed.data.images import ImageCache, Preprocess
 from fedmed.data.site import SiteData, combine_sites, load_site
@@ -106,6 +107,7 @@ def load_site_bundle(
     data = cfg.data
     if site_dir is not None:
         site = load_site(site_dir, data)
+        check_trainable(site, data)
     else:
         dirs = site_dirs(data)
         chosen = sites or list(dirs)
@@ -113,6 +115,8 @@ def load_site_bundle(
         if unknown:
             raise ValueError(f"unknown sites {unknown}; valid: {sorted(dirs)}")
         loaded = [load_site(dirs[s], data, name=s) for s in chosen]
+        for one in loaded:  # a one-class or too-small site is refused, pooled or not
+            check_trainable(one, data)
         site = loaded[0] if len(loaded) == 1 else combine_sites(loaded)
     cache = None
     if cfg.model.variant != "record" and site.samples["has_image"].any():

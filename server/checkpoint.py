@@ -37,6 +37,12 @@ class FederationState:
     # Temperature scaling after the last round (fedmed.server.calibration); None until then.
     # A class-level default, so states pickled before this field existed load with None.
     calibration: dict[str, Any] | None = None
+    # federation.early_stopping_rounds: {"round", "best_round", "patience", "metric"} once it fired.
+    stopped_early: dict[str, Any] | None = None
+    # federation.personalize: global vs personalised metrics per site (fedmed.server.personalize).
+    personalization: dict[str, Any] | None = None
+    # federation.cross_site: the model x site matrix of test metrics (fedmed.server.crosssite).
+    cross_site: dict[str, Any] | None = None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

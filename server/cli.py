@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from fedmed.config import load_config
+from fedmed.certs import create_certificates
+from fedmed.config import FedmedConfig, load_config
+from fedmed.server import leftovers
+from fedmed.server.gateway import Gateway
 from fedmed.errors import run_command
 from fedmed.flower import (
     Tls,
     flower_env,
+    free_port,
     flwr,
+    flwr_lines,
     interrupt_on_sigterm,
     spawn,
     stop,
@@ -38,18 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", help="aggregation strategy (federation.strategy)")
     p.add_argument("--min-sites", type=int, help="sites needed per round (federation.min_sites)")
     p.add_argument("--round-timeout", type=float, help="seconds to wait for sites (federation.round_timeout)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all interfaces)")
-    p.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet/Control/Runtime APIs)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the sites dial (default 127.0.0.1: this machine only; e.g. 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=9092, help="the sites' port (Flower's Fleet API, via fedmed's gateway)")
     p.add_argument("--out", help="run folder (default <output_dir>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue a stopped federation from its last round")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<run folder>/mlflow.db)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP: only for tests on one machine")
+    p.add_argument("--allow-insecure-remote", action="store_true",
+                   help="with --insecure: allow plain HTTP on a non-loopback --host (weights travel unencrypted)")
     p.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM)")
     p.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM)")
     p.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
     p.add_argument("--auth-key", dest="auth_keys", type=Path, action="append", default=[],
                    help="public key (.pub) of an invited site (repeat per site): only they may join")
     p.add_argument("--startup-timeout", type=float, default=90.0)
+    p.add_argument("--evaluate", metavar="MODEL", type=Path,
+                   help="no training: send this saved model to the sites, collect metrics with CIs "
+                        "(its own config is used; --config is ignored; output beside the model by default)")
+    p.add_argument("--evaluate-split", choices=["all", "test"], default="test",
+                   help="with --evaluate: each site's test split (default) or every row (sites new to the model)")
+    p.add_argument("--bootstrap", type=int, default=200, help="with --evaluate: bootstrap replicates per site")
+    p.add_argument("--stats", action="store_true", help="federated statistics instead of training "
+                   "(fedmed.stats): aggregates only, small cells suppressed at each site")
+    p.add_argument("--stats-k", type=int, default=5, help="--stats: smallest count shown (sites may raise it)")
+    p.add_argument("--stats-bins", type=int, default=10)
+    p.add_argument("--stats-epsilon", type=float, help="--stats: Gaussian noise with this ε (default none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -78,40 +99,91 @@ def _tls(args: argparse.Namespace) -> Tls | None:
                          "(see `fedmed certs`), or --insecure to run without TLS on a trusted network")
     if args.auth_keys:
         raise ValueError("site authentication (--auth-key) needs TLS; Flower refuses it with --insecure")
+    if not is_loopback(args.host) and not args.allow_insecure_remote:
+        raise ValueError(f"--insecure on {args.host} would send model weights unencrypted to anyone on the "
+                         "network: use TLS (see `fedmed certs`), --host 127.0.0.1, or add "
+                         "--allow-insecure-remote if this network is trusted")
+    if not is_loopback(args.host):
+        print(f"fedmed-server: WARNING: plain HTTP on {args.host}: anyone on this network can read the "
+              "weights and submit runs", file=sys.stderr, flush=True)
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only reaches this machine."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, _overrides(args))
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name
-    out = out.resolve()
-    if out.exists() and (out / "state.pkl").exists() and not args.resume:
+    if args.evaluate is not None:  # the model's own config; the flags set only sites and timeouts
+        from fedmed.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.evaluate)
+        cfg = load_config(overrides=_overrides(args), raw=ckpt.config.model_dump(mode="json"))
+        out = (Path(args.out) if args.out else ckpt.path.parent / "federated-evaluation").resolve()
+    else:
+        cfg = load_config(args.config, _overrides(args))
+        out = (Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name).resolve()
+    if (args.evaluate is None and not args.stats and out.exists() and (out / "state.pkl").exists()
+            and not args.resume):
         raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
     out.mkdir(parents=True, exist_ok=True)
     tls = _tls(args)
+    stopped = leftovers.claim_run_folder(out)
+    if stopped:
+        print(f"fedmed-server: stopped {len(stopped)} Flower process(es) a killed earlier server left running "
+              f"for {out} (pids {', '.join(map(str, stopped))})", flush=True)
+    try:
+        return _run(args, cfg, out, tls)
+    finally:
+        leftovers.release_run_folder(out)
+
+
+def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None) -> int:
     flwr_home = out / ".flwr"
     env = flower_env(flwr_home)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     app_dir = write_app_dir(out / "flwr-app")
 
-    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    address = f"{connect_host}:{args.port}"
-    link_args = ["flower-superlink", "--host", args.host, "--port", str(args.port),
+    # The SuperLink (Fleet + Control + Runtime APIs on one port in Flower 1.42) listens on
+    # loopback only; the sites reach its Fleet API through fedmed's gateway (server/gateway.py).
+    internal = f"127.0.0.1:{free_port()}"
+    link_args = ["flower-superlink", "--host", "127.0.0.1", "--port", internal.rsplit(":", 1)[1],
                  "--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
+    loopback_tls: Tls | None = None
     if tls is None:
         link_args.append("--insecure")
-    else:
-        link_args += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert),
-                      "--ssl-keyfile", str(tls.key)]
+    else:  # a private CA for the loopback hop: the operator's certificate need not name 127.0.0.1
+        shutil.rmtree(flwr_home / "loopback-tls", ignore_errors=True)
+        made = create_certificates(flwr_home / "loopback-tls", hosts=["127.0.0.1"])
+        loopback_tls = Tls(ca=made["ca_cert"], cert=made["cert"], key=made["key"])
+        link_args += ["--ssl-ca-certfile", str(made["ca_cert"]), "--ssl-certfile", str(made["cert"]),
+                      "--ssl-keyfile", str(made["key"])]
         if args.auth_keys:
             link_args.append("--enable-supernode-auth")
     log_path = out / "superlink.log"
     print(f"fedmed-server: starting the coordinator on {args.host}:{args.port} "
-          f"({'TLS' if tls else 'INSECURE, no TLS'}); run folder {out}", flush=True)
+          f"({'TLS' if tls else 'INSECURE, no TLS'}; sites' Fleet API only, run submission on {internal}); "
+          f"run folder {out}", flush=True)
     link = spawn(link_args, env=env, log_path=log_path)
+    leftovers.record_group(out, link.pid, address=internal)  # own session: group id = its pid
+    gateway: Gateway | None = None
     try:
-        wait_healthy(address, tls=tls, timeout=args.startup_timeout, proc=link, log_path=log_path)
-        write_connection(flwr_home, name=CONNECTION, address=address, tls=tls)
+        wait_healthy(internal, tls=loopback_tls, timeout=args.startup_timeout, proc=link, log_path=log_path)
+        gateway = Gateway(args.host, args.port, upstream=f"{'https' if tls else 'http'}://{internal}",
+                          upstream_ca=loopback_tls.ca if loopback_tls else None,
+                          certfile=tls.cert if tls else None, keyfile=tls.key if tls else None)
+        gateway.start()
+        write_connection(flwr_home, name=CONNECTION, address=internal, tls=loopback_tls)
         for key in args.auth_keys:
             res = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env=env, timeout=60)
             if res.returncode != 0:
@@ -119,6 +191,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"fedmed-server: invited site key {Path(key).name}", flush=True)
         run_cfg = {"fedmed-config": str(out / "config.json"), "out-dir": str(out),
                    "resume": bool(args.resume), "mlflow-uri": args.mlflow_uri or ""}
+        if args.evaluate is not None:
+            run_cfg.update({"evaluate-model": str(args.evaluate.resolve()), "evaluate-split": args.evaluate_split,
+                            "bootstrap": int(args.bootstrap)})
+        if args.stats:
+            from fedmed.server.stats import STATS_REQUEST, StatsRequest
+
+            req = StatsRequest(k=args.stats_k, bins=args.stats_bins, epsilon=args.stats_epsilon)
+            (out / STATS_REQUEST).write_text(json.dumps(req.__dict__))
+            run_cfg["fedmed-task"] = "stats"
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
         if res.returncode != 0:
@@ -126,20 +207,64 @@ def run(args: argparse.Namespace) -> int:
         run_id = _run_id(res.stdout)
         print(f"fedmed-server: federation submitted (run {run_id}); waiting for "
               f"{cfg.federation.min_sites} site(s)", flush=True)
-        flwr(["log", str(run_id), CONNECTION], env=env, stream_to=sys.stdout)
+        _follow(run_id, env, out / "run.log")
         status, details = _run_status(run_id, env)
         if status != "finished:completed":
-            print(f"fedmed-server: federation ended with status {status}: {details}", file=sys.stderr)
+            print(f"fedmed-server: federation ended ({status}): {_reason(details)} (details: {out / 'run.log'})",
+                  file=sys.stderr)
             return 1
-        from fedmed.server.checkpoint import load_state
-        from fedmed.server.report import summary_table
+        if args.evaluate is not None:
+            from fedmed.evaluate import metrics_table
 
-        print("\n" + summary_table(load_state(out).history), flush=True)
+            print("\n" + metrics_table(json.loads((out / "evaluation.json").read_text())), flush=True)
+            print(f"\nfedmed-server: evaluation completed; {out / 'evaluation.html'}", flush=True)
+            return 0
+        if args.stats:
+            print(f"\nfedmed-server: statistics {out / 'stats.html'} and {out / 'stats.json'}", flush=True)
+            return 0
+        # The ServerApp printed the round table above; it is not repeated here.
         print(f"\nfedmed-server: federation completed; report {out / 'report.html'}; "
               f"summary {out / 'summary.json'}", flush=True)
         return 0
     finally:
+        if gateway is not None:
+            gateway.stop()
         stop(link)
+
+
+# Flower's own lines ("INFO :  ..." with colour codes even into a pipe), MLflow's INFO lines
+# and the flwr CLI's banners go to the run's log file only; fedmed's lines reach the console.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_ONLY = re.compile(r"^(INFO|DEBUG)\s*:|^ERROR\s*:|^\d{4}/\d\d/\d\d [\d:]+ INFO |^Using SuperLink:|"
+                       r"^Successfully installed |^An unhandled exception occurred in the |^For more information, visit: <https://flower")
+
+
+def _follow(run_id: int, env: dict[str, str], log_file: Path) -> None:
+    """Stream the run's output: everything to ``log_file``, fedmed's own lines to the console."""
+    proc = flwr_lines(["log", str(run_id), CONNECTION], env=env)
+    assert proc.stdout is not None
+    in_traceback = False
+    with open(log_file, "a") as fh:
+        for raw in proc.stdout:
+            fh.write(raw)
+            fh.flush()
+            line = _ANSI.sub("", raw).rstrip()
+            if line.startswith("Traceback "):  # to the log only, up to its exception line
+                in_traceback = True
+                continue
+            if in_traceback:
+                in_traceback = line.startswith(" ") or not line
+                continue
+            if line and not _LOG_ONLY.search(line):
+                print(line, flush=True)
+    proc.wait()
+
+
+def _reason(details: str) -> str:
+    """Flower's status details (``<class 'X'>:<'text'>``) as the text alone."""
+    text = re.sub(r"^ServerApp failed with exception: ", "", details.strip())
+    m = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", text, flags=re.S)
+    return m.group(1) if m else text or "no details"
 
 
 def _run_id(stdout: str) -> int:

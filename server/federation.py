@@ -71,6 +71,21 @@ def send_and_receive(grid: GridLike, messages: Any, *, timeout: float, poll: flo
     return replies
 
 
+def _local_keys(cfg: FedmedConfig) -> list[str]:
+    """Keys the sites keep (``federation.bn: local``); an error when the model has no BatchNorm."""
+    from fedmed.models import local_keys
+
+    if cfg.federation.bn == "average":
+        return []
+    model = model_from_config(cfg, model_cfg=cfg.model.model_copy(update={"pretrained_path": None}))
+    keys = local_keys(model, cfg.federation.bn)
+    if not keys:
+        raise ValueError("federation.bn: local keeps each site's BatchNorm, but the model has no trainable "
+                         "BatchNorm (model.dp_compatible=true turns it into GroupNorm; frozen stages keep "
+                         "theirs fixed): set model.dp_compatible=false, or federation.bn=average")
+    return keys
+
+
 def config_hash(cfg: FedmedConfig) -> str:
     """A stable fingerprint of the settings that change results (resume must match).
 
@@ -79,16 +94,21 @@ def config_hash(cfg: FedmedConfig) -> str:
     """
     job = job_for_sites(cfg)
     job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
-                         if k not in ("rounds", "calibration")}
+                         if k not in ("rounds", "calibration", "early_stopping_rounds", "personalize",
+                                      "cross_site")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def round_lr(cfg: FedmedConfig, rnd: int) -> float:
-    """Cosine schedule over rounds (the papers' cosine schedule, stretched over the federation)."""
-    if cfg.train.scheduler != "cosine" or cfg.federation.rounds <= 1:
+    """Cosine schedule over rounds (the papers' cosine schedule, stretched over the federation),
+    after ``train.warmup_epochs`` of linear warm-up counted in rounds (:mod:`fedmed.train.schedule`)."""
+    from fedmed.train.schedule import lr_factor, warmup_rounds
+
+    warmup = warmup_rounds(cfg.train.warmup_epochs, cfg.federation.local_epochs)
+    if (cfg.train.scheduler != "cosine" or cfg.federation.rounds <= 1) and not warmup:
         return cfg.train.lr
-    frac = (rnd - 1) / cfg.federation.rounds
-    return cfg.train.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.train.lr * lr_factor(rnd - 1, total=cfg.federation.rounds, warmup=warmup,
+                                    cosine=cfg.train.scheduler == "cosine")
 
 
 def aggregate_site_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -273,10 +293,12 @@ def run_federation(
         init = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         state = FederationState(arrays=init, strategy=make_strategy(fed), config_hash=chash)
     strategy = state.strategy
+    local = _local_keys(cfg)
     job = encode_job(job_for_sites(cfg))
     meta = {"config": cfg.model_dump(mode="json")}
 
-    for rnd in range(state.round + 1, fed.rounds + 1):
+    first = fed.rounds + 1 if state.stopped_early else state.round + 1  # an early stop is final
+    for rnd in range(first, fed.rounds + 1):
         t0 = time.perf_counter()
         timing: dict[str, float] = {}  # where the round's wall time goes (benchmarks read it)
         connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
@@ -298,8 +320,8 @@ def run_federation(
         if ok:
             if not fed.secure_aggregation:
                 agg, train_metrics = strategy.aggregate_train(rnd, ok)
-            if agg is not None:
-                state.arrays = unpack(agg, state.arrays)
+            if agg is not None:  # FedBN: the sites' own BatchNorm is never averaged into the global model
+                state.arrays = {**unpack(agg, state.arrays), **{k: state.arrays[k] for k in local}}
             if train_metrics is not None:
                 row.update({f"train_{k}": float(v) for k, v in train_metrics.items()
                             if isinstance(v, (int, float))})
@@ -339,18 +361,77 @@ def run_federation(
         if score is not None and math.isfinite(score) and score > state.best_score:
             state.best_score, state.best_round = float(score), rnd
             save_model(out_dir / "best_model.pt", state.arrays, meta={**meta, "round": rnd, "score": score})
+        stop = _early_stop(fed.early_stopping_rounds, rnd, state, "central_val_auc" in row)
+        if stop is not None:
+            state.stopped_early = stop
+            row["early_stop"] = (f"after round {rnd}: {stop['metric']} has not improved for {stop['patience']} "
+                                 f"round(s) since round {stop['best_round']}")
+            log.info("early stopping %s", row["early_stop"])
         save_state(out_dir, state)
         log.info("round %d/%d: %d sites trained, %d rejected, central val AUC %s, %.1fs", rnd,
                  fed.rounds, len(ok), len(rejected), _fmt(row.get("central_val_auc")), row["seconds"])
         if on_round is not None:
             on_round(row, state)
-        if stop_after is not None and rnd >= stop_after:
+        if stop_after is not None and rnd >= stop_after or state.stopped_early:
             break
-    if state.round >= fed.rounds and fed.calibration != "off":
+    finished = state.round >= fed.rounds or bool(state.stopped_early)
+    if finished and fed.calibration != "off":
         state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
                                             central_logits=central_logits)
         save_state(out_dir, state)
+    if finished and fed.personalize.epochs > 0 and state.personalization is None:
+        state.personalization = _personalize_best(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
+        save_state(out_dir, state)
+    if finished and fed.cross_site and state.cross_site is None:
+        state.cross_site = _cross_site(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
+        save_state(out_dir, state)
     return state
+
+
+def _cross_site(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path, job: str,
+                federation_id: str) -> dict[str, Any]:
+    """``federation.cross_site`` from the run's own initial weights; never raises."""
+    from fedmed.server.crosssite import cross_site_validation
+
+    seed_everything(cfg.train.seed)  # the same start as round 1 (run_federation builds it this way)
+    init = {k: v.detach().cpu().numpy() for k, v in model_from_config(cfg).state_dict().items()}
+    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    final = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
+             if path is not None else state.arrays)
+    try:
+        return cross_site_validation(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
+                                     sorted(grid.get_node_ids()), cfg=cfg, init=init, final=final, job=job,
+                                     federation_id=federation_id, out_dir=out_dir)
+    except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
+        log.exception("cross-site validation failed on the server")
+        return {"error": f"failed on the server ({type(exc).__name__}); see its log"}
+
+
+def _personalize_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path, job: str,
+                      federation_id: str) -> dict[str, Any]:
+    """``federation.personalize`` on the best model (else the last); never raises."""
+    from fedmed.server.personalize import personalize_sites
+
+    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    arrays = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
+              if path is not None else state.arrays)
+    try:
+        result = personalize_sites(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
+                                   sorted(grid.get_node_ids()), cfg=cfg, arrays=arrays, job=job,
+                                   federation_id=federation_id)
+    except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
+        log.exception("personalisation failed on the server")
+        result = {"error": f"failed on the server ({type(exc).__name__}); see its log"}
+    result["model"] = path.name if path is not None else "final weights"
+    return result
+
+
+def _early_stop(patience: int, rnd: int, state: FederationState, central: bool) -> dict[str, Any] | None:
+    """Whether ``federation.early_stopping_rounds`` ends the run after round ``rnd``."""
+    if patience <= 0 or state.best_round <= 0 or rnd - state.best_round < patience:
+        return None
+    return {"round": rnd, "best_round": state.best_round, "best_score": state.best_score,
+            "patience": patience, "metric": "central_val_auc" if central else "fed_auc"}
 
 
 def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path,

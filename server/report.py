@@ -209,6 +209,8 @@ def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | N
     if best is not None:
         rows.append(("best round", f"{best} ({key} = {_fmt(score)})"))
     last = history[-1] if history else {}
+    if isinstance(last.get("early_stop"), str):  # federation.early_stopping_rounds ended the run
+        rows.append(("stopped early", last["early_stop"]))
     for k, v in last.items():
         if k.startswith("central_test_") and _num(v) is not None:
             rows.append((f"final test {k[len('central_test_'):]}", _fmt(v)))
@@ -347,8 +349,11 @@ def write_report(
     classes: list[str],
     config: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
+    sections: list[str] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and its PNGs; returns the HTML's path.
+
+    ``sections``: ready HTML blocks (e.g. personalisation) placed before the configuration.
 
     Images: ``curves.png``, ``sites.png`` (when sites were evaluated),
     ``confusion_matrix.png`` (when a matrix exists), ``epsilon.png`` (when a site reported ε),
@@ -387,6 +392,7 @@ def write_report(
         parts.append(f"<h2>{e(caption)}</h2><img src=\"{e(path.name)}\" alt=\"{e(caption)}\">")
     if isinstance(calibration, dict):
         parts += _calibration_section(calibration, out_dir)
+    parts += list(sections or [])
     if config is not None:
         parts += ["<h2>Configuration</h2>", f"<pre>{e(_config_text(config))}</pre>"]
     parts.append("</body></html>")

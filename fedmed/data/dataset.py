@@ -22,7 +22,7 @@ from fedmed.config import DataConfig
 from fedmed.data.images import ImageCache, Preprocess
 from fedmed.data.records import RecordEncoder
 from fedmed.data.site import LoadSummary, SiteData
-from fedmed.data.splits import split_patients
+from fedmed.data.splits import fixed_splits, split_patients
 
 __all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
            "class_counts"]
@@ -186,8 +186,11 @@ def build_splits(
             cache.prepare(rows["image_path"].tolist(), where=where, progress=progress)
     elif bool(samples["has_image"].any()):
         log.info("build_splits: no image cache given; image samples get zero images")
-    idx = split_patients(samples, val_fraction=data_cfg.val_fraction,
-                         test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed)
+    if data_cfg.split_column:
+        idx = fixed_splits(samples, val_fraction=data_cfg.val_fraction, seed=data_cfg.split_seed)
+    else:
+        idx = split_patients(samples, val_fraction=data_cfg.val_fraction,
+                             test_fraction=data_cfg.test_fraction, seed=data_cfg.split_seed)
     train_rows = samples.iloc[idx["train"]]
     train_ids = train_rows.loc[train_rows["has_record"], "patient_id"].unique()
     encoder = RecordEncoder(numeric=data_cfg.numeric, categorical=data_cfg.categorical,

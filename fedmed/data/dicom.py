@@ -9,11 +9,13 @@ built from patient ids): the file is on :attr:`DicomError.path` for the site's o
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import AllTransferSyntaxes
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -22,8 +24,9 @@ from pydicom.pixels import (
     get_decoder,
 )
 
-__all__ = ["DicomError", "read_dicom", "apply_window"]
+__all__ = ["DicomError", "read_dicom", "apply_window", "MULTIFRAME_POLICIES", "codec_report"]
 
+MULTIFRAME_POLICIES = ("middle", "first", "refuse")
 _YBR_TO_CONVERT = ("YBR_FULL", "YBR_FULL_422")
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 
@@ -71,7 +74,17 @@ def _read(path: Path) -> pydicom.Dataset:
     if not path.is_file():
         raise DicomError("file not found", path=path)
     try:
-        return pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+        # pydicom reads a file cut short up to the cut and only warns; pixel data after the
+        # cut is then silently absent, which would read as "not an image" below.
+        if any("End of file reached" in str(w.message) for w in seen) and "PixelData" not in ds:
+            raise DicomError("not a readable DICOM file (truncated: the file ends before its "
+                             "pixel data)", path=path)
+        return ds
+    except DicomError:
+        raise
     except InvalidDicomError:
         raise DicomError("not a DICOM file (no 'DICM' file header)", path=path) from None
     except Exception as exc:  # pydicom raises many types on damaged files
@@ -80,8 +93,24 @@ def _read(path: Path) -> pydicom.Dataset:
         ) from None
 
 
-def _decode_frame(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, str]:
-    """Decode the middle frame; returns the array and its actual photometric interpretation."""
+def _frame_count(ds: pydicom.Dataset, path: Path) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        raise DicomError("Number of Frames (0028,0008) is not a whole number", path=path) from None
+
+
+def _frame_index(frames: int, multiframe: str, path: Path) -> int:
+    if multiframe not in MULTIFRAME_POLICIES:
+        raise ValueError(f"multiframe must be one of {MULTIFRAME_POLICIES}, got {multiframe!r}")
+    if frames > 1 and multiframe == "refuse":
+        raise DicomError(f"multi-frame image ({frames} frames) refused by data.multiframe=refuse "
+                         "(use 'first' or 'middle' to read one frame)", path=path)
+    return 0 if multiframe == "first" else frames // 2
+
+
+def _decode_frame(ds: pydicom.Dataset, path: Path, multiframe: str) -> tuple[np.ndarray, str]:
+    """Decode the frame ``multiframe`` picks; returns it and its actual photometric interpretation."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomError("no pixel data (not an image object)", path=path)
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -100,16 +129,41 @@ def _decode_frame(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, str]:
             f"pixel data could not be decoded (transfer syntax {tsyntax.name} needs "
             f"a plugin: {needs})", path=path
         )
-    frames = int(ds.get("NumberOfFrames") or 1)
+    index = _frame_index(_frame_count(ds, path), multiframe, path)
     try:
-        arr, meta = decoder.as_array(ds, index=frames // 2, as_rgb=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # excess padding and similar notes
+            arr, meta = decoder.as_array(ds, index=index, as_rgb=False)
     except Exception as exc:
-        first = _scrub(" ".join(str(exc).split()), path)[:300]
-        raise DicomError(
-            f"pixel data could not be decoded (transfer syntax {tsyntax.name}: "
-            f"{type(exc).__name__}{': ' + first if first else ''})", path=path
-        ) from None
+        raise DicomError(f"pixel data could not be decoded (transfer syntax {tsyntax.name}: "
+                         f"{_decode_reason(exc, tsyntax.is_compressed)})", path=path) from None
     return arr, str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation")))
+
+
+def _decode_reason(exc: Exception, compressed: bool) -> str:
+    """Why decoding failed, in fixed words: a plugin's own text can quote header elements."""
+    text = str(exc)
+    if not compressed:
+        if "less than expected" in text:
+            return "the pixel data is shorter than Rows x Columns x Bits Allocated needs (truncated?)"
+        if "Missing required element" in text:
+            return "an Image Pixel element (Rows, Columns, Bits Allocated, ...) is missing"
+        return f"the Image Pixel elements do not describe the pixel data ({type(exc).__name__})"
+    if "Unable to decode" in text:  # every installed plugin tried and refused the stream
+        return ("the compressed stream is damaged or uses a variant no installed plugin "
+                "(pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls, Pillow) decodes")
+    return f"the compressed stream could not be decoded ({type(exc).__name__})"
+
+
+def codec_report() -> dict[str, bool]:
+    """Per compressed transfer syntax pydicom knows: whether an installed plugin decodes it."""
+    out: dict[str, bool] = {}
+    for ts in (t for t in AllTransferSyntaxes if t.is_compressed):
+        try:
+            out[ts.name] = bool(get_decoder(ts).is_available)
+        except NotImplementedError:  # e.g. MPEG/HEVC video: no pixel decoder in pydicom
+            out[ts.name] = False
+    return out
 
 
 def _to_rgb(arr: np.ndarray, pi: str, ds: pydicom.Dataset, path: Path) -> np.ndarray:
@@ -154,11 +208,12 @@ def _normalise_gray(
 
 
 def read_dicom(
-    path: str | Path, *, window: tuple[float, float] | None = None
+    path: str | Path, *, window: tuple[float, float] | None = None, multiframe: str = "middle"
 ) -> np.ndarray:
     """Read a DICOM file as float32 in [0, 1]: ``(H, W)`` grayscale or ``(H, W, 3)`` RGB.
 
-    Multi-frame files give their middle frame. Grayscale goes through the modality LUT, then
+    Multi-frame files give their middle frame (``multiframe="middle"``), their first
+    (``"first"``), or are refused (``"refuse"``). Grayscale goes through the modality LUT, then
     ``window`` (center, width) if given, else the file's VOI LUT / window, else min-max;
     MONOCHROME1 is inverted so bright always means dense. A constant image gives zeros.
     Raises :class:`DicomError` (why; the file on ``.path``) for unreadable files, missing
@@ -166,7 +221,7 @@ def read_dicom(
     """
     path = Path(path)
     ds = _read(path)
-    arr, pi = _decode_frame(ds, path)
+    arr, pi = _decode_frame(ds, path, multiframe)
     try:
         if pi in _MONO:
             if arr.ndim != 2:

@@ -92,14 +92,14 @@ def _read_raster(path: Path) -> np.ndarray:
 
 
 def read_image(
-    path: str | Path, *, window: tuple[float, float] | None = None
+    path: str | Path, *, window: tuple[float, float] | None = None, multiframe: str = "middle"
 ) -> np.ndarray:
     """Read an image as float32 in [0, 1]: ``(H, W)`` gray or ``(H, W, 3)`` RGB.
 
     DICOM (``.dcm``, ``.dicom`` or no extension) goes through :func:`read_dicom` with
-    ``window``; PNG/JPEG/BMP/TIFF through Pillow (16-bit scaled by 65535). Raises
-    :class:`ImageError` (why, without the file name; the file on ``.path``) when it is
-    missing, unsupported or corrupt.
+    ``window`` and the ``multiframe`` policy; PNG/JPEG/BMP/TIFF through Pillow (16-bit
+    scaled by 65535). Raises :class:`ImageError` (why, without the file name; the file on
+    ``.path``) when it is missing, unsupported or corrupt.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -112,7 +112,7 @@ def read_image(
         raise ImageError("file not found", path=path)
     if suffix in DICOM_SUFFIXES:
         try:
-            return read_dicom(path, window=window)
+            return read_dicom(path, window=window, multiframe=multiframe)
         except DicomError as exc:
             raise ImageError(str(exc), path=path) from exc
     img = _read_raster(path)
@@ -129,6 +129,7 @@ class Preprocess:
     clahe: bool = False
     denoise: bool = False
     color_constancy: bool = False
+    multiframe: str = "middle"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -143,13 +144,16 @@ class Preprocess:
         """The spec a :class:`~fedmed.config.DataConfig` asks for."""
         return cls(size=data_cfg.image_size, channels=data_cfg.channels,
                    window=data_cfg.window, clahe=data_cfg.clahe, denoise=data_cfg.denoise,
-                   color_constancy=data_cfg.color_constancy)
+                   color_constancy=data_cfg.color_constancy,
+                   multiframe=getattr(data_cfg, "multiframe", "middle"))
 
     def key(self) -> str:
         """A stable short hash of the fields (same spec → same cache folder)."""
         fields = asdict(self)
         if not self.color_constancy:  # specs from before the field keep their cache folder
             del fields["color_constancy"]
+        if self.multiframe == "middle":  # likewise: the default before the field existed
+            del fields["multiframe"]
         blob = json.dumps({"v": _CACHE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -289,7 +293,8 @@ class ImageCache:
         if arr is None:
             arr = self._read_cached(target)
             if arr is None:
-                arr = preprocess(read_image(path, window=self.spec.window), self.spec)
+                arr = preprocess(read_image(path, window=self.spec.window,
+                                                multiframe=self.spec.multiframe), self.spec)
                 self.misses += 1
                 self._write(target, arr)
             else:

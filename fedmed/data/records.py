@@ -11,6 +11,7 @@ import csv
 import math
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -45,8 +46,18 @@ def _csv_lines(path: Path) -> list[int]:
     return lines
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+# pandas' default missing-value spellings; ids in ``keep`` columns are never read as missing.
+_NA_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                      "nan", "null"})
+
+
+def read_table(path: str | Path, *, keep: Sequence[str] = ()) -> pd.DataFrame:
     """Read ``.csv`` (every cell a string, empty → NaN) or ``.parquet``.
+
+    Columns in ``keep`` (ids, file paths) keep their text as written: only an empty cell is
+    missing there, so a patient id "NA" or "None" stays an id. Elsewhere pandas' usual
+    spellings ("NA", "n/a", "NULL", ...) read as missing.
 
     The index holds each row's 1-based line number in the file (CSV; the header is line 1)
     or row number (parquet), so errors can point at the row without quoting it. Column
@@ -56,9 +67,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise RecordError(f"table not found: {path.name!r}")
     suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise RecordError(f"{path.name}: the file is empty (no header, no rows)")
     try:
         if suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8-sig")
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""],
+                             encoding="utf-8-sig")
+            kept = {str(c).strip() for c in keep}
+            for col in df.columns:
+                if str(col).strip() not in kept:
+                    df[col] = df[col].where(~df[col].isin(_NA_TEXT))
             lines = _csv_lines(path)
             df.index = pd.Index(lines if len(lines) == len(df) else range(2, len(df) + 2),
                                 name="line")

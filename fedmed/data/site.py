@@ -19,10 +19,12 @@ import pandas as pd
 
 from fedmed.config import DataConfig
 from fedmed.data.records import RecordEncoder, RecordError, normalise_value, read_table, to_numeric
+from fedmed.data.splits import SPLIT_NAMES
 
 __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
 
 _SHOW = 10  # line numbers / paths shown per problem
+_SPLIT = "split"  # the samples column that holds data.split_column's side
 # image_line: the image's 1-based line in images.csv, so image errors can say where a file is
 # listed instead of naming it (file names are often built from patient ids).
 SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record", "site",
@@ -140,13 +142,21 @@ def _check_columns(df: pd.DataFrame, required: list[str], allowed: list[str], pa
     return not missing
 
 
-def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
-                  problems: list[str]) -> tuple[pd.DataFrame, pd.Series] | None:
-    df = read_table(path)
+def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems: list[str],
+                  *, images: bool) -> tuple[pd.DataFrame, pd.Series, pd.Series] | None:
+    """Records indexed by patient id, their labels and their file lines.
+
+    ``label`` is required only when the site has no ``images.csv``: with images, each image
+    carries its own label and the records' label (if any) is a patient-level fallback.
+    """
+    df = read_table(path, keep=[cfg.id_column])
+    if _header_only(df, path, problems):
+        return None
     idc, labc = cfg.id_column, cfg.label_column
     features = [*cfg.numeric, *cfg.categorical] + ([cfg.notes_column] if cfg.notes_column else [])
-    required = list(dict.fromkeys([idc, labc, *features]))
-    complete = _check_columns(df, required, required, path, cfg, problems)
+    required = list(dict.fromkeys([idc, *([] if images else [labc]), *features]))
+    allowed = list(dict.fromkeys([idc, labc, *features, *([cfg.split_column] if cfg.split_column else [])]))
+    complete = _check_columns(df, required, allowed, path, cfg, problems)
     ids = _ids(df[idc]) if idc in df.columns else None
     if ids is not None and ids.isna().any():
         problems.append(f"{path.name}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
@@ -156,20 +166,67 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int],
         problems.append(f"{path.name}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
                         f"appear on more than one row ({int(dup.sum())} rows: "
                         f"{_lines(df.index[dup])}); records hold one row per patient")
-    labels = (_check_labels(df, labc, classes, path, problems, allow_empty=False)
-              if labc in df.columns else None)
+    labels = (_check_labels(df, labc, classes, path, problems, allow_empty=images)
+              if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
+    if ids is not None:
+        _check_id_spelling(ids, path, idc, problems)
     for col in (c for c in cfg.numeric if c in df.columns):
         bad = df[col].notna() & to_numeric(df[col]).isna()
         bad &= df[col].astype("string").str.strip().fillna("") != ""
         if bad.any():
             problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) that "
                             f"are not finite numbers ({_lines(df.index[bad])})")
-    if not complete or ids is None or labels is None:
+        _check_range(to_numeric(df[col]), df.index, col, cfg, path, problems)
+    if not complete or ids is None:
         return None
     out = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="patient_id"))
     for col in features:
         out[col] = to_numeric(df[col]).to_numpy() if col in cfg.numeric else df[col].to_numpy()
-    return out, pd.Series(labels.to_numpy(), index=out.index)
+    if cfg.split_column and cfg.split_column in df.columns:
+        out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
+    return (out, pd.Series(labels.to_numpy(), index=out.index),
+            pd.Series(df.index.to_numpy(), index=out.index, name=df.index.name))
+
+
+_HUGE = 1e9  # |value| beyond this, in a column without a configured range, is an export error
+
+
+def _check_range(values: pd.Series, lines: pd.Index, col: str, cfg: DataConfig, path: Path,
+                 problems: list[str]) -> None:
+    """Values outside ``data.ranges[col]`` (or beyond +-1e9 without one) are problems."""
+    lo, hi = cfg.ranges.get(col, (-_HUGE, _HUGE))
+    bad = values.notna() & ((values < lo) | (values > hi))
+    if bad.any():  # the bounds are config, not data: they may be shown; the values may not
+        what = (f"outside data.ranges [{lo:g}, {hi:g}]" if col in cfg.ranges
+                else f"beyond +-{_HUGE:g} (set data.ranges.{col} if such values are real)")
+        problems.append(f"{path.name}: numeric column {col!r} has {int(bad.sum())} value(s) {what} "
+                        f"({_lines(lines[bad.to_numpy()])})")
+
+
+_SCI = r"^[+-]?\d(\.\d+)?[eE][+-]?\d+$"
+
+
+def _check_id_spelling(ids: pd.Series, path: Path, idc: str, problems: list[str]) -> None:
+    """Ids a spreadsheet has mangled: scientific notation, or "7" next to "7.0" in one table."""
+    text = ids.dropna().astype(str)
+    sci = text.str.match(_SCI)
+    if sci.any():
+        problems.append(f"{path.name}: {int(sci.sum())} id(s) in column {idc!r} are in scientific "
+                        "notation, as a spreadsheet writes long numbers (digits may be lost; "
+                        f"export ids as text) ({_lines(text.index[sci])})")
+    as_num = text.map(normalise_value)
+    clash = as_num.duplicated(keep=False) & ~text.duplicated(keep=False)
+    if clash.any():
+        problems.append(f"{path.name}: {int(clash.sum())} id(s) in column {idc!r} differ only in "
+                        "how a number is written (7 vs 7.0 vs 007): one patient or several? "
+                        f"({_lines(text.index[clash])})")
+
+
+def _header_only(df: pd.DataFrame, path: Path, problems: list[str]) -> bool:
+    if len(df) == 0:
+        problems.append(f"{path.name}: the table has a header but no data rows (an empty export?)")
+        return True
+    return False
 
 
 def _inside(path: str, roots: list[str]) -> bool:
@@ -181,11 +238,15 @@ def _inside(path: str, roots: list[str]) -> bool:
 def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
                  rec_labels: pd.Series | None, problems: list[str]) -> pd.DataFrame | None:
     """``rec_labels`` None means the records could not be read: skip label cross-checks."""
-    df = read_table(path)
+    df = read_table(path, keep=[cfg.id_column, "image"])
+    if _header_only(df, path, problems):
+        return None
     idc, labc = cfg.id_column, cfg.label_column
-    if not _check_columns(df, ["image", idc], ["image", idc, labc], path, cfg, problems):
+    allowed = ["image", idc, labc, *([cfg.split_column] if cfg.split_column else [])]
+    if not _check_columns(df, ["image", idc], allowed, path, cfg, problems):
         return None
     ids, files = _ids(df[idc]), df["image"].astype("string").str.strip()
+    _check_id_spelling(ids, path, idc, problems)
     for col, vals in (("image", files.isna() | (files == "")), (idc, ids.isna())):
         if vals.any():
             problems.append(f"{path.name}: column {col!r} is empty on {int(vals.sum())} row(s) "
@@ -206,19 +267,92 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
                         f"({_lines(df.index[absent])})")
     own = (_check_labels(df, labc, classes, path, problems, allow_empty=True)
            if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
+    # An image's own label is that image's (sample's) label: follow-up images of one patient
+    # may show different findings. The records' label only fills images that carry none.
     lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
     rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
-    clash = own.notna() & rec.notna() & (own != rec)
-    if clash.any():
-        problems.append(f"{path.name}: column {labc!r} disagrees with the patient's label in the "
-                        f"records on {int(clash.sum())} row(s) ({_lines(df.index[clash])})")
     orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
     if orphan.any():
         problems.append(f"{path.name}: {int(orphan.sum())} image row(s) have no {labc!r} and no "
-                        f"record to take it from ({_lines(df.index[orphan])})")
+                        f"record label to take it from ({_lines(df.index[orphan])})")
     label = own.where(own.notna(), rec)
-    return pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
-                         "label": label.to_numpy(), "image_line": df.index.to_numpy()})
+    out = pd.DataFrame({"patient_id": ids.to_numpy(), "image_path": full,
+                        "label": label.to_numpy(), "image_line": df.index.to_numpy()})
+    if cfg.split_column and cfg.split_column in df.columns:
+        out[_SPLIT] = _check_split_values(df, cfg.split_column, path, problems).to_numpy()
+    return out
+
+
+def _check_unlabelled_patients(path: Path, cfg: DataConfig, labels: pd.Series, lines: pd.Series,
+                               images: pd.DataFrame | None, problems: list[str]) -> None:
+    """A record-only patient (no image rows) needs the records' label: it is its only sample."""
+    with_images = set() if images is None else set(images["patient_id"].dropna())
+    bare = labels.isna() & ~labels.index.isin(list(with_images))
+    if bare.any():
+        where = pd.Index(lines[bare].to_numpy(), name=lines.name)
+        problems.append(f"{path.name}: {int(bare.sum())} patient(s) have no {cfg.label_column!r} "
+                        f"in the records and no image in images.csv to carry one ({_lines(where)})")
+
+
+def _check_split_values(df: pd.DataFrame, col: str, path: Path, problems: list[str]) -> pd.Series:
+    """The split column as lower-case train/val/test; empty and unknown cells are problems."""
+    vals = df[col].astype("string").str.strip().str.lower()
+    empty = vals.isna() | (vals == "")
+    if empty.any():
+        problems.append(f"{path.name}: split column {col!r} is empty on {int(empty.sum())} row(s) "
+                        f"({_lines(df.index[empty])})")
+    bad = ~empty & ~vals.isin(SPLIT_NAMES)
+    if bad.any():  # the values are not shown (the column may be a wrong one, ids say)
+        problems.append(f"{path.name}: split column {col!r} has {int(bad.sum())} value(s) that are "
+                        f"not one of {list(SPLIT_NAMES)} ({_lines(df.index[bad])})")
+    return vals.where(~empty & ~bad).astype(object)
+
+
+def _check_split(cfg: DataConfig, rec_path: Path | None, records: pd.DataFrame | None,
+                 rec_lines: pd.Series | None, img_path: Path, images: pd.DataFrame | None,
+                 problems: list[str]) -> pd.Series | None:
+    """Each patient's side from ``data.split_column``; None when the column is not set.
+
+    A patient on two sides (images that disagree, or images vs records), a record-only
+    patient without a side, or a column found in neither table is a problem naming lines.
+    """
+    col = cfg.split_column
+    if not col:
+        return None
+    in_rec = records is not None and _SPLIT in records.columns
+    in_img = images is not None and _SPLIT in images.columns
+    if not in_rec and not in_img:
+        where = " or ".join(p.name for p in (rec_path, img_path if images is not None else None) if p)
+        problems.append(f"data.split_column {col!r} is set but {where} has no such column")
+        return None
+    side: dict[str, str] = {}
+    if in_img:
+        per = images.dropna(subset=["patient_id"]).groupby("patient_id")[_SPLIT]
+        split_ids = per.nunique()
+        split_ids = split_ids.index[split_ids > 1]
+        if len(split_ids):
+            rows = images.index[images["patient_id"].isin(split_ids)]
+            problems.append(f"{img_path.name}: {len(split_ids)} patient(s) have images on more than "
+                            f"one side of split column {col!r} "
+                            f"({_lines(pd.Index(images.loc[rows, 'image_line'], name='line'))})")
+        side.update({p: v for p, v in per.first().items() if isinstance(v, str)})
+    if in_rec and rec_path is not None and rec_lines is not None:
+        rec_side = records[_SPLIT]
+        clash = pd.Series([isinstance(v, str) and p in side and side[p] != v
+                           for p, v in rec_side.items()], index=rec_side.index)
+        if clash.any():
+            problems.append(f"{rec_path.name}: split column {col!r} puts {int(clash.sum())} "
+                            f"patient(s) on another side than their images in {img_path.name} "
+                            f"({_lines(pd.Index(rec_lines[clash].to_numpy(), name=rec_lines.name))})")
+        side.update({p: v for p, v in rec_side.items() if isinstance(v, str) and p not in side})
+    elif records is not None and len(records) and rec_path is not None and rec_lines is not None:
+        with_images = set() if images is None else set(images["patient_id"].dropna())
+        bare = ~records.index.isin(list(with_images))
+        if bare.any():
+            problems.append(f"{rec_path.name}: {int(bare.sum())} record-only patient(s) have no side: "
+                            f"split column {col!r} is only in {img_path.name} "
+                            f"({_lines(pd.Index(rec_lines[bare].to_numpy(), name=rec_lines.name))})")
+    return pd.Series(side, dtype=object)
 
 
 def _records_path(site_dir: Path) -> Path | None:
@@ -245,12 +379,16 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
     classes = {normalise_value(c): i for i, c in enumerate(data_cfg.classes)}
     problems: list[str] = []
     try:
-        loaded = _load_records(rec_path, data_cfg, classes, problems) if rec_path else None
-        records, rec_labels = loaded if loaded else (None, None)
+        loaded = (_load_records(rec_path, data_cfg, classes, problems, images=img_path.is_file())
+                  if rec_path else None)
+        records, rec_labels, rec_lines = loaded if loaded else (None, None, None)
         if rec_path is None:  # image-only site: labels must come from images.csv
             rec_labels = pd.Series(dtype=object)
         images = (_load_images(img_path, site_dir, data_cfg, classes, rec_labels, problems)
                   if img_path.is_file() else None)
+        if rec_labels is not None and rec_lines is not None:
+            _check_unlabelled_patients(rec_path, data_cfg, rec_labels, rec_lines, images, problems)
+        sides = _check_split(data_cfg, rec_path, records, rec_lines, img_path, images, problems)
     except RecordError as exc:
         raise SiteDataError(str(exc)) from None
     if problems:
@@ -261,7 +399,17 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
         feats += [data_cfg.notes_column] if data_cfg.notes_column else []
         records = pd.DataFrame(columns=feats, index=pd.Index([], name="patient_id", dtype=object))
         rec_labels = pd.Series(dtype=object)
-    return _assemble(name, site_dir, data_cfg, classes, records, rec_labels, images)
+    site = _assemble(name, site_dir, data_cfg, classes, records.drop(columns=[_SPLIT], errors="ignore"),
+                     rec_labels, None if images is None else images.drop(columns=[_SPLIT],
+                                                                           errors="ignore"))
+    if sides is not None:
+        site.samples[_SPLIT] = site.samples["patient_id"].map(sides).to_numpy()
+        counts = site.samples[_SPLIT].value_counts()
+        empty = [k for k in ("train", "test") if not counts.get(k, 0)]
+        if empty:
+            raise SiteDataError(f"site {name!r}: split column {data_cfg.split_column!r} leaves the "
+                                f"{' and '.join(empty)} side(s) empty ({', '.join(f'{k}: {int(counts.get(k, 0))}' for k in SPLIT_NAMES)} samples)")
+    return site
 
 
 def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int],

@@ -1,8 +1,11 @@
 """Patient-level, label-stratified train/val/test splits.
 
-A patient's samples (several images of one lesion, say) always land on one side, otherwise
-test scores leak. Stratifying on (site, label) keeps every site and class on every side
-where the counts allow it.
+A patient's samples (several images of one lesion, follow-up X-rays with different findings)
+always land on one side, otherwise test scores leak: a model that recalls the person scores
+on their other images. Labels are per sample, so a patient can carry a mix of labels;
+StratifiedGroupKFold balances each fold on the groups' label *mix* (it counts every
+patient's samples per class), which is the stratification wanted here. Stratifying on
+(site, label) keeps every site and class on every side where the counts allow it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-__all__ = ["split_patients", "SPLIT_NAMES"]
+__all__ = ["split_patients", "fixed_splits", "SPLIT_NAMES"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -81,4 +84,22 @@ def split_patients(
     val_share = val_fraction / (1.0 - test_fraction)
     train_r, val_r = _hold_out(y[rest], groups[rest], val_share, seed + 1, "validation")
     out = {"train": rest[train_r], "val": rest[val_r], "test": test}
+    return {k: np.sort(v).astype(np.int64) for k, v in out.items()}
+
+
+def fixed_splits(samples: pd.DataFrame, *, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Row positions per side from the ``split`` column (a study's fixed split).
+
+    The site loader has already checked that every patient has one side and that train and
+    test are not empty. Without ``val`` rows, a patient-level, stratified ``val_fraction`` of
+    the TRAIN patients becomes val (for early stopping: the test side is never looked at).
+    """
+    side = samples["split"].astype(str).to_numpy()
+    out = {k: np.flatnonzero(side == k) for k in SPLIT_NAMES}
+    if len(out["val"]) == 0:
+        train = out["train"]
+        sub = samples.iloc[train]
+        keep, held = _hold_out(_strata(sub), sub["patient_id"].astype(str).to_numpy(),
+                               val_fraction, seed + 1, "validation")
+        out["train"], out["val"] = train[keep], train[held]
     return {k: np.sort(v).astype(np.int64) for k, v in out.items()}

@@ -21,12 +21,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from fedmed.models.pretrained import load_pretrained
+
 __all__ = [
     "DEFAULT_CFGS",
     "SmallCNN",
+    "backbone_stages",
     "create_backbone",
+    "freeze_stages",
     "list_backbones",
-    "load_state_dict_file",
     "make_dp_compatible",
     "register_backbone",
 ]
@@ -90,6 +93,10 @@ class SmallCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Stages for freezing, as timm models define them: one per block."""
+        return {"blocks": r"^blocks\.(\d+)"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` → feature map ``(B, 4w, H/8, W/8)``."""
         return self.blocks(x)
@@ -131,66 +138,42 @@ class TimmBackbone(nn.Module):
         return f
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.pth``/``.pt``/``.bin``/``.safetensors`` (CPU, tensors only).
+def backbone_stages(backbone: nn.Module) -> list[list[str]]:
+    """Module names of each stage, input to output, from timm's coarse ``group_matcher``
+    (the grouping timm's layer-wise learning-rate decay uses: stem, blocks…, head).
 
-    Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints and a ``module.`` prefix.
+    Raises ``ValueError`` when the network defines no ``group_matcher``.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from timm.models import group_modules
 
-        sd: Any = load_file(str(path), device="cpu")
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise ValueError(f"cannot read weights from {path}: {exc}") from exc
-    for key in ("state_dict", "model", "state_dict_ema", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
+    root, prefix = (backbone.model, "model.") if isinstance(backbone, TimmBackbone) else (backbone, "")
+    if not hasattr(root, "group_matcher"):
+        raise ValueError(f"backbone {type(root).__name__} defines no group_matcher: it cannot be frozen "
+                         "by stages; use model.trainable_stages=0 (all frozen) or null (none)")
+    groups = group_modules(root, root.group_matcher(coarse=True))
+    return [[prefix + n for n in groups[k]] for k in sorted(groups)]
 
 
-def _load_weights(model: nn.Module, path: str | Path, *, in_chans: int) -> None:
-    """Load what matches (strict=False); adapt input convs to ``in_chans``; error if none."""
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    keep: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    for k, v in sd.items():
-        if k not in own:
-            continue
-        target = own[k]
-        if v.shape != target.shape:
-            if v.ndim == 4 and v.shape[0] == target.shape[0] and v.shape[2:] == target.shape[2:]:
-                from timm.models import adapt_input_conv
+def freeze_stages(backbone: nn.Module, *, trainable: int) -> int:
+    """Freeze all but the last ``trainable`` stages with timm's ``freeze`` (parameters off,
+    BatchNorm → FrozenBatchNorm2d so its statistics stay fixed in training); returns how many
+    stages were frozen. ``trainable=0`` freezes the whole backbone.
+    """
+    from timm.utils import freeze
 
-                v = adapt_input_conv(in_chans, v, base_chans=v.shape[1])
-            if v.shape != target.shape:
-                skipped.append(f"{k} {tuple(v.shape)}→{tuple(target.shape)}")
-                continue
-        keep[k] = v.to(target.dtype)
-    if not keep:
-        sample = ", ".join(list(sd)[:5])
-        raise ValueError(
-            f"no weights in {path} match the backbone (file keys start: {sample}); "
-            "is it a state dict for this architecture?"
-        )
-    missing, _ = model.load_state_dict(keep, strict=False)
-    log.info(
-        "loaded %d/%d tensors from %s (%d model tensors not in file, %d shape mismatches)",
-        len(keep), len(sd), path, len(missing), len(skipped),
-    )
-    if skipped:
-        log.warning("skipped tensors with mismatched shapes: %s", "; ".join(skipped[:10]))
+    if trainable == 0:
+        freeze(backbone)
+        return len(backbone_stages(backbone)) if _has_groups(backbone) else 1
+    stages = backbone_stages(backbone)
+    n_frozen = max(len(stages) - trainable, 0)
+    names = [n for stage in stages[:n_frozen] for n in stage]
+    if names:
+        freeze(backbone, names)
+    return n_frozen
+
+
+def _has_groups(backbone: nn.Module) -> bool:
+    return hasattr(backbone.model if isinstance(backbone, TimmBackbone) else backbone, "group_matcher")
 
 
 def make_dp_compatible(model: nn.Module) -> nn.Module:
@@ -268,14 +251,17 @@ def create_backbone(
     in_chans: int,
     pretrained_path: str | Path | None = None,
     dp_compatible: bool = True,
+    trainable_stages: int | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a headless backbone by name: registered names first, else timm (random init).
 
-    ``pretrained_path``: a local state dict; keys load with ``strict=False`` (input convs are
-    adapted to ``in_chans``) and a file that matches nothing is an error. Extra ``kwargs``
+    ``pretrained_path``: a local weights file that must fill every backbone tensor, by name
+    or, in another library's layout, by order (:func:`fedmed.models.pretrained.load_pretrained`;
+    the input conv is adapted to ``in_chans``; what loaded is in ``model.pretrained_report``). Extra ``kwargs``
     go to the factory (e.g. ``img_size=64`` for a timm ViT). Raises ``ValueError`` for an
-    unknown name, listing the registered ones.
+    unknown name, listing the registered ones. ``trainable_stages``: see :func:`freeze_stages`
+    (None trains every stage).
     """
     if name in _BACKBONES:
         model = _BACKBONES[name](in_chans=in_chans, **kwargs)
@@ -293,9 +279,14 @@ def create_backbone(
             model.default_cfg["input_size"] = kwargs["img_size"]
         target = inner
     if pretrained_path:
-        _load_weights(target, pretrained_path, in_chans=in_chans)
+        model.pretrained_report = load_pretrained(
+            target, pretrained_path, in_chans=in_chans, first_conv=model.default_cfg.get("first_conv"),
+            classifier=getattr(target, "pretrained_cfg", {}).get("classifier"))
     if dp_compatible:
         make_dp_compatible(model)
+    if trainable_stages is not None:
+        n = freeze_stages(model, trainable=trainable_stages)
+        log.info("%s: %d stage(s) frozen, the last %d trainable", name, n, trainable_stages)
     if isinstance(model, TimmBackbone):
         _probe(model, in_chans=in_chans)
     return model
@@ -317,7 +308,8 @@ def _probe(model: TimmBackbone, *, in_chans: int) -> None:
         except Exception:  # noqa: BLE001 - retry at the size the model was built for
             size = model.default_cfg["input_size"]
             f = model(torch.zeros(1, in_chans, size, size))
-        grads = torch.autograd.grad(f.float().mean(), params, allow_unused=True)
+        grads = (torch.autograd.grad(f.float().mean(), params, allow_unused=True) if params
+                 else [])  # a frozen backbone has nothing to check
     finally:
         model.train(was_training)
     model.output = "tokens" if f.ndim == 3 else "map"

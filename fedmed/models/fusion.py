@@ -60,6 +60,7 @@ class ImageBranch(nn.Module):
         dp_compatible: bool = True,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
+        trainable_stages: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
@@ -67,6 +68,7 @@ class ImageBranch(nn.Module):
             in_chans=in_chans,
             pretrained_path=pretrained_path,
             dp_compatible=dp_compatible,
+            trainable_stages=trainable_stages,
         )
         stats = dict(self.backbone.default_cfg)
         stats.update({k: v for k, v in (("mean", image_mean), ("std", image_std)) if v is not None})
@@ -77,6 +79,7 @@ class ImageBranch(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.missing = nn.Embedding(1, embed_dim)
         self.feature_hw: tuple[int, int] | None = None
+        self.tokens = True  # normalised per-location tokens for cross-attention (fusion)
 
     def forward(
         self, image: torch.Tensor, has_image: torch.Tensor | None = None
@@ -89,7 +92,10 @@ class ImageBranch(nn.Module):
         else:
             self.feature_hw = None
         proj = self.proj(f)
-        tokens, pooled = self.norm(proj), self.norm(proj.mean(dim=1))
+        # Only the fusion variant reads the tokens; normalising them anyway would call `norm` a
+        # second time for nothing, and Opacus then finds no per-sample gradient for it (DP fails).
+        tokens = self.norm(proj) if self.tokens else proj
+        pooled = self.norm(proj.mean(dim=1))
         b = tokens.shape[0]
         m = _mask(has_image, b, tokens)
         miss = self.missing(torch.zeros(b, 1, dtype=torch.long, device=tokens.device))
@@ -212,6 +218,7 @@ class FusionModel(nn.Module):
         dropout: float = 0.3,
         block_dropout: float = 0.1,
         dp_compatible: bool = True,
+        trainable_stages: int | None = None,
         notes: NotesConfig | None = None,
         notes_vocab_size: int | None = None,
     ) -> None:
@@ -237,7 +244,9 @@ class FusionModel(nn.Module):
                 dp_compatible=dp_compatible,
                 image_mean=image_mean,
                 image_std=image_std,
+                trainable_stages=trainable_stages,
             )
+            self.image_branch.tokens = variant == "fusion"
         if variant in ("fusion", "record"):
             self.record_branch = RecordBranch(
                 n_numeric=n_numeric,
@@ -385,6 +394,7 @@ def build_model(
         fusion_heads=model_cfg.fusion_heads,
         dropout=model_cfg.dropout,
         dp_compatible=model_cfg.dp_compatible,
+        trainable_stages=model_cfg.trainable_stages,
         notes=notes,
         notes_vocab_size=notes_vocab_size,
     )

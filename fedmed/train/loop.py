@@ -1,6 +1,7 @@
 """Local training and evaluation: the same loop serves one site, a pooled set and a round.
 
-Plain PyTorch (AdamW, cosine schedule, AMP on GPU, early stopping on validation AUC) so
+Plain PyTorch (AdamW, warm-up + cosine schedule, AMP and channels_last on GPU, early stopping
+on validation AUC, a lower learning rate for a pretrained backbone) so
 that the Flower apps stay thin glue around :func:`train_epochs` and :func:`evaluate`.
 """
 
@@ -21,10 +22,13 @@ from tqdm.auto import tqdm
 from fedmed.config import TrainConfig
 from fedmed.device import amp_enabled, autocast
 from fedmed.metrics import compute_metrics
+from fedmed.train.schedule import lr_factor
 
 __all__ = [
     "FitResult",
     "make_optimizer",
+    "memory_format",
+    "param_groups",
     "split_batch",
     "train_epochs",
     "predict",
@@ -33,19 +37,48 @@ __all__ = [
 ]
 
 
-def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Move a sample-dict batch to the device and separate model inputs from the label."""
+def split_batch(batch: dict[str, torch.Tensor], device: torch.device, *,
+                fmt: torch.memory_format = torch.contiguous_format) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Move a sample-dict batch to the device and separate model inputs from the label;
+    4-D images take memory format ``fmt``."""
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label"}
+    if fmt is not torch.contiguous_format and inputs.get("image") is not None and inputs["image"].ndim == 4:
+        inputs["image"] = inputs["image"].contiguous(memory_format=fmt)
     return inputs, batch["label"].to(device, non_blocking=True)
 
 
+BACKBONE_PREFIX = "image_branch.backbone."
+
+
+def param_groups(model: nn.Module, *, lr: float, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Trainable parameters in (up to) two groups: the image backbone at ``lr × backbone_lr_scale``
+    (a pretrained backbone fine-tunes with a lower rate than the fresh head), the rest at ``lr``."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith(BACKBONE_PREFIX) else rest).append(p)
+    if backbone_lr_scale == 1.0:
+        return [{"params": rest + backbone, "lr": lr}]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale})
+            if g["params"]]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW (or Adam) over trainable parameters, as in the founding papers; or SGD with momentum."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (or Adam) over trainable parameters, as in the founding papers; or SGD with momentum.
+
+    The image backbone's group runs at ``lr × cfg.backbone_lr_scale``.
+    """
+    groups = param_groups(model, lr=lr or cfg.lr, backbone_lr_scale=cfg.backbone_lr_scale)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=lr or cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
+    """NHWC (``channels_last``) on CUDA, where convolutions run faster in it; NCHW elsewhere
+    (CPU and MPS kernels gain nothing and some lose)."""
+    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
@@ -73,13 +106,19 @@ def train_epochs(
     max_steps_per_epoch: int | None = None,
     progress: bool = False,
     desc: str = "train",
+    channels_last: bool = True,
 ) -> dict[str, float]:
-    """Run ``epochs`` passes; returns mean loss, samples seen, steps and seconds.
+    """Run ``epochs`` passes; returns mean loss, samples seen, steps, seconds and images/s.
 
     ``proximal_mu > 0`` adds FedProx's proximal term anchored at the weights the model
     had on entry (the global model of the round). ``scheduler`` steps once per epoch.
+    AMP and ``channels_last`` apply on CUDA only. ``progress`` shows one bar per epoch
+    with the loss and images/s.
     """
     model.train()
+    fmt = memory_format(device, channels_last)
+    if fmt is torch.channels_last:
+        model.to(memory_format=fmt)
     use_amp = amp_enabled(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and not torch.cuda.is_bf16_supported())
     anchor = [p.detach().clone() for p in _trainable(model)] if proximal_mu > 0 else None
@@ -87,11 +126,16 @@ def train_epochs(
     samples = steps = 0
     start = time.perf_counter()
     for epoch in range(epochs):
-        it = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        it = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress,
+                  unit="batch")
+        # The last step draws the bar once more with the epoch's rate: the wrapped loader closes
+        # the bar when it is exhausted, and a short epoch may never reach tqdm's refresh interval.
+        last = min(x for x in (it.total, max_steps_per_epoch) if x is not None) - 1 if it.total else -1
+        t_epoch, n_epoch = time.perf_counter(), 0
         for step, batch in enumerate(it):
             if max_steps_per_epoch is not None and step >= max_steps_per_epoch:
                 break
-            inputs, target = split_batch(batch, device)
+            inputs, target = split_batch(batch, device, fmt=fmt)
             if target.numel() == 0:  # Poisson sampling (DP) can draw an empty batch
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -108,14 +152,20 @@ def train_epochs(
             scaler.update()
             total_loss += loss.detach() * len(target)
             samples += len(target)
+            n_epoch += len(target)
             steps += 1
+            if progress:
+                it.set_postfix(img_s=f"{n_epoch / max(time.perf_counter() - t_epoch, 1e-9):.1f}",
+                               refresh=step == last)
+        it.close()
         if scheduler is not None:
             scheduler.step()
     seconds = time.perf_counter() - start
     mean_loss = float(total_loss) / max(samples, 1)
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"{desc}: training loss is {mean_loss}; lower the learning rate")
-    return {"loss": mean_loss, "samples": samples, "steps": steps, "seconds": seconds}
+    return {"loss": mean_loss, "samples": samples, "steps": steps, "seconds": seconds,
+            "images_per_s": samples / seconds if seconds > 0 else 0.0}
 
 
 @torch.no_grad()
@@ -127,14 +177,18 @@ def predict(
     amp: bool = True,
     loss_fn: nn.Module | None = None,
     multilabel: bool = False,
+    channels_last: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Labels, probabilities ``(N, C)`` and the mean loss (when a loss is given)."""
     model.eval()
+    fmt = memory_format(device, channels_last)
+    if fmt is torch.channels_last:
+        model.to(memory_format=fmt)
     use_amp = amp_enabled(device, amp)
     ys, ps = [], []
     total, n = 0.0, 0
     for batch in loader:
-        inputs, target = split_batch(batch, device)
+        inputs, target = split_batch(batch, device, fmt=fmt)
         with autocast(device, use_amp):
             logits = model(**inputs).float()
         if loss_fn is not None:
@@ -157,9 +211,11 @@ def evaluate(
     amp: bool = True,
     loss_fn: nn.Module | None = None,
     multilabel: bool = False,
+    channels_last: bool = True,
 ) -> dict[str, Any]:
     """All metrics of :func:`fedmed.metrics.compute_metrics` on one loader."""
-    y, p, loss = predict(model, loader, device=device, amp=amp, loss_fn=loss_fn, multilabel=multilabel)
+    y, p, loss = predict(model, loader, device=device, amp=amp, loss_fn=loss_fn, multilabel=multilabel,
+                         channels_last=channels_last)
     if len(y) == 0:
         return {"n": 0}
     if multilabel:  # report the argmax view so the same table applies
@@ -205,10 +261,11 @@ def fit(
     """
     epochs = epochs or cfg.epochs
     optimizer = make_optimizer(model, cfg)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        if cfg.scheduler == "cosine" else None
-    )
+    scheduler = None
+    if cfg.scheduler == "cosine" or cfg.warmup_epochs:
+        cosine, warmup = cfg.scheduler == "cosine", cfg.warmup_epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: lr_factor(e, total=epochs, warmup=warmup, cosine=cosine))
     result = FitResult()
     best_score, best_state, bad = -math.inf, None, 0
     start = time.perf_counter()
@@ -218,11 +275,13 @@ def fit(
             model, train_loader, loss_fn=loss_fn, optimizer=optimizer, device=device,
             amp=cfg.amp, scheduler=scheduler, grad_clip=cfg.grad_clip,
             max_steps_per_epoch=cfg.max_steps_per_epoch, desc=f"epoch {epoch}",
+            progress=cfg.progress, channels_last=cfg.channels_last,
         )
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": tr["loss"], "lr": optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": tr["loss"], "lr": optimizer.param_groups[0]["lr"],
+                               "images_per_s": tr["images_per_s"]}
         if val_loader is not None:
             val = evaluate(model, val_loader, device=device, n_classes=n_classes, amp=cfg.amp,
-                           loss_fn=loss_fn, multilabel=multilabel)
+                           loss_fn=loss_fn, multilabel=multilabel, channels_last=cfg.channels_last)
             row.update({f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"})
             score = _score(val)
             if score > best_score:

@@ -6,7 +6,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedmed.models import create_backbone, list_backbones
-from fedmed.models.backbones import DEFAULT_CFGS, SmallCNN, load_state_dict_file
+from fedmed.models.backbones import DEFAULT_CFGS, SmallCNN
+from fedmed.models.pretrained import WeightsMismatch, read_state_dict
 
 
 def _has_inplace(m: nn.Module) -> bool:
@@ -74,7 +75,7 @@ def test_local_weights_round_trip(tmp_path, resnet_source, suffix):
         save_file(sd, str(path))
     else:
         torch.save({"state_dict": sd}, path)
-    assert set(load_state_dict_file(path)) == set(sd)
+    assert set(read_state_dict(path)) == set(sd)
     net = create_backbone("resnet18", in_chans=3, pretrained_path=str(path), dp_compatible=True)
     loaded = net.model.state_dict()
     compared = 0
@@ -97,7 +98,7 @@ def test_local_weights_adapt_input_conv(tmp_path, resnet_source):
 def test_weights_file_that_matches_nothing_is_an_error(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"foo.weight": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match="no weights"):
+    with pytest.raises(WeightsMismatch, match=r"'foo\.weight' \[3\] does not fit the backbone's 'blocks\.0\.0\.weight'"):
         create_backbone("small_cnn", in_chans=1, pretrained_path=str(path))
     with pytest.raises(FileNotFoundError):
         create_backbone("small_cnn", in_chans=1, pretrained_path=str(tmp_path / "missing.pt"))

@@ -94,6 +94,14 @@ def test_three_sites_federate_for_real(synth_config, synth_root, cache_dir, tmp_
 
     state_rounds = json.loads((out / "summary.json").read_text())
     assert state_rounds["rounds"] == 3
+    # The console a person reads: one progress line per round, the round table once, and
+    # Flower's own INFO lines only in the run's log file.
+    console = next(tmp_path.glob("server-*.log")).read_text()
+    assert [line.split(":")[0] for line in console.splitlines() if line.startswith("round ") and "/3:" in line] \
+        == ["round 1/3", "round 2/3", "round 3/3"], console
+    assert console.count("round  sites  rejected") == 1, console
+    assert "INFO" not in console and "\x1b[" not in console, console
+    assert "configure_train" in (out / "run.log").read_text()
     # Learning happened: the global model beats chance on the server's held-out set.
     final = state_rounds["final"]
     assert final["central_test_auc"] > 0.6, final

@@ -66,6 +66,29 @@ class ImportReport:
         self.sites[site] = site_summary(records, images)
         return path
 
+    def verify(self) -> "ImportReport":
+        """Load every written site with the written config, as training will.
+
+        Importers call this last, so an import never leaves a set that loading refuses: the
+        loader's own problems (file, column, lines, counts) become the import's error.
+        """
+        from fedmed.config import ConfigError, load_config
+        from fedmed.data.site import SiteDataError, load_site
+
+        if self.config_path is None:
+            return self
+        try:
+            data_cfg = load_config(self.config_path).data
+        except ConfigError as exc:
+            raise DatasetImportError(f"the written {DATA_CONFIG_NAME} is not a valid config: {exc}") from None
+        for site in self.sites:
+            try:
+                load_site(Path(self.out_dir) / site, data_cfg, name=site)
+            except SiteDataError as exc:
+                raise DatasetImportError(f"the import cannot represent this input; loading site "
+                                         f"{site!r} as written refuses it: {exc}") from None
+        return self
+
     def table(self) -> str:
         """An aligned per-site table (counts only) with a total row, for printing."""
         classes = list(self.classes) or sorted(
@@ -108,19 +131,21 @@ def read_source_csv(path: Path, *, what: str = "table") -> pd.DataFrame:
 def site_summary(records: pd.DataFrame | None, images: pd.DataFrame | None) -> dict[str, Any]:
     """Counts for one site: patients, records, images and samples per label.
 
-    A sample is one image row (labelled by its patient's record, else its own ``label``)
-    or one record-only patient — matching how ``fedmed.data.dataset`` builds samples.
+    A sample is one image row (labelled by its own ``label``, else its patient's record)
+    or one record-only patient — matching how ``fedmed.data.site`` builds samples.
     """
     rec_ids = set() if records is None else set(records["patient_id"].astype(str))
     img_ids = set() if images is None else set(images["patient_id"].astype(str))
     labels: list[str] = []
     rec_label: dict[str, str] = {}
-    if records is not None:
-        rec_label = dict(zip(records["patient_id"].astype(str), records["label"].astype(str)))
+    if records is not None and "label" in records.columns:
+        rec_label = {p: str(lab) for p, lab in zip(records["patient_id"].astype(str),
+                                                   records["label"]) if pd.notna(lab) and lab != ""}
     if images is not None:
         own = images["label"] if "label" in images.columns else pd.Series([None] * len(images))
         for pid, lab in zip(images["patient_id"].astype(str), own):
-            labels.append(rec_label.get(pid, str(lab)))
+            has_own = pd.notna(lab) and str(lab) != ""
+            labels.append(str(lab) if has_own else rec_label.get(pid, "None"))
     labels.extend(rec_label[p] for p in rec_label if p not in img_ids)
     counts = pd.Series(labels, dtype=object).value_counts()
     return {
@@ -156,8 +181,9 @@ def write_site(
 ) -> Path:
     """Write one site folder ``<out_dir>/<site_name>/`` per the on-disk contract.
 
-    ``records`` needs ``patient_id`` and ``label`` (one row per patient); ``images`` needs
-    ``image`` and ``patient_id`` (``label`` optional). Missing values become empty cells.
+    ``records`` needs ``patient_id`` (one row per patient) and ``label`` unless ``images``
+    carry every patient's labels; ``images`` needs ``image`` and ``patient_id`` (``label``
+    optional: it is that image's label). Missing values become empty cells.
     A stale ``records.csv``/``images.csv`` from an earlier import is removed when that table
     is ``None`` now, so the folder always matches what was imported. Returns the site folder.
     """
@@ -172,7 +198,7 @@ def write_site(
             "import into an empty folder"
         )
     for name, table, required in (
-        ("records.csv", records, ["patient_id", "label"]),
+        ("records.csv", records, ["patient_id"] + (["label"] if images is None else [])),
         ("images.csv", images, ["image", "patient_id"]),
     ):
         path = site_dir / name

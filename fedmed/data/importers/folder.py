@@ -1,8 +1,9 @@
 """Generic "image folder + CSV" → fedmed site folder(s).
 
 For a hospital's own export: a folder of images and a CSV with one row per image (image path,
-patient id, label, any record columns). The record columns are taken from each patient's
-first row; an optional site column splits the table into several site folders. The written
+patient id, label, any record columns). The label is each image's own (a patient's follow-up
+images may show different findings), so it goes to ``images.csv`` only; the record columns
+are patient-level and are taken from each patient's first row; an optional site column splits the table into several site folders. The written
 ``fedmed-data.yaml`` is a *suggestion* (numeric = columns that parse as numbers, categorical
 = the rest with few distinct values); review it before training.
 """
@@ -136,9 +137,7 @@ def import_folder(
         if feature_cols:
             disagree_feat += int((grouped[feature_cols].nunique() > 1).any(axis=1).sum())
         first = rows.drop_duplicates(id_column, keep="first")
-        records = first[[id_column, label_column, *feature_cols]].rename(
-            columns={id_column: "patient_id", label_column: "label"}
-        )
+        records = first[[id_column, *feature_cols]].rename(columns={id_column: "patient_id"})
         records = records.replace("", None).reset_index(drop=True)
         images = rows[[image_column, id_column, label_column]].rename(
             columns={image_column: "image", id_column: "patient_id", label_column: "label"}
@@ -148,8 +147,8 @@ def import_folder(
         report.add_site(site, records=records, images=images)
     if disagree_label:
         report.notes.append(
-            f"{disagree_label} patient(s) have images with different labels; records.csv keeps "
-            "the first, images.csv keeps each image's own"
+            f"{disagree_label} patient(s) have images with different labels; each image keeps "
+            "its own in images.csv (splits keep each patient on one side)"
         )
     if disagree_feat:
         report.notes.append(
@@ -170,4 +169,4 @@ def import_folder(
         comment=f"Suggested from {table.name}: review numeric/categorical, channels and "
         "image_size before training.",
     )
-    return report
+    return report.verify()

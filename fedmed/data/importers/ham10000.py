@@ -156,4 +156,4 @@ def import_ham10000(
         comment="HAM10000 (CC BY-NC 4.0: non-commercial use only). Sites = the 'dataset' "
         "column;\npatient_id = lesion_id. dx_type is deliberately not a feature.",
     )
-    return report
+    return report.verify()

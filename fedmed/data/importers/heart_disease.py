@@ -132,4 +132,4 @@ def import_heart_disease(src: str | Path, out: str | Path) -> ImportReport:
         comment="UCI Heart Disease (Janosi, Steinbrunn, Pfisterer, Detrano; CC BY 4.0).\n"
         "Records only; patient ids are synthetic (<site>-<line>). chol/trestbps 0 = missing.",
     )
-    return report
+    return report.verify()

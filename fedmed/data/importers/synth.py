@@ -353,4 +353,4 @@ def synthesize(
         image_size=image_size,
         comment=f"Synthetic cohort (fedmed synth, seed {seed}); no real patient data.",
     )
-    return report
+    return report.verify()

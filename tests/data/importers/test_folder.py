@@ -46,7 +46,7 @@ def test_single_site(tmp_path: Path) -> None:
     report = import_folder(images, table, tmp_path / "out", site_name="clinic")
     rec = pd.read_csv(tmp_path / "out" / "clinic" / "records.csv", dtype=str,
                       keep_default_na=False)
-    assert list(rec.columns) == ["patient_id", "label", "hospital", "age", "smoker"]
+    assert list(rec.columns) == ["patient_id", "hospital", "age", "smoker"]  # labels are per image
     assert list(rec["patient_id"]) == ["p001", "p002", "p003"]  # ids keep leading zeros
     assert list(rec["age"]) == ["61", "", "45"]  # first row per patient, gaps empty
     img = pd.read_csv(tmp_path / "out" / "clinic" / "images.csv")
