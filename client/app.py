@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -33,13 +34,14 @@ from fedmed.messages import (
     decode_job,
     make_reply,
 )
-from fedmed.secagg import generate_keypair, mask_update
+from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
 from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
 
 __all__ = ["app"]
 
 log = logging.getLogger("fedmed.client")
+T = TypeVar("T")
 app = ClientApp(mods=[privacy_guard])
 
 
@@ -57,8 +59,15 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split, FedProx term when the server asks."""
-    rt, rnd = _prepare(msg, context)
     config = msg.content[CONFIG_KEY]
+    if "secagg-stage" in config:  # check the plan and the peers, open their shares: before any data is read
+        plan = plan_hash({k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(config))
+        _secagg(context, lambda s: s.accept(u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
+                                            round_id=int(config["server-round"]), plan=plan,
+                                            inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"]))))
+    elif resolve_site(context).secagg.required:
+        raise SecAggRefusal("this site sends training updates only under secure aggregation (secagg.required)")
+    rt, rnd = _prepare(msg, context)
     # One seed per (run seed, round, site): reruns and resumed runs repeat exactly.
     rt.reseed(rt.cfg.train.seed + 1000 * rnd + zlib.crc32(rt.site.encode()) % 997)
     lr = check_number("lr", config.get("lr", rt.cfg.train.lr), lo=0.0, hi=1.0)  # as train.lr
@@ -80,11 +89,28 @@ def train(msg: Message, context: Context) -> Message:
         )
     keep_local(rt.model, context, mode=rt.cfg.federation.bn, received=msg.content["arrays"])
     metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
-    if "secagg-ids" in config:
+    if "secagg-stage" in config:
         arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])
     else:
         arrays = pack(rt.model.state_dict(), half=bool(config.get("half-updates", False)))
     return make_reply(msg, site=rt.site, metrics=metrics, arrays=arrays)
+
+
+def _secagg(context: Context, step: Callable[[SiteSession], T]) -> tuple[str, T]:
+    """Run one secure-aggregation step on this round's session in ``context.state``.
+
+    A refusal (bad signature, unknown peer, step out of order...) wipes the round's secrets
+    in the session and leaves as its fixed text.
+    """
+    site = resolve_site(context)
+    identity = load_identity(site=site.site, signing_key=site.secagg.signing_key,
+                             peers_dir=site.secagg.peers_dir, min_sites=site.secagg.min_sites)
+    record = context.state.get(SECAGG_KEY)
+    state = dict(record) if record is not None else {}
+    try:
+        return site.site, step(SiteSession(identity, state, node_id=int(context.node_id)))
+    finally:
+        context.state[SECAGG_KEY] = ConfigRecord(state)
 
 
 @app.query(STATS_ACTION)
@@ -123,26 +149,36 @@ def statistics_fn(msg: Message, context: Context) -> Message:
 
 
 @app.query()
-def secagg_keys(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 1: a fresh key pair for this round; only the public half leaves."""
-    rnd = int(msg.content[CONFIG_KEY]["server-round"])
-    private, public = generate_keypair()
-    context.state[SECAGG_KEY] = ConfigRecord({"round": rnd, "private-key": private})
-    site = resolve_site(context).site
-    return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"public-key": public}),
-                                       SITE_KEY: ConfigRecord({"name": site})}), reply_to=msg)
+def secagg(msg: Message, context: Context) -> Message:
+    """Secure aggregation's key, share, survivors and unmask steps (:mod:`fedmed.secagg`).
+
+    Only public keys, signatures, encrypted shares and (at unmasking) shares of this
+    round's random mask seeds leave; the guard checks each record's fields.
+    """
+    config = msg.content[CONFIG_KEY]
+    stage, rnd, fid = str(config.get("secagg-stage", "")), int(config["server-round"]), str(config["federation-id"])
+    steps = {
+        "keys": lambda s: s.advertise(federation=fid, round_id=rnd, plan=bytes(config["secagg-plan"])),
+        "share": lambda s: s.share({k: list(config[f"secagg-{k}"]) for k in
+                                    ("nodes", "sites", "enc-keys", "mask-keys", "signatures")},
+                                   federation=fid, round_id=rnd),
+        "survivors": lambda s: s.sign_survivors(list(config["secagg-survivors"]), federation=fid, round_id=rnd),
+        "unmask": lambda s: s.unmask(signers=list(config["secagg-signers"]),
+                                     signatures=list(config["secagg-signatures"]), federation=fid, round_id=rnd),
+    }
+    if stage not in steps:
+        raise SecAggRefusal("unknown secure-aggregation step")
+    site, out = _secagg(context, steps[stage])
+    return Message(content=RecordDict({SECAGG_KEY: ConfigRecord(out), SITE_KEY: ConfigRecord({"name": site})}),
+                   reply_to=msg)
 
 
 def _masked_arrays(rt: SiteRuntime, config: ConfigRecord, context: Context, *, rnd: int,
                    weight: int) -> ArrayRecord:
-    """Secure aggregation, step 2: the example-weighted update plus pairwise masks."""
-    state = context.state.get(SECAGG_KEY)
-    if state is None or int(state["round"]) != rnd:
-        raise PublicRefusal(f"no secure-aggregation key for round {rnd} at this site")
-    peers = dict(zip((int(i) for i in config["secagg-ids"]), config["secagg-keys"]))
+    """Secure aggregation, step 3: the example-weighted update plus self- and pairwise masks."""
     packed = pack(rt.model.state_dict())
-    masked = mask_update({k: a.numpy() for k, a in packed.items()}, weight=weight, self_id=int(context.node_id), private=state["private-key"],
-                         peers=peers, round_id=rnd)
+    _, masked = _secagg(context, lambda s: s.mask({k: a.numpy() for k, a in packed.items()}, weight=weight,
+                                                  federation=str(config["federation-id"]), round_id=rnd))
     return ArrayRecord(array_dict={k: Array(v) for k, v in masked.items()})
 
 

@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if cfg.state_dir is None:  # the privacy ledger lives with the node's state
         cfg = cfg.model_copy(update={"state_dir": str(work)})
+    if args.auth_key is not None and cfg.secagg.signing_key is None:  # it also signs secure-aggregation keys
+        cfg = cfg.model_copy(update={"secagg": cfg.secagg.model_copy(
+            update={"signing_key": str(args.auth_key.resolve())})})
     site_yaml = work / "site.yaml"
     site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     env = flower_env(work / ".flwr")

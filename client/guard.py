@@ -76,6 +76,12 @@ def wire_bytes(msg: Message) -> int:
     return _wire_bytes(msg)
 
 
+def _sized(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_sized(v) for v in value]
+    return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()[:12]} if isinstance(value, bytes) else value
+
+
 def describe_reply(msg: Message) -> dict[str, Any]:
     """What a reply holds, as the audit log records it (no array values), and its size."""
     out: dict[str, Any] = {"type": msg.metadata.message_type, "keys": sorted(msg.content.keys()),
@@ -85,9 +91,8 @@ def describe_reply(msg: Message) -> dict[str, Any]:
             out[key] = {name: [list(a.shape), a.dtype] for name, a in record.items()}
         elif isinstance(record, MetricRecord):
             out[key] = dict(record)
-        elif isinstance(record, ConfigRecord):  # bytes (a public key): its size and fingerprint
-            out[key] = {k: ({"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()[:12]}
-                            if isinstance(v, bytes) else v) for k, v in record.items()}
+        elif isinstance(record, ConfigRecord):  # bytes (keys, shares): size and fingerprint only
+            out[key] = {k: _sized(v) for k, v in record.items()}
         else:
             out[key] = type(record).__name__
     return out
@@ -107,10 +112,11 @@ def _check(msg: Message, *, max_list: int) -> None:
         if set(site.keys()) != {"name"} or not isinstance(site["name"], str):
             raise GuardError("reply blocked: the site record may only hold the site's name")
     if SECAGG_KEY in msg.content:
-        rec = msg.content[SECAGG_KEY]
-        if set(rec.keys()) != {"public-key"} or not isinstance(rec["public-key"], bytes) \
-                or len(rec["public-key"]) != 32:
-            raise GuardError("reply blocked: the secure-aggregation record may only hold a public key")
+        from fedmed.secagg import check_reply_record
+
+        why = check_reply_record(msg.content[SECAGG_KEY])
+        if why is not None:
+            raise GuardError(f"reply blocked: {why}")
     for name, value in msg.content.get("metrics", MetricRecord()).items():
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

@@ -72,6 +72,9 @@ def resolve_site(context: Context) -> SiteConfig:
         # The simulating user is every site at once: its own data config (fedmed simulate
         # passes it by environment) is each simulated site's policy and image roots.
         extra = json.loads(os.environ.get("FEDMED_SIM_SITE_CONFIG", "") or "{}")
+        keys = os.environ.get("FEDMED_SIM_SECAGG_KEYS")  # simulate's throw-away site keys
+        if keys:
+            extra["secagg"] = {"signing_key": str(Path(keys) / sites[pid]), "peers_dir": keys}
         return SiteConfig.model_validate({
             **extra, "site": sites[pid], "data_dir": str(Path(root) / sites[pid]),
             "device": str(context.run_config.get("device", "auto")),

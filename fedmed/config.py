@@ -272,6 +272,17 @@ class FedmedConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
+class SiteSecAggConfig(_Strict):
+    """What a site trusts in secure aggregation: its own key and its peers', never the server's word."""
+
+    signing_key: str | None = Field(None, description="this site's private key (fedmed site-key); "
+                                    "default: fedmed-client --auth-key")
+    peers_dir: str | None = Field(None, description="folder of the peer sites' <site>.pub keys, "
+                                  "received from the sites themselves, not from the coordinator")
+    min_sites: int = Field(2, ge=2, description="never mask or unmask in a sum of fewer sites")
+    required: bool = Field(False, description="refuse to send a training update without secure aggregation")
+
+
 # Message types a site may answer (Flower's "<category>[.<action>]").
 # query.statistics (fedmed.stats): aggregates only, small cells suppressed below the site's
 # stats_min_count — allowed by default, as federated-statistics tools do (FLARE's min_count).
@@ -341,6 +352,7 @@ class SiteConfig(_Strict):
     cache_dir: str | None = None
     state_dir: str | None = Field(None, description="site state (privacy ledger); default ~/.fedmed/sites/<site>")
     policy: SitePolicy = Field(default_factory=SitePolicy)
+    secagg: SiteSecAggConfig = Field(default_factory=SiteSecAggConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -101,6 +101,22 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _secagg_keys(names: list[str]) -> Iterator[dict[str, str]]:
+    """Throw-away signing keys of the simulated sites (secure aggregation verifies them)."""
+    if not names:
+        yield {}
+        return
+    import tempfile
+
+    from fedmed.certs import create_site_key
+
+    with tempfile.TemporaryDirectory(prefix="fedmed-secagg-") as tmp:
+        for name in names:
+            create_site_key(Path(tmp), site=name)
+        yield {"FEDMED_SIM_SECAGG_KEYS": tmp}
+
+
 def tree_rss_mb(pid: int | None = None) -> float:
     """Resident memory (MiB) of a process and all its descendants (Linux ``/proc``; else 0)."""
     pid = pid or os.getpid()
@@ -223,7 +239,8 @@ def simulate(
     log.info("simulating %d sites (%s), %d CPU(s) and %.2f GPU(s) each", n, ", ".join(names),
              num_cpus_per_site, num_gpus_per_site)
     t0 = time.perf_counter()
-    with _environ(env), _PeakMemory() as mem:
+    with _secagg_keys(names if cfg.federation.secure_aggregation else []) as keys, \
+            _environ({**env, **keys}), _PeakMemory() as mem:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                        backend_config=backend, verbose_logging=verbose)
     total = time.perf_counter() - t0

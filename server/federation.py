@@ -30,11 +30,12 @@ from fedmed.messages import (
     SECAGG_KEY,
     Rejected,
     encode_job,
+    failure_text,
     reply_site,
     screen_metric_replies,
     screen_train_replies,
 )
-from fedmed.secagg import unmask_sum
+from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
 from fedmed.transfer import pack, unpack, widen
 from fedmed.task import model_from_config, seed_everything
 from fedmed.server.calibration import CentralLogits, calibrate_federation
@@ -152,36 +153,101 @@ def _evaluate_sites(replies: list[Message]) -> tuple[dict[str, dict[str, float]]
     return screen_metric_replies(replies)
 
 
+def _secure_query(grid: GridLike, nodes: list[int], base: dict[str, Any], stage: str, fed: Any,
+                  extra: Callable[[int], dict[str, Any]] | None = None) -> tuple[dict[int, Any], list[Rejected]]:
+    """One secure-aggregation step at ``nodes``: their ``secagg`` records, and who failed why."""
+    msgs = [Message(content=RecordDict({CONFIG_KEY: ConfigRecord({**base, "secagg-stage": stage,
+                                                                  **(extra(n) if extra else {})})}),
+                    message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    got: dict[int, Any] = {}
+    failed: list[Rejected] = []
+    for msg in send_and_receive(grid, msgs, timeout=fed.round_timeout):
+        src = int(msg.metadata.src_node_id)
+        rec = None if msg.has_error() else msg.content.get(SECAGG_KEY)
+        why = (failure_text(msg) if msg.has_error() else "no secagg record" if rec is None
+               else check_reply_record(rec) or ("wrong step" if rec["stage"] != stage or src not in nodes else None))
+        if why is None:
+            got[src] = {**dict(rec), "site": reply_site(msg)}
+        else:
+            failed.append(Rejected(reply_site(msg), f"secure aggregation ({stage}): {why}"))
+    return got, failed
+
+
 def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: ConfigRecord,
                   fed: Any) -> tuple[list[Message], list[Rejected], ArrayRecord | None, MetricRecord | None]:
     """One FedAvg round in which the server only ever holds the masked sum (fedmed.secagg).
 
-    Every site that received the peers' keys must answer, or the masks do not cancel: the
-    round is then skipped and the global model kept.
+    Keys (signed by each site, verified by its peers), encrypted shares, masked updates,
+    signed survivor list, then the shares that remove the masks. A site that drops before
+    uploading is recovered from its shares; one that drops after it, or too few sites, skips
+    the round (the global model is kept).
     """
-    nodes = sorted(grid.get_node_ids())
-    ask = [Message(content=RecordDict({CONFIG_KEY: ConfigRecord({"server-round": rnd})}),
-                   message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    keys: dict[int, bytes] = {}
-    for msg in send_and_receive(grid, ask, timeout=fed.round_timeout):
-        if not msg.has_error() and SECAGG_KEY in msg.content:
-            keys[int(msg.metadata.src_node_id)] = msg.content[SECAGG_KEY]["public-key"]
-    if len(keys) < fed.min_sites:
-        return [], [Rejected("*", f"only {len(keys)} sites joined secure aggregation")], None, None
-    cfg = ConfigRecord({**dict(config), "server-round": rnd, "secagg-ids": list(keys),
-                        "secagg-keys": list(keys.values())})
-    msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: cfg}), message_type=MessageType.TRAIN,
-                    dst_node_id=n) for n in keys]
-    replies = send_and_receive(grid, msgs, timeout=fed.round_timeout)
-    ok, rejected = screen_train_replies(replies, current)
-    if len(ok) != len(keys):
-        log.warning("round %d: %d of %d sites answered; masks cannot cancel, the round is skipped",
-                    rnd, len(ok), len(keys))
-        return [], rejected + [Rejected("*", "secure aggregation incomplete: round skipped")], None, None
+    base = {"server-round": rnd, "federation-id": str(config["federation-id"])}
+
+    def skipped(why: str, rej: list[Rejected]) -> tuple[list[Message], list[Rejected], None, None]:
+        log.warning("round %d: secure aggregation: %s; the round is skipped", rnd, why)
+        return [], rej + [Rejected("*", f"secure aggregation: {why}; round skipped")], None, None
+
+    shared_config = {**dict(config), **base}  # every site trains on the same model and settings
+    plan = plan_hash({k: a.numpy() for k, a in current.items()}, shared_config)
+    adverts, rejected = _secure_query(grid, sorted(grid.get_node_ids()), base, "keys", fed,
+                                      lambda n: {"secagg-plan": plan})
+    if len(adverts) < fed.min_sites:
+        return skipped(f"only {len(adverts)} sites sent keys", rejected)
+    nodes = sorted(adverts)
+    # The names travel as the sites gave them; each peer checks name, node and keys against
+    # the public key it holds for that name, so the server cannot vouch for anything here.
+    roster = {"secagg-nodes": nodes, "secagg-enc-keys": [adverts[n]["enc-key"] for n in nodes],
+              "secagg-mask-keys": [adverts[n]["mask-key"] for n in nodes],
+              "secagg-signatures": [adverts[n]["signature"] for n in nodes],
+              "secagg-sites": [adverts[n]["site"] for n in nodes]}
+    shared, failed = _secure_query(grid, nodes, base, "share", fed, lambda n: roster)
+    rejected += failed
+    u2 = sorted(shared)
+    if len(u2) < fed.min_sites:
+        return skipped(f"only {len(u2)} sites accepted the keys", rejected)
+    inbox: dict[int, dict[int, bytes]] = {n: {} for n in u2}
+    for src in u2:
+        for dst, blob in zip(shared[src]["to"], shared[src]["ciphertexts"]):
+            if int(dst) in inbox:
+                inbox[int(dst)][src] = blob
+    msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: ConfigRecord({
+        **shared_config, "secagg-stage": "train", "secagg-u2": u2, "secagg-from": list(inbox[n]),
+        "secagg-ciphertexts": list(inbox[n].values())})}), message_type=MessageType.TRAIN, dst_node_id=n)
+        for n in u2]
+    ok, failed = screen_train_replies(send_and_receive(grid, msgs, timeout=fed.round_timeout), current)
+    rejected += failed
+    ok = [m for m in ok if int(m.metadata.src_node_id) in inbox]
+    u3 = sorted(int(m.metadata.src_node_id) for m in ok)
+    if len(u3) < fed.min_sites:
+        return skipped(f"only {len(u3)} masked updates arrived", rejected)
+    if len(u3) < len(u2):
+        log.info("round %d: %d of %d sites uploaded; removing the masks of the others from their shares",
+                 rnd, len(u3), len(u2))
+    sigs, failed = _secure_query(grid, u3, base, "survivors", fed, lambda n: {"secagg-survivors": u3})
+    rejected += failed
+    if sorted(sigs) != u3:
+        return skipped("a site left before unmasking", rejected)
+    revealed, failed = _secure_query(grid, u3, base, "unmask", fed, lambda n: {
+        "secagg-signers": u3, "secagg-signatures": [sigs[v]["signature"] for v in u3]})
+    rejected += failed
+    b_shares: dict[int, list[bytes]] = {u: [] for u in u3}
+    sk_shares: dict[int, list[bytes]] = {u: [] for u in set(u2) - set(u3)}
+    for rec in revealed.values():
+        for u, sh in zip(rec["b-of"], rec["b-shares"]):
+            b_shares.get(int(u), []).append(sh)
+        for u, sh in zip(rec["sk-of"], rec["sk-shares"]):
+            sk_shares.get(int(u), []).append(sh)
     weights = [float(m.content["metrics"]["num-examples"]) for m in ok]
-    dtypes = {k: a.numpy().dtype for k, a in current.items()}
-    summed = unmask_sum([{k: a.numpy() for k, a in m.content["arrays"].items()} for m in ok],
-                        total_weight=sum(weights), dtypes=dtypes)
+    try:
+        summed = unmask_sum(
+            {int(m.metadata.src_node_id): {k: a.numpy() for k, a in m.content["arrays"].items()} for m in ok},
+            self_masks={u: rebuild_secret(sh, n=len(nodes)) for u, sh in b_shares.items()},
+            dropped_keys={u: rebuild_secret(sh, n=len(nodes)) for u, sh in sk_shares.items()},
+            mask_keys={n: adverts[n]["mask-key"] for n in nodes}, federation=base["federation-id"], round_id=rnd,
+            total_weight=sum(weights), dtypes={k: a.numpy().dtype for k, a in current.items()})
+    except ValueError as exc:
+        return skipped(f"masks could not be removed ({exc})", rejected)
     metrics = MetricRecord({k: float(sum(w * float(m.content["metrics"][k]) for w, m in zip(weights, ok)) / sum(weights))
                             for k in ok[0].content["metrics"].keys()
                             if k != "num-examples" and isinstance(ok[0].content["metrics"][k], (int, float))})

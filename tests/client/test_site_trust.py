@@ -258,10 +258,11 @@ def test_a_public_key_reply_is_audited(tmp_path, synth_root):
     ctx = _site(tmp_path, synth_root / "hospital_a")
 
     def key_reply(msg, ctx):
-        return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"public-key": b"k" * 32}),
+        return Message(content=RecordDict({SECAGG_KEY: ConfigRecord({"stage": "keys", "enc-key": b"k" * 32,
+                                                                     "mask-key": b"m" * 32, "signature": b"s" * 104}),
                                            SITE_KEY: ConfigRecord({"name": "hospital_a"})}), reply_to=msg)
 
     reply = privacy_guard(_message("query", RecordDict()), ctx, key_reply)
     assert not reply.has_error()
     entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
-    assert entry[SECAGG_KEY]["public-key"]["bytes"] == 32
+    assert entry[SECAGG_KEY]["enc-key"]["bytes"] == 32 and entry[SECAGG_KEY]["signature"]["bytes"] == 104
