@@ -197,15 +197,6 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
             t = r["two_threads"]
             lines[-2] += (f" With 2 threads: ratio {t['ratio_min']:.2f} / **{t['ratio_median']:.2f}** / {t['ratio_max']:.2f}, "
                           f"CPU-time median {t['cpu_ratio_median']:.2f}.")
-    if "pretrained" in res:
-        r = res["pretrained"]
-        rows.append((f"Pretrained EfficientNet-Lite0, {r['size']} px: fine-tuning images/s ({r['device']})",
-                     _fmt(r["finetune_images_per_s"], 1), "report", "-"))
-        if "dp_frozen" in r:
-            d = r["dp_frozen"]
-            s = {"min": d["ratio_min"], "median": d["ratio_median"], "max": d["ratio_max"]}
-            rows.append(("Privacy cost, pretrained frozen backbone (DP step ÷ plain step)", _fmt(s), "≤ 2.0",
-                         _mark(s["median"] <= 2.0)))
     if "scale" in res:
         sc = res["scale"]
         lines += ["### Scale", "",

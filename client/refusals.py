@@ -13,7 +13,6 @@ import sys
 from typing import Callable
 
 from flwr.app import Context, Message
-from flwr.app.error import Error
 
 from fedmed.client.approval import AppRefused
 from fedmed.messages import ERROR_CODES, error_reason, new_ref

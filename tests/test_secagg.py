@@ -332,7 +332,7 @@ def test_different_survivor_lists_are_refused_and_reveal_nothing(keys_dir):
     updates = _updates(3)
     server = Server(_sessions(keys_dir))
     server.share()
-    masked = server.masked(updates, upload=set(NAMES))
+    server.masked(updates, upload=set(NAMES))  # every site uploads: the round reaches unmasking
     views = {17: [17, 4], 4: [17, 4, 230], 230: [17, 4, 230]}
     sigs = {n: server.s[n].sign_survivors(views[n], federation=FED, round_id=RND)["signature"] for n in views}
     for n in (17, 4):

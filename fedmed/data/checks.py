@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 
 from fedmed.config import DataConfig
 from fedmed.data.images import ImageCache, ImageError

@@ -17,7 +17,7 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from fedmed.config import FedmedConfig, SiteConfig
+from fedmed.config import FedmedConfig
 from fedmed.data.site import load_site
 from fedmed.job import job_for_sites
 from fedmed.messages import CONFIG_KEY, JOB_KEY, STATS_ACTION, describe_error, encode_job

@@ -14,7 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torch import nn
 
 from fedmed.config import FedmedConfig, ModelConfig, PrivacyConfig, TrainConfig
-from fedmed.models import build_model, create_backbone, local_keys
+from fedmed.models import build_model, local_keys
 from fedmed.models.backbones import backbone_stages
 from fedmed.train.loop import make_optimizer, memory_format
 from fedmed.train.schedule import lr_factor, warmup_rounds
