@@ -301,14 +301,16 @@ def _write_html(out: Path, res: dict[str, float], title: str) -> Path:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from fedmed.device import select_device
-    from fedmed.explain import _read_checkpoint, _trained_pooled, load_checkpoint, site_split
+    from fedmed.checkpoint import load_checkpoint
+    from fedmed.explain import _trained_pooled, site_split
 
     ckpt = Path(args.checkpoint)
-    model, cfg = load_checkpoint(ckpt, config_path=args.config)
+    read = load_checkpoint(ckpt, config_path=args.config)
+    model, cfg = read.build_model(), read.config
     if cfg.model.multilabel:
         raise ValueError("temperature scaling here is for single-label (softmax) models")
     pooled = _trained_pooled(ckpt) if args.pooled is None else args.pooled
-    enc = _read_checkpoint(ckpt).get("encoder")
+    enc = read.encoder
     splits = site_split(cfg, args.site_dir, split=("val", "test"), pooled=pooled, encoder_state=enc)
     loaders = {s: DataLoader(d, batch_size=128) for s, d in splits.items()}
     where = Path(args.site_dir).name if args.site_dir else "all-sites"

@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedmed.config import FedmedConfig, load_config
+from fedmed.checkpoint import load_checkpoint as read_checkpoint
+from fedmed.config import FedmedConfig
 
 __all__ = [
     "load_checkpoint",
@@ -44,42 +45,17 @@ __all__ = [
 
 
 # -- checkpoints and data -------------------------------------------------------------
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise ValueError(f"{path} is not a fedmed checkpoint (no 'model' state dict)")
-    return ckpt
-
-
 def load_checkpoint(
     path: str | Path, *, config_path: str | Path | None = None
 ) -> tuple[nn.Module, FedmedConfig]:
     """A local (``model.pt``) or federated (``best_model.pt``) checkpoint → ``(model, config)``.
 
-    The model is rebuilt from the config saved inside the checkpoint (or from
-    ``config_path`` when given, e.g. because the data moved) and put in eval mode on the CPU.
-    Raises ``ValueError`` when the file has no config and none is given, or when the
-    weights do not fit the config's model.
+    Read by :func:`fedmed.checkpoint.load_checkpoint` (the one reader of model files); the
+    model is in eval mode on the CPU. Raises ``ValueError`` when the file has no config and
+    none is given, or when the weights do not fit the config's model.
     """
-    from fedmed.task import model_from_config
-
-    ckpt = _read_checkpoint(path)
-    if config_path is not None:
-        cfg = load_config(config_path)
-    elif isinstance(ckpt.get("config"), dict):
-        cfg = FedmedConfig.model_validate(ckpt["config"])
-    else:
-        raise ValueError(f"{path} carries no config: pass the YAML it was trained with (--config)")
-    model = model_from_config(cfg)
-    state = {k: torch.as_tensor(v) for k, v in ckpt["model"].items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not match the config's model ({exc})") from None
-    return model.eval(), cfg
+    ckpt = read_checkpoint(path, config_path=config_path)
+    return ckpt.build_model(), ckpt.config
 
 
 def _trained_pooled(checkpoint: Path) -> bool:
@@ -480,12 +456,12 @@ def explain(
     the pooled split, see :func:`site_split`.
     """
     checkpoint = Path(checkpoint)
-    model, cfg = load_checkpoint(checkpoint, config_path=config_path)
+    ckpt = read_checkpoint(checkpoint, config_path=config_path)
+    model, cfg = ckpt.build_model(), ckpt.config
     if cfg.model.multilabel:
         raise ValueError("fedmed explain supports single-label (softmax) models only")
-    ckpt = _read_checkpoint(checkpoint)
     pooled = _trained_pooled(checkpoint) if pooled is None else pooled
-    data = site_split(cfg, site_dir, split="test", pooled=pooled, encoder_state=ckpt.get("encoder"))
+    data = site_split(cfg, site_dir, split="test", pooled=pooled, encoder_state=ckpt.encoder)
     if len(data) == 0:
         raise ValueError(f"the test split of {site_dir} is empty")
     out = Path(out_dir)
