@@ -1,6 +1,6 @@
 """Starting Flower's real deployment engine from fedmed's CLIs.
 
-Flower 1.41 has no Python API to start a SuperLink or SuperNode, so fedmed spawns them as
+Flower 1.42 has no Python API to start a SuperLink or SuperNode, so fedmed spawns them as
 child processes (their own process group, killed with the parent), polls the SuperLink's
 ``/health`` endpoint, and drives runs through the ``flwr`` CLI with a private
 ``FLWR_HOME`` per run so that parallel federations never share state or ports.

@@ -1,6 +1,6 @@
 """Secure aggregation (Bonawitz et al., CCS 2017) with signed keys: the server learns only a sum.
 
-Why hand-rolled protocol glue: Flower 1.41's SecAgg+ (``SecAggPlusWorkflow`` /
+Why hand-rolled protocol glue: Flower 1.42's SecAgg+ (``SecAggPlusWorkflow`` /
 ``secaggplus_mod``) runs only inside its legacy ``LegacyContext`` workflow and signs
 nothing, so a server may swap in its own keys. fedmed drives rounds on the Message API
 itself, so it implements the protocol's five steps here on well-kept primitives: X25519,
