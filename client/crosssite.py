@@ -23,7 +23,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from fedmed.checkpoint import load_checkpoint, save_checkpoint
-from fedmed.client.policy import check_name
+from fedmed.client.policy import check_name, check_number
 from fedmed.client.site import SiteRuntime
 from fedmed.messages import PublicRefusal
 from fedmed.transfer import pack
@@ -50,7 +50,8 @@ def train_local_model(rt: SiteRuntime, config: dict[str, Any]) -> tuple[dict[str
     work = copy.deepcopy(rt.model)
     rt.reseed(rt.cfg.train.seed + 104729 + zlib.crc32(rt.site.encode()) % 997)
     stats = train_epochs(work, rt.loaders["train"], loss_fn=rt.loss_fn,
-                         optimizer=make_optimizer(work, rt.cfg.train, lr=float(config.get("lr") or rt.cfg.train.lr)),
+                         optimizer=make_optimizer(work, rt.cfg.train, lr=check_number(
+                             "lr", config.get("lr") or rt.cfg.train.lr, lo=0.0, hi=1.0)),
                          device=rt.device, epochs=epochs, amp=rt.cfg.train.amp, grad_clip=rt.cfg.train.grad_clip,
                          max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch, desc=f"{rt.site} local model")
     path = _path(rt, check_name("federation-id", config.get("federation-id", "run")))

@@ -18,6 +18,10 @@ from fedmed.messages import PublicRefusal
 __all__ = ["check_message", "check_job", "check_local_steps", "check_number_list", "check_number",
            "check_name", "local_steps"]
 
+# Messages that train on the site's data: the policy's training limits apply to each of them
+# (cross-site validation trains a local model that may leave; personalisation fine-tunes one).
+TRAINING_TYPES = ("train", "evaluate.crosssite", "evaluate.personalize")
+
 # Temperatures, learning rates and the like: finite and in a sane range.
 _NUMBER_RANGE = (1e-3, 1e3)
 
@@ -38,7 +42,7 @@ def check_message(message_type: str, site: SiteConfig) -> None:
 def check_job(cfg: FedmedConfig, site: SiteConfig, *, message_type: str) -> None:
     """Refuse a job outside the site's policy; called before the site reads any data."""
     pol, problems = site.policy, []
-    trains = message_type == "train"
+    trains = message_type in TRAINING_TYPES
     if cfg.data.id_column != site.id_column:
         problems.append(f"data.id_column is {_key(cfg.data.id_column)} but this site's id column is "
                         f"{_key(site.id_column)}")

@@ -128,6 +128,13 @@ def _policy_cases():
         ("metrics-stay-home", {}, {"share_site_metrics": False}, "evaluate", {}, "policy.share_site_metrics"),
         ("calibration-not-allowed", {}, {"allowed_messages": ["train", "evaluate"]}, "evaluate.calibration",
          {"calibration": "fit", "temperatures": [1.0]}, "policy.allowed_messages"),
+        # Cross-site validation trains a local model (which may leave) and personalisation fine-tunes
+        # one: the training limits hold for them as for "train".
+        ("crosssite-without-dp", {"privacy": {"enabled": False}},
+         {"require_dp": True, "allowed_messages": ["train", "evaluate.crosssite"]}, "evaluate.crosssite",
+         {"crosssite": "train", "epochs": 1}, "policy.require_dp"),
+        ("personalize-batch-size-1", {"train": {"batch_size": 1}}, {}, "evaluate.personalize",
+         {"epochs": 1}, "policy.min_batch_size"),
     ]
 
 
