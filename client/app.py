@@ -189,7 +189,6 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
     site's caps or its budget is spent; the federation goes on without it.
     """
     import copy
-    from pathlib import Path
 
     import torch
 
@@ -203,7 +202,7 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
     train_ds = rt.loaders["train"].dataset
     plan = plan_dp(privacy=p, n_train=len(train_ds), batch_size=rt.cfg.train.batch_size,
                    rounds=rt.cfg.federation.rounds, local_epochs=rt.cfg.federation.local_epochs)
-    state_dir = Path(site.state_dir) if site.state_dir else Path.home() / ".fedmed" / "sites" / site.site
+    state_dir = site.state_path()
     ledger = PrivacyLedger(state_dir / "privacy" / f"{federation}.json", accountant=p.accountant)
     cap = min(p.target_epsilon, site.policy.max_epsilon or float("inf"))
     spent = ledger.epsilon(p.target_delta)

@@ -36,7 +36,7 @@ POLICY_CODES = {"private": 0, "relay": 1, "share": 2}  # what the reply's "local
 
 
 def _path(rt: SiteRuntime, federation: str) -> Path:
-    state = Path(rt.site_cfg.state_dir) if rt.site_cfg.state_dir else Path.home() / ".fedmed" / "sites" / rt.site
+    state = rt.site_cfg.state_path()
     return state / "crosssite" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', federation)[:64]}.pt"
 
 

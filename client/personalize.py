@@ -86,6 +86,6 @@ def personalize_at_site(rt: SiteRuntime, config: dict[str, Any]) -> dict[str, fl
 
 
 def _save(rt: SiteRuntime, model: torch.nn.Module, federation: str) -> Path:
-    state = Path(rt.site_cfg.state_dir) if rt.site_cfg.state_dir else Path.home() / ".fedmed" / "sites" / rt.site
+    state = rt.site_cfg.state_path()
     path = state / "personalized" / f"{re.sub(r'[^A-Za-z0-9_-]', '_', federation)[:64]}.pt"
     return save_checkpoint(path, weights=model.state_dict(), config=rt.cfg, meta={"personalized": True})

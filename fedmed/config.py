@@ -354,6 +354,10 @@ class SiteConfig(_Strict):
     policy: SitePolicy = Field(default_factory=SitePolicy)
     secagg: SiteSecAggConfig = Field(default_factory=SiteSecAggConfig)
 
+    def state_path(self) -> Path:
+        """The site's state folder (privacy ledgers, personalised and local models)."""
+        return Path(self.state_dir) if self.state_dir else Path.home() / ".fedmed" / "sites" / self.site
+
     @model_validator(mode="before")
     @classmethod
     def _moved_keys(cls, data: Any) -> Any:

@@ -298,7 +298,9 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
     if len(salt) < 16:
         raise ValueError("the salt must be at least 16 bytes (keep it secret, at the site)")
     rec = site_dir / "records.csv"
-    records = pd.read_csv(rec, dtype={id_column: str}, keep_default_na=True) if rec.exists() else None
+    # As the loader reads them: only an empty cell is missing, so an id "NA" stays an id.
+    na = {"keep_default_na": False, "na_values": [""]}
+    records = pd.read_csv(rec, dtype={id_column: str}, **na) if rec.exists() else None
     if records is not None and notes_column in records.columns and notes is None:
         _notes(records, column=notes_column, choice=None, id_column=id_column, known={})
     out.mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,7 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
     review: list[dict[str, object]] = []
     img = site_dir / "images.csv"
     if img.exists():
-        df = pd.read_csv(img, dtype={id_column: str})
+        df = pd.read_csv(img, dtype={id_column: str}, **na)
         keep, paths = [], []
         for k, (path, pid) in enumerate(zip(df["image"], df[id_column])):
             line = k + 2  # header is line 1

@@ -409,3 +409,14 @@ def test_unparseable_trailing_bytes_and_corrupt_files_are_refused_not_copied(tmp
     assert "MRN" not in (out / "review.csv").read_text()
     leftovers = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert b"QZXJUNK" not in leftovers and b"MRN0000" not in leftovers
+
+
+def test_an_id_that_reads_like_missing_stays_an_id(tmp_path):
+    """A patient id "NA" is pseudonymised like any other id, never read as a missing value."""
+    site = tmp_path / "site"
+    site.mkdir()
+    pd.DataFrame({"patient_id": ["NA", "P1"], "label": ["a", "b"], "age": ["61", ""]}).to_csv(
+        site / "records.csv", index=False)
+    deidentify_site(site, tmp_path / "out", salt=SALT)
+    out = pd.read_csv(tmp_path / "out" / "records.csv", dtype=str, keep_default_na=False)
+    assert list(out["patient_id"]) == [pseudonym("NA", SALT), pseudonym("P1", SALT)]
