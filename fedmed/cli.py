@@ -97,7 +97,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     import time
 
     from fedmed.config import load_config
-    from fedmed.server.stats import simulate_stats
+    from fedmed.experiments.simulate import simulate_stats
     from fedmed.stats import StatsRequest
 
     cfg = load_config(args.config, args.overrides)
@@ -115,7 +115,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _cmd_train_local(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
-    from fedmed.local import train_local
+    from fedmed.experiments.local import train_local
 
     cfg = load_config(args.config, args.overrides)
     sites = None if args.pooled or not args.site else args.site
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
-_COMMAND_MODULES = ("fedmed.demo", "fedmed.simulate", "fedmed.compare", "fedmed.explain",
+_COMMAND_MODULES = ("fedmed.experiments.demo", "fedmed.experiments.simulate", "fedmed.experiments.compare",
+                    "fedmed.explain",
                     "fedmed.calibration", "fedmed.certs", "fedmed.evaluate", "fedmed.predict",
                     "fedmed.export")
 

@@ -21,7 +21,7 @@ from fedmed.explain import (
     record_attention,
     site_split,
 )
-from fedmed.local import train_local
+from fedmed.experiments.local import train_local
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

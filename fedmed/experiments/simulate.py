@@ -23,9 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from fedmed.config import FedmedConfig
+from fedmed.stats import StatsRequest
 from fedmed.server.checkpoint import FederationState
 
-__all__ = ["simulate", "federation_sites", "prepare_sites", "add_cli", "tree_rss_mb"]
+__all__ = ["simulate", "simulate_stats", "federation_sites", "prepare_sites", "add_cli", "tree_rss_mb"]
 
 log = logging.getLogger("fedmed.simulate")
 
@@ -60,7 +61,7 @@ def prepare_sites(
     chosen sites and write new site folders under ``<out_dir>/partitions``.
     """
     from fedmed.data.site import combine_sites, load_site
-    from fedmed.partition import get_partitioner, image_roots_of, partition_table, write_partitions
+    from fedmed.experiments.partition import get_partitioner, image_roots_of, partition_table, write_partitions
 
     dirs = federation_sites(cfg, sites)
     loaded = [load_site(p, cfg.data, name=s) for s, p in dirs.items()]
@@ -261,6 +262,52 @@ def simulate(
               "num_gpus_per_site": num_gpus_per_site, "ray_cpus": total_cpus}
     (out_dir / "timing.json").write_text(json.dumps(timing, indent=2))
     return state
+
+
+def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
+                   sites: list[str] | None = None, total_cpus: int | None = None) -> dict[str, Any]:
+    """Federated statistics over ``cfg``'s site folders in Flower's simulation engine.
+
+    The same ClientApp handler and guard as a deployment; sites get the simulation's open
+    policy except the statistics floor, which stays the default (k = 5).
+    """
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedmed.client.app import app as client_app
+    from fedmed.server.stats import STATS_REQUEST, run_stats
+
+    dirs = federation_sites(cfg, sites)
+    names = list(dirs)
+    roots = {p.resolve().parent for p in dirs.values()}
+    if len(roots) != 1:
+        raise ValueError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation.model_copy(update={"min_sites": len(names)})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": names}), "federation": fed})
+    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (out_dir / STATS_REQUEST).write_text(json.dumps(req.__dict__))
+    run_config = {"fedmed-config": str(out_dir / "config.json"), "out-dir": str(out_dir), "fedmed-task": "stats"}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Any) -> None:
+        run_stats(grid, run_config)
+
+    site_extra = {"image_roots": list(cfg.data.image_roots), "id_column": cfg.data.id_column,
+                  "policy": {"allow_notes": True, "min_batch_size": 1, "max_local_steps": None}}
+    env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
+           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
+           "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": total_cpus or os.cpu_count() or 1, "include_dashboard": False}}
+    with _environ(env):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
+                       backend_config=backend)
+    if not (out_dir / "stats.json").exists():
+        raise RuntimeError(f"the statistics run did not complete; see the log above and {out_dir}")
+    return json.loads((out_dir / "stats.json").read_text())
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -3,9 +3,9 @@
 For each seed it trains, with the same model and the same epoch budget
 (``federation.rounds × federation.local_epochs``):
 
-- **local-only** at each site (:func:`fedmed.local.train_local` on that site alone);
+- **local-only** at each site (:func:`fedmed.experiments.local.train_local` on that site alone);
 - **pooled** centralised training on the union of the sites' training splits;
-- each **strategy** through :func:`fedmed.simulate.simulate` (the deployment's apps).
+- each **strategy** through :func:`fedmed.experiments.simulate.simulate` (the deployment's apps).
 
 Every model is scored on every site's test split and on the pooled test set (the union of
 the site test splits). Splits depend only on ``data.split_seed``, so all methods see the
@@ -158,8 +158,8 @@ def compare(
     ``total_cpus`` caps the CPUs Ray may use (default: all), e.g. 1 on a shared machine.
     """
     from fedmed.device import select_device
-    from fedmed.local import train_local
-    from fedmed.simulate import federation_sites, simulate
+    from fedmed.experiments.local import train_local
+    from fedmed.experiments.simulate import federation_sites, simulate
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
