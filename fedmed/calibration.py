@@ -302,14 +302,14 @@ def _write_html(out: Path, res: dict[str, float], title: str) -> Path:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from fedmed.device import select_device
     from fedmed.checkpoint import load_checkpoint
-    from fedmed.explain import _trained_pooled, site_split
+    from fedmed.heldout import site_split, trained_pooled
 
     ckpt = Path(args.checkpoint)
     read = load_checkpoint(ckpt, config_path=args.config)
     model, cfg = read.build_model(), read.config
     if cfg.model.multilabel:
         raise ValueError("temperature scaling here is for single-label (softmax) models")
-    pooled = _trained_pooled(ckpt) if args.pooled is None else args.pooled
+    pooled = trained_pooled(ckpt) if args.pooled is None else args.pooled
     enc = read.encoder
     splits = site_split(cfg, args.site_dir, split=("val", "test"), pooled=pooled, encoder_state=enc)
     loaders = {s: DataLoader(d, batch_size=128) for s, d in splits.items()}

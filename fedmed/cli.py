@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
 _COMMAND_MODULES = ("fedmed.experiments.demo", "fedmed.experiments.simulate", "fedmed.experiments.compare",
-                    "fedmed.explain",
+                    "fedmed.explain.report",
                     "fedmed.calibration", "fedmed.certs", "fedmed.evaluate", "fedmed.predict",
                     "fedmed.export")
 

@@ -1,13 +1,8 @@
-"""Explanations clinicians can look at: Grad-CAM, record attention, modality contribution.
+"""``fedmed explain``'s report: run the methods over a site's test split, write figures and a page.
 
-Works on any fedmed checkpoint — a local ``model.pt`` or a federation's ``best_model.pt`` /
-``last_model.pt`` — because both carry the config the model was built from. ``fedmed
-explain`` writes, for a site's test split, one PNG per case (image + Grad-CAM overlay), one
-bar chart of record-field attention per case, a modality-contribution chart and an HTML
-page. Nothing written carries a patient id or an image file name: cases are numbered.
-
-Grad-CAM (Selvaraju et al. 2017) is hand-rolled on forward/backward hooks (~20 lines):
-``pytorch-grad-cam`` is not a dependency and would not know the fusion model's dict inputs.
+For a site's test split: one PNG per case (image + Grad-CAM overlay), one bar chart of
+record-field attention per case, a modality-contribution chart, ``explain.json`` and an
+HTML page. Nothing written carries a patient id or an image file name: cases are numbered.
 Figures use matplotlib's object API (``Figure``), as ``server/report.py`` does.
 """
 
@@ -22,298 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.checkpoint import load_checkpoint as read_checkpoint
 from fedmed.config import FedmedConfig
+from fedmed.explain._batch import model_inputs
+from fedmed.explain.attribution import modality_contribution, record_attention
+from fedmed.explain.gradcam import central_mass, grad_cam
+from fedmed.heldout import site_split, trained_pooled
 
-__all__ = [
-    "load_checkpoint",
-    "grad_cam",
-    "attention_rollout",
-    "record_attention",
-    "modality_contribution",
-    "central_mass",
-    "site_split",
-    "explain",
-    "summarise_sites",
-    "add_cli",
-]
-
-
-# -- checkpoints and data -------------------------------------------------------------
-def load_checkpoint(
-    path: str | Path, *, config_path: str | Path | None = None
-) -> tuple[nn.Module, FedmedConfig]:
-    """A local (``model.pt``) or federated (``best_model.pt``) checkpoint → ``(model, config)``.
-
-    Read by :func:`fedmed.checkpoint.load_checkpoint` (the one reader of model files); the
-    model is in eval mode on the CPU. Raises ``ValueError`` when the file has no config and
-    none is given, or when the weights do not fit the config's model.
-    """
-    ckpt = read_checkpoint(path, config_path=config_path)
-    return ckpt.build_model(), ckpt.config
-
-
-def _trained_pooled(checkpoint: Path) -> bool:
-    """True when ``metrics.json`` beside a local checkpoint says it was trained pooled."""
-    meta = checkpoint.parent / "metrics.json"
-    try:
-        return json.loads(meta.read_text()).get("site") == "pooled"
-    except (OSError, ValueError):
-        return False
-
-
-def site_split(
-    cfg: FedmedConfig,
-    site_dir: str | Path | None,
-    *,
-    split: str | tuple[str, ...] = "test",
-    pooled: bool = False,
-    encoder_state: dict[str, Any] | None = None,
-) -> Any:
-    """A split of a site (or a dict of several), as the model was evaluated on it.
-
-    ``pooled=False``: the site folder split on its own (what a federation and a one-site
-    local run use). ``pooled=True``: the model was trained on the config's sites pooled, so
-    the pooled split is rebuilt and only this site's samples are kept — otherwise training
-    patients would leak into the "test" split. ``encoder_state`` (a local checkpoint's
-    ``"encoder"``) replaces the encoder refitted here, so record features are scaled exactly
-    as in training. ``site_dir=None`` → the whole pool of the config's sites (pooled split).
-    ``split`` a tuple → ``{name: Dataset}`` from one load.
-    """
-    from fedmed.data.dataset import SiteDataset
-    from fedmed.data.records import RecordEncoder
-    from fedmed.task import load_site_bundle
-
-    pooled = pooled or site_dir is None
-    site_dir = Path(site_dir) if site_dir is not None else None
-    if pooled:
-        bundle = load_site_bundle(cfg, progress=False)
-        sites = sorted(bundle.site.samples["site"].unique())
-        if site_dir is not None and site_dir.name not in sites:
-            raise ValueError(f"site {site_dir.name!r} is not one of the pooled sites {sites}")
-    else:
-        bundle = load_site_bundle(cfg, site_dir=site_dir, progress=False)
-    encoder = None
-    if encoder_state is not None and not cfg.model.notes.enabled:
-        encoder = RecordEncoder(numeric=cfg.data.numeric, categorical=cfg.data.categorical,
-                                imputation=cfg.data.imputation)
-        encoder.load_state_dict(encoder_state)
-    out: dict[str, Dataset] = {}
-    for name in (split,) if isinstance(split, str) else split:
-        rows = bundle.site.samples.iloc[bundle.splits.indices[name]]
-        keep = (np.flatnonzero(rows["site"].to_numpy() == site_dir.name)
-                if pooled and site_dir is not None else np.arange(len(rows)))
-        base: SiteDataset = getattr(bundle.splits, name)
-        if encoder is not None:
-            out[name] = SiteDataset(rows.iloc[keep], bundle.site.records, encoder=encoder,
-                                    spec=base.spec, cache=base.cache)
-        else:
-            out[name] = base if len(keep) == len(rows) else torch.utils.data.Subset(base, keep.tolist())
-    return out[split] if isinstance(split, str) else out
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def _inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    dev = _device(model)
-    return {k: v.to(dev) for k, v in batch.items() if k not in ("label", "meta")}
-
-
-# -- image branch -------------------------------------------------------------------------
-def _prefix_tokens(target: nn.Module, n: int) -> int:
-    """Leading non-patch tokens (CLS, registers) of a token-output backbone."""
-    inner = getattr(target, "model", target)
-    k = getattr(inner, "num_prefix_tokens", None)
-    if isinstance(k, int):
-        return k
-    return n - int(math.isqrt(n)) ** 2
-
-
-def _token_grid(x: torch.Tensor, prefix: int) -> torch.Tensor:
-    """``(B, N)`` token scores → ``(B, g, g)`` patch grid (prefix tokens dropped)."""
-    x = x[:, prefix:]
-    g = int(math.isqrt(x.shape[1]))
-    if g * g != x.shape[1]:
-        raise ValueError(f"cannot arrange {x.shape[1]} image tokens on a square grid")
-    return x.reshape(x.shape[0], g, g)
-
-
-def _upsample(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """``(B, h, w)`` ≥ 0 → ``(B, H, W)`` in [0, 1], each map divided by its maximum."""
-    cam = F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    cam = cam.clamp_min(0)
-    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
-    return (cam / peak).detach().cpu().numpy()
-
-
-def grad_cam(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, target: int | None = None
-) -> np.ndarray:
-    """Grad-CAM of the image branch: ``(B, H, W)`` in [0, 1] at the input image's size.
-
-    ``target``: class to explain (default: each sample's predicted class). Feature maps get
-    the standard weights (mean gradient per channel, ReLU of the weighted sum); a
-    token-output backbone (ViT-like) gets the same on tokens (mean gradient per embedding
-    dimension) arranged on the patch grid. Samples without an image get an all-zero map.
-    Raises ``RuntimeError`` for a record-only model.
-    """
-    layer = model.gradcam_target()
-    store: dict[str, torch.Tensor] = {}
-    handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            inputs = _inputs(model, batch)
-            # a graph to the feature map even when the backbone's weights are frozen
-            inputs["image"] = inputs["image"].detach().float().requires_grad_(True)
-            logits = model(**inputs).float()
-            cls = logits.argmax(dim=1) if target is None else torch.full_like(
-                logits[:, 0], int(target), dtype=torch.long)
-            act = store["act"]
-            score = logits.gather(1, cls[:, None]).sum()
-            (grads,) = torch.autograd.grad(score, act)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    act, grads = act.detach().float(), grads.float()
-    if act.ndim == 4:  # (B, C, h, w)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * act).sum(dim=1))
-    elif act.ndim == 3:  # (B, N, D) tokens
-        weights = grads.mean(dim=1, keepdim=True)
-        cam = _token_grid(F.relu((weights * act).sum(dim=-1)), _prefix_tokens(layer, act.shape[1]))
-    else:
-        raise RuntimeError(f"Grad-CAM needs a feature map or tokens, got shape {tuple(act.shape)}")
-    if "has_image" in inputs:
-        cam = cam * inputs["has_image"].reshape(-1, 1, 1).to(cam.dtype)
-    return _upsample(cam, tuple(inputs["image"].shape[-2:]))
-
-
-def attention_rollout(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    """Attention rollout (Abnar & Zuidema 2020) for a transformer image backbone.
-
-    Head-averaged attention plus identity, row-normalised, multiplied over layers; the map
-    is the CLS row (or the mean row without a CLS token) over the patch tokens, ``(B, H, W)``
-    in [0, 1]. Works with timm attention modules (their fused kernel is switched off for the
-    call). Raises ``RuntimeError`` when the backbone has no attention layers.
-    """
-    layer = model.gradcam_target()
-    attn_mods = [m for m in layer.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
-    if not attn_mods:
-        raise RuntimeError("the image backbone has no attention layers: use grad_cam")
-    maps: list[torch.Tensor] = []
-    hooks = [m.attn_drop.register_forward_hook(lambda _m, inp, _o: maps.append(inp[0].detach()))
-             for m in attn_mods]
-    fused = [m.fused_attn for m in attn_mods]
-    for m in attn_mods:
-        m.fused_attn = False
-    try:
-        with torch.no_grad():
-            inputs = _inputs(model, batch)
-            model.eval()(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, f in zip(attn_mods, fused):
-            m.fused_attn = f
-    roll = None
-    for a in maps:
-        a = a.float().mean(dim=1)
-        a = a + torch.eye(a.shape[-1], device=a.device)
-        a = a / a.sum(dim=-1, keepdim=True)
-        roll = a if roll is None else a @ roll
-    prefix = _prefix_tokens(layer, roll.shape[-1])
-    row = roll[:, 0] if prefix else roll.mean(dim=1)
-    cam = _token_grid(row, prefix)
-    if "has_image" in inputs:
-        cam = cam * inputs["has_image"].reshape(-1, 1, 1).to(cam.dtype)
-    return _upsample(cam, tuple(inputs["image"].shape[-2:]))
-
-
-def central_mass(cam: np.ndarray, frac: float = 0.5) -> float:
-    """Share of heat inside the central box covering ``frac`` of each side.
-
-    ``cam`` is ``(H, W)`` (one map) or ``(B, H, W)`` (the mean share over maps with any
-    heat). A uniform map scores ``frac**2`` (0.25 by default). NaN when there is no heat.
-    """
-    cam = np.asarray(cam, dtype=np.float64)
-    if cam.ndim == 3:
-        shares = [central_mass(c, frac) for c in cam]
-        shares = [s for s in shares if math.isfinite(s)]
-        return float(np.mean(shares)) if shares else float("nan")
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"frac must be in (0, 1], got {frac}")
-    h, w = cam.shape
-    bh, bw = max(1, round(h * frac)), max(1, round(w * frac))
-    top, left = (h - bh) // 2, (w - bw) // 2
-    total = cam.sum()
-    if total <= 0:
-        return float("nan")
-    return float(cam[top:top + bh, left:left + bw].sum() / total)
-
-
-# -- record branch and modalities ----------------------------------------------------------
-@torch.no_grad()
-def record_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    """Record branch: the last layer's CLS → feature attention, ``(B, F)``, rows sum to 1.
-
-    Head-averaged and renormalised over the ``F`` record features (CLS→CLS and notes tokens
-    left out), in the config's order: numeric, then categorical. Rows of samples without a
-    record are NaN. Raises ``RuntimeError`` for an image-only model.
-    """
-    model.eval()
-    inputs = _inputs(model, batch)
-    model(**inputs)
-    w = model.record_attention().float()
-    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    out = w.cpu().numpy().astype(np.float64)
-    if "has_record" in inputs:
-        out[inputs["has_record"].cpu().numpy() == 0] = np.nan
-    return out
-
-
-@torch.no_grad()
-def modality_contribution(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """How much each prediction relied on the image and on the record (masking test).
-
-    Per sample, for the class predicted with both modalities: ``p_full``, ``p_no_image``
-    (``has_image`` = 0, the model's learned "missing" embedding instead), ``p_no_record``;
-    ``contribution_* = p_full - p_no_*`` (signed: negative means the modality argued
-    against the prediction) and ``share_* = |contribution_*| / (|c_image| + |c_record|)``
-    (NaN where neither matters). A modality the model does not use contributes 0.
-    """
-    model.eval()
-    inputs = _inputs(model, batch)
-    b = next(iter(inputs.values())).shape[0]
-    ones = torch.ones(b, device=_device(model))
-
-    def probs(**masks: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(model(**{**inputs, **masks}).float(), dim=1)
-
-    full = probs()
-    pred = full.argmax(dim=1, keepdim=True)
-    no_img = probs(has_image=0 * ones)
-    no_rec = probs(has_record=0 * ones)
-    p_full, p_ni, p_nr = (p.gather(1, pred)[:, 0].cpu().numpy().astype(np.float64)
-                          for p in (full, no_img, no_rec))
-    c_img, c_rec = p_full - p_ni, p_full - p_nr
-    total = np.abs(c_img) + np.abs(c_rec)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share_img = np.where(total > 1e-9, np.abs(c_img) / total, np.nan)
-    return {
-        "pred": pred[:, 0].cpu().numpy(),
-        "p_full": p_full, "p_no_image": p_ni, "p_no_record": p_nr,
-        "contribution_image": c_img, "contribution_record": c_rec,
-        "share_image": share_img, "share_record": 1.0 - share_img,
-    }
+__all__ = ["explain", "summarise_sites", "add_cli"]
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -394,7 +109,7 @@ def _run_all(model: nn.Module, data: Dataset, *, batch_size: int = 64) -> dict[s
     for batch in DataLoader(data, batch_size=batch_size):
         res = modality_contribution(model, batch)
         with torch.no_grad():
-            probs = torch.softmax(model(**_inputs(model, batch)).float(), dim=1).cpu().numpy()
+            probs = torch.softmax(model(**model_inputs(model, batch)).float(), dim=1).cpu().numpy()
         res["probs"] = probs
         res["label"] = batch["label"].numpy()
         res["has_image"] = batch["has_image"].numpy() > 0
@@ -453,14 +168,14 @@ def explain(
     ``contributions.png``, ``explain.json`` (numbers only) and ``explain.html``; no patient
     id or file name appears in any of them. Site-level means cover the whole test split.
     ``pooled`` (default: read from the ``metrics.json`` beside a local checkpoint) selects
-    the pooled split, see :func:`site_split`.
+    the pooled split, see :func:`fedmed.heldout.site_split`.
     """
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint, config_path=config_path)
     model, cfg = ckpt.build_model(), ckpt.config
     if cfg.model.multilabel:
         raise ValueError("fedmed explain supports single-label (softmax) models only")
-    pooled = _trained_pooled(checkpoint) if pooled is None else pooled
+    pooled = trained_pooled(checkpoint) if pooled is None else pooled
     data = site_split(cfg, site_dir, split="test", pooled=pooled, encoder_state=ckpt.encoder)
     if len(data) == 0:
         raise ValueError(f"the test split of {site_dir} is empty")
