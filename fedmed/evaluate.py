@@ -19,7 +19,6 @@ in training: with statistics of the site's own patients — its training split f
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -32,13 +31,13 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fedmed.bootstrap import CI_LEVEL, bootstrap_metrics
-from fedmed.checkpoint import Checkpoint, load_checkpoint
+from fedmed.checkpoint import Checkpoint
 from fedmed.config import FedmedConfig
 from fedmed.fit_check import check_site
 from fedmed.metrics import SCALAR_METRICS, compute_metrics
 from fedmed.predict import logits_of, probabilities
 
-__all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "add_cli", "SPLITS"]
+__all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "SPLITS"]
 
 SPLITS = ("all", "test")
 
@@ -263,30 +262,3 @@ def write_report(result: dict[str, Any], preds: dict[str, tuple[np.ndarray, np.n
     path = out_dir / "evaluation.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.model, config_path=args.config)
-    out = Path(args.out) if args.out else ckpt.path.parent / f"evaluation-{args.split}"
-    result = evaluate_model(ckpt, args.site_dir, split=args.split, n_boot=args.bootstrap, seed=args.seed,
-                            out_dir=out, image_roots=args.image_root)
-    print(metrics_table(result))
-    print(f"\nT = {result['temperature']:.3f}; {args.bootstrap} patient-level bootstrap replicates; "
-          f"wrote {out / 'evaluation.html'} and evaluation.json")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed evaluate MODEL --site-dir DIR [--site-dir ...] [--split all|test]``."""
-    p = subparsers.add_parser("evaluate", help="external validation: metrics with bootstrap CIs per site and pooled")
-    p.add_argument("model", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--site-dir", action="append", required=True, help="site folder (repeat for several)")
-    p.add_argument("--split", choices=SPLITS, default="all",
-                   help="all: every row (a new site); test: the site's own test split as a federation makes it")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--image-root", action="append", default=[],
-                   help="folder outside the site folders that images.csv may point into (repeat)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.set_defaults(func=_cmd_evaluate)

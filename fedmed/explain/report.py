@@ -8,7 +8,6 @@ Figures use matplotlib's object API (``Figure``), as ``server/report.py`` does.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -28,7 +27,7 @@ from fedmed.explain.attribution import modality_contribution, record_attention
 from fedmed.explain.gradcam import central_mass, grad_cam
 from fedmed.heldout import site_split, trained_pooled
 
-__all__ = ["explain", "summarise_sites", "add_cli"]
+__all__ = ["explain", "summarise_sites", "summary_table", "format_value"]
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -145,7 +144,8 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}.case{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}"""
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A number as the page and the terminal show it: 3 decimals, ``-`` for missing or NaN."""
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (
         f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -243,10 +243,10 @@ def _write_html(out: Path, cfg: FedmedConfig, checkpoint: Path, site_name: str,
     e = html.escape
     title = f"fedmed explain: {cfg.name} on {site_name}"
     head = ["case", "true", "predicted", "p", "image share", "record share", "central mass"]
-    rows = "".join("<tr>" + "".join(f"<td>{e(_fmt(c[k]))}</td>" for k in (
+    rows = "".join("<tr>" + "".join(f"<td>{e(format_value(c[k]))}</td>" for k in (
         "case", "true", "predicted", "p", "image_share", "record_share", "central_mass")) + "</tr>"
         for c in cases)
-    summary = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{e(_fmt(v))}</td></tr>"
+    summary = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{e(format_value(v))}</td></tr>"
                       for k, v in site.items())
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
@@ -300,55 +300,12 @@ def summarise_sites(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return rows
 
 
-def _summary_table(rows: dict[str, dict[str, Any]]) -> str:
+def summary_table(rows: dict[str, dict[str, Any]]) -> str:
+    """:func:`summarise_sites`' rows as an aligned text table for the terminal."""
     cols = [(k, h) for k, h in _SUMMARY_COLS if any(k in r for r in rows.values())]
     width = max(len("site"), *(len(n) for n in rows))
     lines = [f"{'site':<{width}}" + "".join(f"{h:>14}" for _, h in cols)]
     lines.append("-" * len(lines[0]))
-    lines += [f"{name:<{width}}" + "".join(f"{_fmt(r.get(k)):>14}" for k, _ in cols)
+    lines += [f"{name:<{width}}" + "".join(f"{format_value(r.get(k)):>14}" for k, _ in cols)
               for name, r in rows.items()]
     return "\n".join(lines)
-
-
-def _cmd_explain(args: argparse.Namespace) -> int:
-    ckpt = Path(args.checkpoint)
-    site_dirs = [Path(d) for d in args.site_dir]
-    names = [d.name for d in site_dirs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--site-dir names a site twice: {names}")
-    base = Path(args.out) if args.out else ckpt.parent
-    summaries: dict[str, dict[str, Any]] = {}
-    for site_dir in site_dirs:
-        out = (base / f"explain-{site_dir.name}") if (len(site_dirs) > 1 or not args.out) else base
-        path = explain(ckpt, site_dir=site_dir, out_dir=out, config_path=args.config,
-                       patients=args.patients, errors=args.errors, pooled=args.pooled)
-        summaries[site_dir.name] = json.loads((out / "explain.json").read_text())["site_summary"]
-        print(f"wrote {path}")
-    if len(site_dirs) == 1:
-        for k, v in summaries[names[0]].items():
-            print(f"{k:40s} {_fmt(v)}")
-        return 0
-    rows = summarise_sites(summaries)
-    (base / "explain-summary.json").write_text(json.dumps(rows, indent=2, default=float))
-    print("\n" + _summary_table(rows))
-    print("\ncentral mass: share of Grad-CAM heat in the middle 50% x 50% (0.25 = uniform), "
-          "over correctly classified test images")
-    print(f"wrote {base / 'explain-summary.json'}")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed explain CHECKPOINT --site-dir DIR [--site-dir DIR ...] [--patients N] [--errors N]``."""
-    p = subparsers.add_parser("explain", help="Grad-CAM, record attention and modality shares for a site")
-    p.add_argument("checkpoint", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--site-dir", required=True, action="append",
-                   help="a site folder whose test split to explain (repeat for several sites: "
-                        "one folder each and a summary table over all)")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.add_argument("--patients", type=int, default=8, help="explain the first N test samples")
-    p.add_argument("--errors", type=int, default=0, help="explain the N most confident errors instead")
-    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=None,
-                   help="the model was trained on the config's sites pooled (default: from metrics.json)")
-    p.add_argument("--out", help="output folder (default: explain-<site> beside the checkpoint; "
-                                 "with several sites, the folder that holds them)")
-    p.set_defaults(func=_cmd_explain)
