@@ -9,23 +9,35 @@ of plots per variable: each site side by side, then the pool).
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedmed.server.federation import _wait_for_sites, send_and_receive
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from matplotlib.figure import Figure
 
 from fedmed.config import FedmedConfig
 from fedmed.job import job_for_sites
-from fedmed.messages import CONFIG_KEY, JOB_KEY, STATS_ACTION, encode_job, failure_text, reply_site
-from fedmed.server.federation import _wait_for_sites, send_and_receive
-from fedmed.stats import IMAGE_EDGES, INTENSITY_BINS, SUPPRESSED, StatsRequest, numeric_edges, pool_statistics
+from fedmed.messages import (
+    CONFIG_KEY,
+    JOB_KEY,
+    STATS_ACTION,
+    encode_job,
+    failure_text,
+    reply_site,
+)
+from fedmed.reporting.html import esc, figure_uri, image, table, write_page
+from fedmed.stats import (
+    IMAGE_EDGES,
+    INTENSITY_BINS,
+    SUPPRESSED,
+    StatsRequest,
+    numeric_edges,
+    pool_statistics,
+)
 
 __all__ = ["STATS_REQUEST", "run_stats", "write_stats_report"]
 
@@ -75,12 +87,6 @@ def run_stats(grid: Any, run_config: dict) -> Path:
     return out
 
 
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
     """One subplot per site plus the pool; suppressed cells hatched at height 0."""
     n = len(series)
@@ -97,7 +103,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=6)
         ax.tick_params(axis="y", labelsize=6)
     fig.suptitle(title, fontsize=9, y=1.06)
-    return f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,{_png(fig)}">'
+    return f"<h3>{esc(title)}</h3>" + image(figure_uri(fig), title)
 
 
 def _edge_labels(edges: list[float]) -> list[str]:
@@ -109,16 +115,12 @@ def write_stats_report(result: dict[str, Any], cfg: FedmedConfig, path: Path) ->
     """``stats.html``: a counts table, then per variable the sites side by side and the pool."""
     sites, pooled = result["sites"], result["pooled"]["counts"]
     every = {**sites, "pooled": pooled}
-    parts = [f"<h1>fedmed statistics: {html.escape(cfg.name)}</h1>",
-             f"<p>k = {result['request']['k']} requested (each site applies max(k, its floor); "
+    parts = [f"<p>k = {result['request']['k']} requested (each site applies max(k, its floor); "
              f"cells below it show as &lt;k); noise ε = {result['request']['epsilon'] or 'none'}. "
-             f"Failed sites: {html.escape(json.dumps(result['failed'])) or 'none'}.</p>"]
+             f"Failed sites: {esc(json.dumps(result['failed'])) or 'none'}.</p>"]
     rows = ["n.patients", "n.records", "n.samples", "n.images", "stats.k"]
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in every)
-    body = "".join("<tr><th>" + r + "</th>" + "".join(
-        f"<td>{'&lt;k' if v.get(r) == SUPPRESSED else html.escape(str(round(v.get(r, 0), 1)))}</td>"
-        for v in every.values()) + "</tr>" for r in rows)
-    parts.append(f"<table border=1 cellpadding=3><tr><th></th>{head}</tr>{body}</table>")
+    parts.append(table(["", *every], [[r, *("<k" if v.get(r) == SUPPRESSED else round(v.get(r, 0), 1)
+                                            for v in every.values())] for r in rows]))
     parts.append(_bars("label mix (samples)", list(cfg.data.classes),
                        {s: v.get("label", [0] * len(cfg.data.classes)) for s, v in every.items()}))
     bins = int(result["request"]["bins"])
@@ -151,6 +153,5 @@ def write_stats_report(result: dict[str, Any], cfg: FedmedConfig, path: Path) ->
             labels = [f"{int(a)}" for a in np.linspace(0, 256, INTENSITY_BINS + 1)[:-1]]
             parts.append(_bars("intensity (preprocessed, images per bin-share)", labels,
                                {s: v.get("img.intensity.hist", [0] * INTENSITY_BINS) for s, v in every.items()}))
-    path.write_text("<!doctype html><meta charset=utf-8><title>fedmed statistics</title>"
-                    "<body style='font-family:sans-serif'>" + "\n".join(parts) + "</body>")
+    write_page(path, "fedmed statistics", parts, heading=f"fedmed statistics: {cfg.name}")
     return path

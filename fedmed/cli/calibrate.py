@@ -14,8 +14,8 @@ __all__ = ["register"]
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from fedmed.device import select_device
     from fedmed.checkpoint import load_checkpoint
+    from fedmed.device import select_device
     from fedmed.heldout import site_split, trained_pooled
 
     ckpt = Path(args.checkpoint)

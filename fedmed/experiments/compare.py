@@ -322,15 +322,15 @@ def _write(results: dict[str, Any], runs: list[dict[str, Any]], checks: list[dic
 
 
 def _plot(results: dict[str, Any], methods: list[str], path: Path, *, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedmed.reporting.html import save_figure
 
     keys = ["mean_acc", "mean_bacc", "worst_acc", "pooled_auc"]
     x = np.arange(len(methods))
     width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods)), 4.0))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(methods)), 4.0))
+    ax = fig.subplots()
     for i, k in enumerate(keys):
         means = [results[m][k][0] for m in methods]
         stds = [results[m][k][1] for m in methods]
@@ -340,9 +340,7 @@ def _plot(results: dict[str, Any], methods: list[str], path: Path, *, title: str
     ax.set_title(f"{title}: mean ± std over seeds")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _log_mlflow(results: dict[str, Any], *, cfg: FedmedConfig, uri: str, out_dir: Path,

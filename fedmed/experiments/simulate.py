@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from fedmed.config import FedmedConfig
-from fedmed.stats import StatsRequest
 from fedmed.server.checkpoint import FederationState
+from fedmed.stats import StatsRequest
 
 __all__ = ["simulate", "simulate_stats", "federation_sites", "prepare_sites", "tree_rss_mb"]
 
@@ -60,7 +60,12 @@ def prepare_sites(
     chosen sites and write new site folders under ``<out_dir>/partitions``.
     """
     from fedmed.data.site import combine_sites, load_site
-    from fedmed.experiments.partition import get_partitioner, image_roots_of, partition_table, write_partitions
+    from fedmed.experiments.partition import (
+        get_partitioner,
+        image_roots_of,
+        partition_table,
+        write_partitions,
+    )
 
     dirs = federation_sites(cfg, sites)
     loaded = [load_site(p, cfg.data, name=s) for s, p in dirs.items()]

@@ -8,7 +8,6 @@ Figures use matplotlib's object API (``Figure``), as ``server/report.py`` does.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedmed.explain._batch import model_inputs
 from fedmed.explain.attribution import modality_contribution, record_attention
 from fedmed.explain.gradcam import central_mass, grad_cam
 from fedmed.heldout import site_split, trained_pooled
+from fedmed.reporting.html import esc, image, images, save_figure, table, write_page
 
 __all__ = ["explain", "summarise_sites", "summary_table", "format_value"]
 
@@ -53,9 +53,7 @@ def _case_png(path: Path, image: torch.Tensor, cam: np.ndarray | None, title: st
     for ax in (left, right):
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def _record_png(path: Path, names: list[str], weights: np.ndarray, title: str) -> Path:
@@ -69,9 +67,7 @@ def _record_png(path: Path, names: list[str], weights: np.ndarray, title: str) -
     ax.set_xlabel("share of CLS attention (last record layer)")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def _contrib_png(path: Path, labels: list[str], img: np.ndarray, rec: np.ndarray) -> Path:
@@ -87,9 +83,7 @@ def _contrib_png(path: Path, labels: list[str], img: np.ndarray, rec: np.ndarray
     ax.set_xlabel("share of the prediction (masking each modality)")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("modality contribution", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 # -- explain --------------------------------------------------------------------------------
@@ -137,11 +131,6 @@ def _pick(stats: dict[str, np.ndarray], patients: int | list[int], errors: int) 
 def _nanmean(x: np.ndarray) -> float:
     x = np.asarray(x, dtype=float)
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}img{max-width:100%;margin:.5em 0}.case{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}"""
 
 
 def format_value(v: Any) -> str:
@@ -240,37 +229,26 @@ def explain(
 
 def _write_html(out: Path, cfg: FedmedConfig, checkpoint: Path, site_name: str,
                 site: dict[str, Any], cases: list[dict[str, Any]]) -> Path:
-    e = html.escape
-    title = f"fedmed explain: {cfg.name} on {site_name}"
+    e = esc
     head = ["case", "true", "predicted", "p", "image share", "record share", "central mass"]
-    rows = "".join("<tr>" + "".join(f"<td>{e(format_value(c[k]))}</td>" for k in (
-        "case", "true", "predicted", "p", "image_share", "record_share", "central_mass")) + "</tr>"
-        for c in cases)
-    summary = "".join(f"<tr><td>{e(k.replace('_', ' '))}</td><td>{e(format_value(v))}</td></tr>"
-                      for k, v in site.items())
+    rows = [[format_value(c[k]) for k in ("case", "true", "predicted", "p", "image_share", "record_share",
+                                          "central_mass")] for c in cases]
+    summary = [[k.replace("_", " "), format_value(v)] for k, v in site.items()]
     parts = [
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
         f"<p>Checkpoint <code>{e(checkpoint.name)}</code>, model variant {e(cfg.model.variant)}, "
         "test split. Cases are numbered; no patient identifiers are shown. "
         "Central mass = share of Grad-CAM heat in the middle 50% × 50% of the image "
         "(0.25 for uniform heat). Shares come from masking each modality.</p>",
-        "<h2>Site summary (whole test split)</h2>",
-        f"<table><thead><tr><th></th><th>value</th></tr></thead><tbody>{summary}</tbody></table>",
-        "<h2>Cases</h2><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head)
-        + f"</tr></thead><tbody>{rows}</tbody></table>",
-        "<h2>Modality contribution</h2><img src='contributions.png' alt='modality contribution'>",
+        "<h2>Site summary (whole test split)</h2>", table(["", "value"], summary),
+        "<h2>Cases</h2>", table(head, rows),
+        "<h2>Modality contribution</h2>" + image("contributions.png", "modality contribution"),
     ]
     for c in cases:
-        imgs = "".join(f"<img src='{e(name)}' alt='case {c['case']}'>" for name in c["images"])
-        parts.append(f"<h3>Case {c['case']}</h3><div class='case'>{imgs}</div>")
-    parts.append("</body></html>")
-    path = out / "explain.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+        parts.append(f"<h3>Case {c['case']}</h3>" + images((name, f"case {c['case']}") for name in c["images"]))
+    return write_page(out / "explain.html", f"fedmed explain: {cfg.name} on {site_name}", parts)
 
 
-# -- CLI ------------------------------------------------------------------------------------
+# -- several sites --------------------------------------------------------------------------
 _SUMMARY_COLS = (("test_samples", "test"), ("accuracy", "accuracy"),
                  ("central_mass_correct_n", "correct"), ("central_mass_correct_mean", "central mass"),
                  ("central_mass_correct_above_uniform", "> 0.25"),
