@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from fedmed.config import FedmedConfig, load_config
+from fedmed.errors import FedmedError
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"]
 
 _KNOWN = ("model", "config", "encoder", "temperature")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedmedError, ValueError):
     """A file is not a fedmed checkpoint, or its weights do not fit its config."""
 
 
