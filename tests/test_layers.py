@@ -96,3 +96,15 @@ def test_import_linter_layers_contract_is_kept_and_can_break(tmp_path):
     res = _lint_imports(tree)
     assert res.returncode != 0 and "0 kept, 1 broken" in res.stdout, res.stdout + res.stderr
     assert "fedmed.metrics -> fedmed.server.report" in res.stdout, res.stdout
+
+
+def test_every_package_folder_is_in_pyprojects_package_list():
+    """A sub-package missing from ``[tool.setuptools] packages`` would be left out of the wheel."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("fedmed", *p.parent.relative_to(ROOT / "fedmed").parts))
+             for p in (ROOT / "fedmed").rglob("__init__.py")} | {"fedmed.server", "fedmed.client"}
+    assert found == listed
