@@ -32,13 +32,13 @@ __all__ = ["explain", "summarise_sites", "summary_table", "format_value"]
 
 
 # -- figures --------------------------------------------------------------------------------
-def _to_display(image: torch.Tensor) -> np.ndarray:
-    img = image.detach().cpu().float().numpy()
+def _to_display(pixels: torch.Tensor) -> np.ndarray:
+    img = pixels.detach().cpu().float().numpy()
     return img[0] if img.shape[0] == 1 else np.clip(img.transpose(1, 2, 0), 0, 1)
 
 
-def _case_png(path: Path, image: torch.Tensor, cam: np.ndarray | None, title: str) -> Path:
-    disp = _to_display(image)
+def _case_png(path: Path, pixels: torch.Tensor, cam: np.ndarray | None, title: str) -> Path:
+    disp = _to_display(pixels)
     cmap = "gray" if disp.ndim == 2 else None
     fig = Figure(figsize=(6.4, 3.5))
     left, right = fig.subplots(1, 2)
