@@ -36,7 +36,7 @@ from fedmed.errors import UsageError
 from fedmed.fit_check import check_site
 from fedmed.metrics import SCALAR_METRICS, compute_metrics
 from fedmed.predict import logits_of, probabilities
-from fedmed.reporting.html import esc, images, write_page
+from fedmed.reporting.html import esc, images, save_figure, write_page
 
 __all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "SPLITS"]
 
@@ -188,8 +188,6 @@ def _slug(name: str) -> str:
 def _plot_roc(y: np.ndarray, p: np.ndarray, classes: list[str], *, path: Path, title: str) -> Path:
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, roc_curve
-
-    from fedmed.reporting.html import save_figure
 
     fig = Figure(figsize=(4.8, 4.6))
     ax = fig.subplots()
