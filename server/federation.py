@@ -312,6 +312,9 @@ def run_federation(
             replies = _widen_replies(send_and_receive(
                 grid, strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout), current)
             ok, rejected = screen_train_replies(replies, current)
+            # Replies in site order, not arrival order: the float sum of FedAvg depends on its
+            # order, so a rerun (or the direct baseline) repeats the federation exactly.
+            ok.sort(key=lambda m: (reply_site(m), int(m.metadata.src_node_id)))
             agg = train_metrics = None
         timing["train"] = time.perf_counter() - t0 - timing["wait_sites"]
         t1 = time.perf_counter()
