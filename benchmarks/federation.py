@@ -144,7 +144,7 @@ def deployment(config_path: Path, overrides: list[str], out: Path, *,
             f"sys.exit(demo(config=Path({str(config_path)!r}), rounds=None, out=Path({str(out)!r}), "
             f"overrides={list(overrides)!r}))")
     cmd = [sys.executable, "-c", call]
-    t0 = time.time()
+    load, t0 = _load(), time.time()
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
@@ -155,6 +155,7 @@ def deployment(config_path: Path, overrides: list[str], out: Path, *,
     end = (out / "summary.json").stat().st_mtime
     res = _federation_result(out, wall=end - t0, launch=t0, end=end, site_logs=True)
     res["startup_marks_s"] = _startup_marks(out, launch=t0)
+    res["load_before"] = load
     return res
 
 
@@ -190,11 +191,12 @@ def simulation(cfg, out: Path) -> dict[str, Any]:
 
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.time()
+    load, t0 = _load(), time.time()
     simulate(cfg, sites=None, out_dir=out, num_cpus_per_site=1, total_cpus=len(cfg.data.sites))
     end = (out / "summary.json").stat().st_mtime
     res = _federation_result(out, wall=end - t0, launch=t0, end=end, site_logs=False)
     res["engine"] = json.loads((out / "timing.json").read_text())
+    res["load_before"] = load
     return res
 
 
@@ -328,8 +330,8 @@ def run(work: Path, *, rounds: int = 4, local_epochs: int = 3, image_size: int =
 
     for site in [*cfg.data.sites, "central"]:  # every run below starts with the decoded-image cache filled
         load_site_bundle(cfg, site_dir=root / site, progress=False)
-    res["load_before"] = _load()
-    res["direct"] = direct(cfg)
+    res["load_before"] = load = _load()
+    res["direct"] = {**direct(cfg), "load_before": load}
     res["deployment"] = deployment(conf, base + job, work / "deploy-fp32")
     res["deployment_uncut"] = deployment(conf, base + job, work / "deploy-uncut", env=UNCUT)
     res["deployment_fp16"] = deployment(conf, base + job + ["federation.update_precision=fp16"],
@@ -368,6 +370,10 @@ _RUNS = (("direct", "direct (one process, sites one after another)"),
          ("simulation", "simulation (fedmed simulate, Ray)"),
          ("deployment_long", "deployment"), ("simulation_long", "simulation"))
 _PARTS = ("startup", "site_setup", "critical", "wait_transfer", "aggregation", "evaluation", "reporting", "after")
+
+
+def _loads(r: dict[str, Any]) -> str:
+    return "/".join(map(str, r.get("load_before", []))) or "-"
 
 
 def _ratio(r: dict[str, Any]) -> float:
@@ -428,18 +434,18 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
              "`summary.json` is written. *Simulation* = `fedmed simulate`, one Ray CPU per site so the sites train "
              "side by side as in the deployment. Load average (1/5/15 min) before the runs "
              f"{'/'.join(map(str, f.get('load_before', [])))}, after {'/'.join(map(str, f.get('load_after', [])))}.", "",
-             "| run | rounds | wall s | critical s | wall ÷ critical | " + " | ".join(_PARTS) + " | central test AUC |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(_PARTS) + "---:|"]
+             "| run | rounds | wall s | critical s | wall ÷ critical | " + " | ".join(_PARTS) + " | central test AUC | load |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(_PARTS) + "---:|---|"]
     crit_direct = sum(d.get("slowest_site_s", []))
     lines.append(f"| {_RUNS[0][1]} | {n} | {d['wall_s']:.1f} | {crit_direct:.1f} | "
                  f"{d['wall_s'] / crit_direct if crit_direct else float('nan'):.2f} | " + " | ".join("-" for _ in _PARTS)
-                 + f" | {d['central_test_auc']:.4f} |")
+                 + f" | {d['central_test_auc']:.4f} | {_loads(d)} |")
     for key, label in _RUNS[1:]:
         if key in f:
             r = f[key]
             lines.append(f"| {label} | {r['rounds']} | {r['wall_s']:.1f} | {r['critical_train_s']:.1f} | "
                          f"**{_ratio(r):.2f}** | " + " | ".join(f"{r['split_s'][p]:.1f}" for p in _PARTS)
-                         + f" | {r['central_test_auc']:.4f} |")
+                         + f" | {r['central_test_auc']:.4f} | {_loads(r)} |")
     lines += ["", "Parts (seconds, adding up to the wall): *startup* = launch until round 1 starts, plus waiting for "
               "sites to connect; *site_setup* = round 1's start-up at the sites (deployment: the slowest ClientApp's "
               "time beyond its training, from the sites' logs: loading the data, building the model; simulation: "
@@ -454,10 +460,10 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
             a, b = f[key], f[f"{key}_long"]
             per_wall = (b["wall_s"] - a["wall_s"]) / (long - n)
             per_crit = (b["critical_train_s"] - a["critical_train_s"]) / (long - n)
-            fixed = b["split_s"]["startup"] + b["split_s"]["after"]
+            fixed = b["split_s"]["startup"] + b["split_s"]["site_setup"] + b["split_s"]["after"]
             lines += ["", f"{key.capitalize()}, fixed against per-round cost: a round beyond the {n}th added "
                       f"{per_wall:.1f} s of wall for {per_crit:.1f} s of critical path (marginal ratio "
-                      f"{per_wall / per_crit if per_crit else float('nan'):.2f}); start-up plus the work after the "
+                      f"{per_wall / per_crit if per_crit else float('nan'):.2f}); start-up, the sites' set-up and the work after the "
                       f"rounds cost {fixed:.1f} s once ({fixed / b['wall_s']:.0%} of the {long}-round wall)."]
     if "deployment_uncut" in f:
         u, c = f["deployment_uncut"]["split_s"], f["deployment"]["split_s"]
