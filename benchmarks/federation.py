@@ -423,6 +423,9 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
     n, long = f["deployment"]["rounds"], f.get("long_rounds") or 0
     d = f["direct"]
     lines = ["### Federation overhead against the critical path", "",
+             "Command: `flock /tmp/fedmed-bench.lock flock /tmp/fedmed-deploy.lock python -m benchmarks --only "
+             "federation` (part of `make bench`); raw numbers in `runs/benchmarks/results.json`. Each run below "
+             "ran once (a 20-round deployment takes minutes); the ratios are side by side in one invocation.", "",
              f"Job: sites {', '.join(f['sites'])}; {', '.join(f['job'])}; central evaluation each round, site "
              "evaluation in the last, federated temperature scaling after it. *Critical path* = the slowest site's "
              "training in each round, summed over rounds, from the sites' own `train_seconds` (a duration: nothing "

@@ -160,6 +160,7 @@ def summary_rows(sc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def doc_lines(sc: dict[str, Any]) -> list[str]:
     """The scale section of docs/benchmarks.md."""
     lines = ["### Scale", "",
+             "Command: `flock /tmp/fedmed-bench.lock python -m benchmarks --only scale` (part of `make bench`).", "",
              f"`fedmed simulate` over N synthetic sites of {sc['patients_per_site']} patients each "
              f"({sc['image_size']}px, 1 local epoch, batch 16), {sc['rounds']} rounds; {sc['ray_cpus']} Ray CPUs, "
              "1 per site (so 2 sites train at a time); peak memory = resident memory of the whole process tree "
