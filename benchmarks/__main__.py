@@ -163,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = _run_all(a.out.resolve(), set(a.only))
     total = time.perf_counter() - t0
-    (a.out / "results.json").write_text(json.dumps({"machine": mach, "results": res, "total_s": total},
+    for name in res:  # each benchmark's own machine state (load average) beside its numbers
+        res[name].setdefault("machine", mach)
+    kept = {}
+    if set(a.only) != set(BENCHES) and (a.out / "results.json").exists():  # --only: keep the others' numbers
+        kept = {k: v for k, v in json.loads((a.out / "results.json").read_text()).get("results", {}).items()
+                if k not in res}
+    (a.out / "results.json").write_text(json.dumps({"machine": mach, "results": {**kept, **res}, "total_s": total},
                                                    indent=2, default=float))
     cmd = "make bench   # = python -m benchmarks" + ("" if set(a.only) == set(BENCHES) else f" --only {' '.join(a.only)}")
     old_doc = a.doc.read_text() if a.doc.exists() else ""
