@@ -46,7 +46,7 @@ def measure(work: Path, *, sizes: tuple[int, ...] = (10, 30, 100), rounds: int =
 
     rows = []
     for n in sizes:
-        root = cohort(work / f"sites{n}", sites=n, central=0, image_size=image_size, patients=[patients] * n)
+        root = _cohort(work / f"sites{n}", sites=n, image_size=image_size, patients=patients)
         cfg = bench_config(root, [f"federation.rounds={rounds}", "federation.local_epochs=1",
                                   f"federation.evaluate_every={rounds}", f"data.image_size={image_size}",
                                   "train.batch_size=16", "data.augment=false"])
@@ -68,6 +68,31 @@ def measure(work: Path, *, sizes: tuple[int, ...] = (10, 30, 100), rounds: int =
             "mem_growth_over_site_growth": float(growth), "steady_round_s_per_site": steady,
             "patients_per_site": patients, "image_size": image_size, "rounds": rounds,
             "ray_cpus": os.cpu_count(), "models": model_size()}
+
+
+def _cohort(root: Path, *, sites: int, image_size: int, patients: int) -> Path:
+    """``sites`` synthetic sites under ``root``; the synthesiser writes at most 64 at a time,
+    so beyond that further batches (another seed) are written aside and copied in renamed."""
+    import shutil
+
+    from fedmed.data.importers.synth import synthesize
+
+    if (root / "fedmed-data.yaml").exists():
+        return root
+    first = min(sites, 64)
+    cohort(root, sites=first, central=0, image_size=image_size, patients=[patients] * first)
+    done, batch = first, 1
+    while done < sites:
+        n = min(sites - done, 64)
+        extra = root.parent / f"{root.name}-batch{batch}"
+        shutil.rmtree(extra, ignore_errors=True)
+        synthesize(extra, sites=n, central=0, image_size=image_size, patients_per_site=[patients] * n,
+                   notes=False, seed=batch)
+        for site in sorted(p for p in extra.iterdir() if (p / "records.csv").exists()):
+            shutil.copytree(site, root / f"b{batch}_{site.name}")
+        shutil.rmtree(extra)
+        done, batch = done + n, batch + 1
+    return root
 
 
 def _train_message(current: Any, dst: int) -> Any:
