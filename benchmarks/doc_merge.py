@@ -16,7 +16,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "dp": ("Privacy cost",),
     "pretrained": ("Pretrained", "Privacy cost, pretrained"),
     "data_path": ("Data path",),
-    "federation": ("Federation", "Overhead,", "Network", "fp16", "Direct baseline", "SuperNode", "Deployment wall"),
+    "federation": ("Federation", "Overhead,", "Network", "fp16", "Direct baseline", "Cuts", "Deployment wall"),
     "scale": ("Scale", "Model size"),
 }
 

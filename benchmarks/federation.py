@@ -433,8 +433,10 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
              "(`benchmarks.federation.direct`: the server's initial model and learning-rate schedule, the ClientApp's "
              "per-round reseed, fedmed's `train_epochs`, Flower's FedAvg, replies in the same order); its critical "
              "path is the slowest site's training per round there. *Deployment* = `fedmed demo` (a real "
-             "`fedmed-server` and one `fedmed-client` process per site, loopback), wall time from launch until "
-             "`summary.json` is written. *Simulation* = `fedmed simulate`, one Ray CPU per site so the sites train "
+             "`fedmed-server` and one `fedmed-client` process per site, loopback; launched as `fedmed.demo.demo` in a "
+             "fresh interpreter, i.e. without the `fedmed` CLI importing every sub-command first, torch and Ray, "
+             "which no deployment runs), wall time from launch until `summary.json` is written; its sites share the "
+             "machine's 2 cores, so each trains slower than alone (the critical path includes that). *Simulation* = `fedmed simulate`, one Ray CPU per site so the sites train "
              "side by side as in the deployment. Load average (1/5/15 min) before the runs "
              f"{'/'.join(map(str, f.get('load_before', [])))}, after {'/'.join(map(str, f.get('load_after', [])))}.", "",
              "| run | rounds | wall s | critical s | wall ÷ critical | " + " | ".join(_PARTS) + " | central test AUC | load |",
@@ -481,6 +483,20 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
                   "import and database creation before round 1, each round's log) runs on its own thread "
                   "(`server/tracking.py` `BackgroundTracker`: the same calls in the same order). Results are "
                   "identical: the same central test AUC with and without the cuts (table)."]
+    for key, target in (("deployment_long", 1.25), ("simulation_long", 1.15)):
+        if key in f and _ratio(f[key]) > target:
+            r, sp = f[key], f[key]["split_s"]
+            over, allowed = r["wall_s"] - r["critical_train_s"], (target - 1) * r["critical_train_s"]
+            lines += ["", f"**Missed:** {key.split('_')[0]}, {r['rounds']} rounds: {_ratio(r):.2f} > {target}. "
+                      f"Overhead {over:.1f} s where {allowed:.1f} s would meet it: fixed {sp['startup'] + sp['site_setup'] + sp['after']:.1f} s "
+                      f"(start-up {sp['startup']:.1f}, site set-up {sp['site_setup']:.1f}, after the rounds {sp['after']:.1f}), "
+                      f"per round {(sp['wait_transfer'] + sp['evaluation'] + sp['reporting'] + sp['aggregation']) / r['rounds']:.2f} s "
+                      f"(delivery {sp['wait_transfer'] / r['rounds']:.2f}, evaluation {sp['evaluation'] / r['rounds']:.2f}) on a "
+                      f"{r['critical_train_s'] / r['rounds']:.1f} s critical round. What is left per round is the message path "
+                      "(the server's, the node's and the runner's polls, each at most 0.2-0.25 s, and each update crossing "
+                      "gateway, SuperLink, SuperNode and runner over HTTP) and central evaluation (about 0.3 s a round); "
+                      "not cut here: central evaluation overlapped with the next round (on this machine it would share "
+                      "the sites' two cores) and shorter polls (each poll is an HTTP request that also costs the sites CPU)."]
     marks = f["deployment"].get("startup_marks_s")
     if marks:
         lines += ["", "Deployment start-up, seconds after launch (from the SuperLink's log): " +
