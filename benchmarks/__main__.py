@@ -76,28 +76,8 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         r = res["trainer"]["ratio"]
         rows.append(("Trainer efficiency (fedmed samples/s ÷ minimal loop)", _fmt(r), "≥ 0.95", _mark(r["median"] >= 0.95)))
     if "federation" in res:
-        f = res["federation"]
-        d = f["direct"]["wall_s"]
-        for key, label in (("deployment", "real deployment, loopback"), ("simulation", "simulation engine")):
-            if key in f:
-                ratio = f[key]["wall_s"] / d
-                rows.append((f"Federation overhead, {label} (wall ÷ direct training)", _one(ratio), "≤ 1.15",
-                             _mark(ratio <= 1.15)))
-        n32, n16 = f.get("network_fp32"), f.get("network_fp16")
-        if n32:
-            r = n32["ratios"]
-            s = {"min": min(r), "median": sorted(r)[len(r) // 2], "max": max(r)}
-            rows.append(("Network, fp32 (bytes a site sends per round ÷ fp32 model size)", _fmt(s, 3), "≤ 1.02",
-                         _mark(s["max"] <= 1.02)))
-        if n16:
-            r = n16["ratios"]
-            s = {"min": min(r), "median": sorted(r)[len(r) // 2], "max": max(r)}
-            rows.append(("Network, fp16 updates (same ratio)", _fmt(s, 3), "≤ 0.51", _mark(s["max"] <= 0.51)))
-            a32, a16 = f["deployment"].get("central_test_auc"), f["deployment_fp16"].get("central_test_auc")
-            if a32 is not None and a16 is not None:
-                loss = a32 - a16
-                rows.append(("fp16 updates: loss of central test AUC vs fp32", f"**{loss:+.4f}** ({a32:.4f} → {a16:.4f})",
-                             "≤ 0.005", _mark(loss <= 0.005)))
+        from benchmarks import federation
+        rows += federation.summary_rows(res["federation"])
     if "dp" in res:
         r = res["dp"]
         s = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
@@ -112,10 +92,8 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append(("Privacy cost, pretrained frozen backbone (DP step ÷ plain step)", _fmt(s), "≤ 2.0",
                          _mark(s["median"] <= 2.0)))
     if "scale" in res:
-        sc = res["scale"]
-        g = sc["mem_growth_over_site_growth"]
-        rows.append((f"Scale {'/'.join(str(r['sites']) for r in sc['rows'])} sites: peak-memory growth ÷ site growth",
-                     _one(g), "≤ 1 (at most linear)", _mark(g <= 1.0)))
+        from benchmarks import scale
+        rows += scale.summary_rows(res["scale"])
     if "data_path" in res:
         r = res["data_path"]["ratio"]
         rows.append(("Data path (epoch from the decoded-image cache ÷ first, decoding epoch)", _fmt(r), "< 1 (report)",
@@ -143,46 +121,8 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
                   f"alternating; {t['threads']} thread(s) on {t['device']}. Samples/s: fedmed {_fmt(t['fedmed_samples_per_s'], 1)}, "
                   f"minimal {_fmt(t['minimal_samples_per_s'], 1)}; samples per CPU-second ratio {_fmt(t['cpu_ratio'])}.", ""]
     if "federation" in res:
-        f = res["federation"]
-        d = f["direct"]
-        lines += ["### Federation overhead and network", "",
-                  f"Job: sites {', '.join(f['sites'])}; {', '.join(f['job'])}; central evaluation each round. "
-                  f"*Direct* = the same training without Flower in one process ({d['threads']} threads): each site "
-                  "trains from the global weights with fedmed's `train_epochs`, FedAvg by hand, the coordinator's "
-                  "central evaluation each round, site test evaluation at the end. *Deployment* = `fedmed demo` "
-                  "(a real `fedmed-server` and one `fedmed-client` process per site, loopback), wall time from launch "
-                  "to the written results, start-up included. *Simulation* = `fedmed simulate` (Flower's simulation "
-                  "engine, Ray) in the benchmark process.", "",
-                  "| run | wall s | ratio to direct | rounds (s) | central test AUC |", "|---|---:|---:|---|---:|",
-                  f"| direct | {d['wall_s']:.1f} | 1.00 | training {d['train_s']:.1f} s | {d.get('central_test_auc') or float('nan'):.4f} |"]
-        for key in ("deployment", "deployment_fp16", "simulation"):
-            if key in f:
-                r = f[key]
-                lines.append(f"| {key.replace('_', ' ')} | {r['wall_s']:.1f} | {r['wall_s'] / d['wall_s']:.2f} | "
-                             f"{', '.join(f'{s:.1f}' for s in r['round_s'])} | {r.get('central_test_auc') or float('nan'):.4f} |")
-        for key in ("deployment", "simulation"):
-            if key in f:
-                r = f[key]
-                lines += ["", f"{key.capitalize()}: the slowest site's training summed over rounds (the critical path) "
-                          f"was {r['critical_train_s']:.1f} s of the {r['wall_s']:.1f} s wall; the rest "
-                          f"({r['wall_s'] - r['critical_train_s']:.1f} s, {1 - r['critical_train_s'] / r['wall_s']:.0%}) is "
-                          "start-up, data loading, messaging, aggregation, evaluation and reporting."]
-        if "deployment" in f:
-            ph = f["deployment"]["phases_s"]
-            lines += ["", "Where the deployment's rounds spent their time (summed over rounds, s): " +
-                      ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) +
-                      "; site training inside those rounds: " +
-                      ", ".join(f"{s} {v:.1f}" for s, v in f["deployment"]["site_train_s"].items()) + "."]
-        if "simulation" in f:
-            e = f["simulation"]["engine"]
-            lines += ["", f"Simulation engine start-up ≈ {e['startup_s']:.1f} s of its {e['total_s']:.1f} s; "
-                      f"steady round {e['steady_round_s']:.1f} s; peak memory {e['peak_rss_mb']:.0f} MiB."]
-        for key in ("network_fp32", "network_fp16"):
-            if key in f:
-                n = f[key]
-                lines += ["", f"{key}: model {n['model_fp32_bytes']:,} bytes fp32; per-reply ratios "
-                          + ", ".join(f"{r:.4f}" for r in n["ratios"]) + "."]
-        lines.append("")
+        from benchmarks import federation
+        lines += federation.doc_lines(res["federation"])
     if "dp" in res:
         r = res["dp"]
         lines += ["### Privacy cost", "",
@@ -198,14 +138,8 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
             lines[-2] += (f" With 2 threads: ratio {t['ratio_min']:.2f} / **{t['ratio_median']:.2f}** / {t['ratio_max']:.2f}, "
                           f"CPU-time median {t['cpu_ratio_median']:.2f}.")
     if "scale" in res:
-        sc = res["scale"]
-        lines += ["### Scale", "",
-                  f"`fedmed simulate` over N synthetic sites of {sc['patients_per_site']} patients each "
-                  f"({sc['image_size']}px), {sc['rounds']} rounds; {os.cpu_count()} Ray CPUs, 1 per site.", "",
-                  "| sites | total s | start-up s | steady round s | peak memory MiB |", "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['sites']} | {r['total_s']:.1f} | {r['startup_s']:.1f} | {r['steady_round_s']:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} |" for r in sc["rows"]]
-        lines += ["", f"Memory fit: {sc['mem_intercept_mb']:.0f} MiB + {sc['mem_slope_mb_per_site']:.1f} MiB per site.", ""]
+        from benchmarks import scale
+        lines += scale.doc_lines(res["scale"])
     if "data_path" in res:
         r = res["data_path"]
         lines += ["### Data path", "",
@@ -229,13 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = _run_all(a.out.resolve(), set(a.only))
     total = time.perf_counter() - t0
-    (a.out / "results.json").write_text(json.dumps({"machine": mach, "results": res, "total_s": total},
+    for name in res:  # each benchmark's own machine state (load average) beside its numbers
+        res[name].setdefault("machine", mach)
+    kept = {}
+    if set(a.only) != set(BENCHES) and (a.out / "results.json").exists():  # --only: keep the others' numbers
+        kept = {k: v for k, v in json.loads((a.out / "results.json").read_text()).get("results", {}).items()
+                if k not in res}
+    (a.out / "results.json").write_text(json.dumps({"machine": mach, "results": {**kept, **res}, "total_s": total},
                                                    indent=2, default=float))
     cmd = "make bench   # = python -m benchmarks" + ("" if set(a.only) == set(BENCHES) else f" --only {' '.join(a.only)}")
+    old_doc = a.doc.read_text() if a.doc.exists() else ""
     write_doc(res, mach, a.doc, command=cmd, total_s=total)
+    if set(a.only) != set(BENCHES):  # keep the page's rows and sections of the benchmarks not run
+        from benchmarks.doc_merge import merge
+        a.doc.write_text(merge(old_doc, a.doc.read_text(), ran=set(a.only)))
     for row in summary_rows(res):
         print(" | ".join(row))
     print(f"[benchmarks] {total / 60:.1f} min; table in {a.doc}, raw numbers in {a.out / 'results.json'}")
+    match = res.get("federation", {}).get("auc_match")
+    if match and not match["ok"]:  # the direct baseline must compute what the federation computes
+        print(f"[benchmarks] FAILED: direct, deployment and simulation end at different AUCs: {match}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after the coordinator shuts down (one federation), instead of serving on")
     p.add_argument("--grace", type=float, default=20.0,
                    help="with --once: seconds the server must stay unreachable before exiting")
+    p.add_argument("--poll", type=float, default=float(os.environ.get("FEDMED_NODE_POLL", "0.25")),
+                   help="longest wait of the idle node before it asks the coordinator again, seconds "
+                        "(default 0.25, or $FEDMED_NODE_POLL; 3 = Flower's own node, unchanged)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="site config overrides")
     return p
 
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     env = flower_env(work / ".flwr")
     port = args.port or free_port()
     isolation = _isolation(work, env)
-    node_args = ["flower-supernode", "--superlink", args.server, "--port", str(port), "--isolation", isolation,
+    node_args = [*_node_command(args.poll), "--superlink", args.server, "--port", str(port), "--isolation", isolation,
                  "--node-config",
                  f"site='{cfg.site}' site-config='{site_yaml}' audit-log='{work / 'audit.jsonl'}'"]
     # Flower's SuperNode installs no app dependencies unless --allow-runtime-dependency-installation.
@@ -123,6 +126,20 @@ def run(args: argparse.Namespace) -> int:
         return [node, spawn(runner_args, env=env, log_path=app_log)]
 
     return _supervise(start, args, tls, log_path)
+
+
+def _node_command(poll: float) -> list[str]:
+    """Flower's SuperNode, its idle sleep capped at ``poll`` s where this Flower allows it.
+
+    Flower 1.42 sleeps 3 s between asks when idle, with no setting; each round's messages
+    then waited 1.5 s on average (docs/benchmarks.md). ``poll >= 3`` runs Flower's node as is.
+    """
+    problem = flower_compat.check_node_poll()
+    if poll >= 3.0 or problem is not None:
+        if problem is not None:
+            print(f"fedmed-client: Flower's idle poll stays at 3 s ({problem})", file=sys.stderr, flush=True)
+        return ["flower-supernode"]
+    return [sys.executable, "-m", "fedmed.client.node", "--poll", f"{poll:g}", "--"]
 
 
 def _isolation(work: Path, env: dict[str, str]) -> str:

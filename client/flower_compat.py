@@ -1,18 +1,22 @@
 """Every use fedmed makes of Flower's internals, in one module, checked at start-up.
 
-fedmed needs two things Flower 1.42 has no public API for (it offers no long-lived
+fedmed needs three things Flower 1.42 has no public API for (it offers no long-lived
 ClientApp process: its "warm executors" are one-task Kubernetes pods):
 
 * the **warm runner** (:mod:`fedmed.client.warm`): acquire a SuperNode's ClientApp tasks
   over its Runtime API and run them in one process, as Flower's SuperExec +
   ``flwr-clientapp`` pair does, but keeping imports, data and model loaded between rounds;
 * the **app gate** of the fallback: Flower's own ``flwr-clientapp`` (``--isolation
-  subprocess``) with fedmed's FAB check run before it installs the FAB.
+  subprocess``) with fedmed's FAB check run before it installs the FAB;
+* the **node's idle poll** (:func:`run_supernode`): an idle SuperNode sleeps a hard-coded 3 s
+  between asks for messages (and 0.5 s between looks for a reply), with no setting for it,
+  so every message of every round waited 1.5 s on average before a site saw it.
 
-:func:`check_warm` / :func:`check_gate` import and exercise what each needs and return a
-reason when a Flower release has moved it; the site then falls back to the gate, or refuses
-to start (:mod:`fedmed.client.cli`). Nothing else in fedmed imports ``flwr.supercore``,
-``flwr.proto``, ``flwr.supernode`` or ``flwr.common.serde``.
+:func:`check_warm` / :func:`check_gate` / :func:`check_node_poll` import and exercise what
+each needs and return a reason when a Flower release has moved it; the site then falls back
+to the gate (or to Flower's unchanged node), or refuses to start (:mod:`fedmed.client.cli`).
+Nothing else in fedmed imports ``flwr.supercore``, ``flwr.proto``, ``flwr.supernode`` or
+``flwr.common.serde``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import contextlib
 import importlib
 import inspect
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,6 +42,8 @@ __all__ = [
     "run_gated_clientapp",
     "CLIENTAPP_COMMAND",
     "wire_bytes",
+    "check_node_poll",
+    "run_supernode",
 ]
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # what Flower's SuperExec launches per task, found on PATH
@@ -165,6 +173,56 @@ def check_gate() -> str | None:
     except Exception as exc:
         return f"self-check raised {type(exc).__name__}: {exc}"
     return None
+
+
+_NODE_LOOP = "flwr.supernode.start_client_internal"  # the SuperNode's pull/push loop
+_NODE_CLI = ("flwr.supernode.cli", "flower_supernode")  # the flower-supernode console script
+
+
+def check_node_poll() -> str | None:
+    """None when the SuperNode's idle sleeps can be shortened by :func:`run_supernode`, else why not.
+
+    The loop must still take its sleeps from the ``time`` module it imported (that is what
+    is swapped) and still sleep 3 s when idle (else there is nothing to shorten).
+    """
+    try:
+        if (problem := _missing([(_NODE_LOOP, "start_client_internal"), _NODE_CLI],
+                                "FEDMED_COMPAT_REQUIRE_POLL")) is not None:
+            return problem
+        mod = importlib.import_module(_NODE_LOOP)
+        if getattr(mod, "time", None) is not time:
+            return f"{_NODE_LOOP} no longer sleeps through the time module"
+        if "time.sleep(3)" not in inspect.getsource(mod.start_client_internal):
+            return "the SuperNode no longer sleeps 3 s when idle"
+    except Exception as exc:  # noqa: BLE001 - any surprise: run Flower's node as it is
+        return f"self-check raised {type(exc).__name__}: {exc}"
+    return None
+
+
+class _CappedSleep:
+    """The ``time`` module with every ``sleep`` capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def run_supernode(argv: list[str], *, poll: float) -> None:
+    """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds.
+
+    Only the waits change (Flower's loop asks again sooner); what it pulls, stores and
+    pushes is Flower's own. When :func:`check_node_poll` finds the loop moved, the node
+    runs unchanged (slower, still correct).
+    """
+    if check_node_poll() is None:
+        importlib.import_module(_NODE_LOOP).time = _CappedSleep(poll)  # type: ignore[attr-defined]
+    sys.argv = ["flower-supernode", *argv]
+    _get(*_NODE_CLI)()
 
 
 def wire_bytes(msg: Message) -> int:

@@ -95,6 +95,9 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
     })
+    # Flower's SuperExec (it starts the ServerApp, and a fallback site's ClientApps) looks for
+    # new work every 1 s by default; its supported setting shortens that start-up wait.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     env.update(extra or {})
     return env
 

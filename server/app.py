@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from fedmed.server.federation import run_federation
 from fedmed.server.crosssite import cross_site_html
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import site_problems, summary_table, write_report
-from fedmed.server.tracking import Tracker
+from fedmed.server.tracking import BackgroundTracker, Tracker
 
 __all__ = ["app", "run"]
 
@@ -34,9 +35,11 @@ def run(grid: Grid, run_config: dict) -> Path:
     cfg = FedmedConfig.model_validate_json(Path(str(run_config["fedmed-config"])).read_text())
     out = Path(str(run_config["out-dir"]))
     resume = bool(run_config.get("resume", False))
-    tracker = Tracker(uri=str(run_config.get("mlflow-uri") or "") or cfg.tracking.mlflow_uri,
-                      experiment=cfg.tracking.experiment, run_name=cfg.name, out_dir=out,
-                      resume=resume)
+    tracker: Tracker | BackgroundTracker = Tracker(
+        uri=str(run_config.get("mlflow-uri") or "") or cfg.tracking.mlflow_uri,
+        experiment=cfg.tracking.experiment, run_name=cfg.name, out_dir=out, resume=resume)
+    if os.environ.get("FEDMED_TRACKING_INLINE") != "1":  # "1": on the rounds' path (benchmarks compare)
+        tracker = BackgroundTracker(tracker)  # MLflow starts and logs while the rounds run
     tracker.start()
     if not resume:
         tracker.log_params(cfg.model_dump(mode="json"))

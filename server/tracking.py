@@ -9,9 +9,12 @@ string from a round (a reason, a file name) can carry patient data into MLflow.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -19,7 +22,7 @@ from typing import Any, Iterable, Literal
 from fedmed.calibration import MEASURE_KEYS
 from fedmed.errors import UsageError
 
-__all__ = ["Tracker", "flatten_config", "round_metrics", "calibration_metrics"]
+__all__ = ["Tracker", "BackgroundTracker", "flatten_config", "round_metrics", "calibration_metrics"]
 
 log = logging.getLogger("fedmed.server.tracking")
 
@@ -236,3 +239,61 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a federation
             log.warning("MLflow at %s: could not %s (%s: %s); the federation continues",
                         self.uri, what, type(exc).__name__, exc)
+
+
+class BackgroundTracker:
+    """A :class:`Tracker` whose calls run in order on one worker thread, off the rounds' path.
+
+    Why: starting MLflow (its import, creating the sqlite database) took 5-11 s before
+    round 1 could start, and every round's log waited for the database (docs/benchmarks.md).
+    Here the rounds go on meanwhile; the same calls reach MLflow with the same values, in
+    the same order (rows are copied when queued). A failed :meth:`start` (a wrong URI) is
+    raised by the next call, so it still stops the federation, after round 1 at the latest;
+    :meth:`end` waits until everything queued is logged.
+    """
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="fedmed-tracking", daemon=True)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:  # after a failed start nothing else is sent
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+
+    def _submit(self, job: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._jobs.put(job)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._submit(self.tracker.start)
+
+    def log_params(self, cfg_dict: dict[str, Any]) -> None:
+        cfg_dict = copy.deepcopy(cfg_dict)
+        self._submit(lambda: self.tracker.log_params(cfg_dict))
+
+    def log_round(self, row: dict[str, Any]) -> None:
+        row = copy.deepcopy(row)
+        self._submit(lambda: self.tracker.log_round(row))
+
+    def log_calibration(self, cal: dict[str, Any] | None, *, step: int) -> None:
+        cal = copy.deepcopy(cal)
+        self._submit(lambda: self.tracker.log_calibration(cal, step=step))
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        paths = list(paths)
+        self._submit(lambda: self.tracker.log_artifacts(paths))
+
+    def end(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
+        """Log the end and wait for the worker; a start that failed is not raised again here."""
+        if self._thread.is_alive():
+            self._jobs.put(lambda: self.tracker.end(status))
+            self._jobs.put(None)
+            self._thread.join()

@@ -103,3 +103,29 @@ def test_an_exception_in_the_app_leaves_as_code_and_reference_only(caplog):
     assert "P-000123" not in reason and "/srv" not in reason
     ref = reason.split("ref=")[1]
     assert ref in caplog.text and "P-000123" in caplog.text  # the full story stays in the site's log
+
+
+def test_node_poll_check_passes_on_the_pinned_flower_and_fails_when_a_piece_is_gone(monkeypatch):
+    assert flower_compat.check_node_poll() is None
+    monkeypatch.setenv("FEDMED_COMPAT_REQUIRE_POLL", "flwr.supernode.gone:Thing")
+    assert "flwr.supernode.gone.Thing is missing" in flower_compat.check_node_poll()
+
+
+def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_through():
+    import time
+
+    capped = flower_compat._CappedSleep(0.05)
+    t = time.perf_counter()
+    capped.sleep(3)   # Flower's idle wait
+    capped.sleep(0.01)
+    assert 0.055 <= time.perf_counter() - t < 0.5
+    assert capped.time is time.time and capped.monotonic is time.monotonic
+
+
+def test_site_node_command_caps_the_idle_poll_unless_told_flowers(monkeypatch):
+    from fedmed.client.cli import _node_command
+
+    assert _node_command(0.25)[-4:] == ["fedmed.client.node", "--poll", "0.25", "--"]
+    assert _node_command(3.0) == ["flower-supernode"]
+    monkeypatch.setenv("FEDMED_COMPAT_REQUIRE_POLL", "flwr.supernode.gone:Thing")
+    assert _node_command(0.25) == ["flower-supernode"]  # the loop moved: Flower's node as it is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,30 @@ def test_failures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         tr.log_params(CONFIG)
         tr.end("FAILED")
     assert "tracking server down" in caplog.text
+
+
+def test_background_tracker_logs_the_same_rows_in_order_and_raises_a_failed_start(tmp_path: Path) -> None:
+    from fedmed.server.tracking import BackgroundTracker
+
+    tr = BackgroundTracker(_tracker(tmp_path))
+    tr.start()
+    tr.log_params(CONFIG)
+    row = _row(1)
+    tr.log_round(row)
+    row["fed_auc"] = 0.0  # changed after queuing: the queued copy is what is logged
+    tr.log_round(_row(2))
+    tr.end("FINISHED")
+    client = MlflowClient(tracking_uri=tr.tracker.uri)
+    run = client.get_run(tr.tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id, "fed_auc")] \
+        == [(1, 0.6), (2, 0.7)]
+
+    bad = BackgroundTracker(Tracker(uri="nosuchscheme://nowhere", experiment="x", run_name="r", out_dir=tmp_path))
+    bad.start()
+    deadline = time.monotonic() + 60
+    while bad._error is None and time.monotonic() < deadline:  # the worker's start fails meanwhile
+        time.sleep(0.05)
+    with pytest.raises(ValueError, match="nosuchscheme://nowhere"):
+        bad.log_round(_row(1))
+    bad.end("FAILED")  # does not raise again
