@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import tempfile
 import time
@@ -157,22 +158,35 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
     data = [{**{k: v[i] for k, v in batch.items()}, "label": labels[i]} for i in range(info["batch"])] * 8
     plan = plan_dp(privacy=PrivacyConfig(enabled=True), n_train=len(data), batch_size=info["batch"], rounds=1,
                    local_epochs=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger = PrivacyLedger(Path(tmp) / "ledger.json", accountant=plan.accountant)
-        work = copy.deepcopy(base)
-        kw = {} if grad_sample_mode == "hooks" else {"grad_sample_mode": grad_sample_mode}
-        dp_model, opt_dp, _, _ = make_private(work, make_optimizer(work, cfg.train), data, plan=plan, ledger=ledger,
-                                              **kw)
+    work = copy.deepcopy(base)
+    dp_loss = loss_fn
+    if grad_sample_mode in ("hooks", "opacus_conv"):  # the production path (fedmed's or Opacus' Conv2d sampler)
+        with tempfile.TemporaryDirectory() as tmp:
+            ledger = PrivacyLedger(Path(tmp) / "ledger.json", accountant=plan.accountant)
+            dp_model, opt_dp, _, _ = make_private(work, make_optimizer(work, cfg.train), data, plan=plan,
+                                                  ledger=ledger, fast_conv=grad_sample_mode == "hooks")
+    else:  # Opacus' other modes, straight from its engine with the same noise and clipping
+        from opacus import PrivacyEngine
+
+        made = PrivacyEngine(accountant=plan.accountant).make_private(
+            module=work, optimizer=make_optimizer(work, cfg.train), noise_multiplier=plan.noise_multiplier,
+            data_loader=torch.utils.data.DataLoader(data, batch_size=info["batch"]),
+            max_grad_norm=plan.max_grad_norm, poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+            **({"criterion": loss_fn} if grad_sample_mode == "ghost" else {}))
+        dp_model, opt_dp = made[0], made[1]
+        if grad_sample_mode == "ghost":  # clipping happens in the loss's double backward
+            dp_loss = made[2]
     dp_store = dict.fromkeys(PHASES, 0.0)
     for key, attr in (("clip", "clip_and_accumulate"), ("noise", "add_noise")):
-        setattr(opt_dp, attr, _timer(dp_store, key, getattr(opt_dp, attr)))
+        if hasattr(opt_dp, attr):
+            setattr(opt_dp, attr, _timer(dp_store, key, getattr(opt_dp, attr)))
 
     def run(model: nn.Module, opt: torch.optim.Optimizer, store: dict[str, float]) -> dict[str, float]:
         for k in store:
             store[k] = 0.0
         t = time.perf_counter()
         for _ in range(steps):
-            _step_phases(model, opt, batch, labels, loss_fn, store)
+            _step_phases(model, opt, batch, labels, dp_loss if model is dp_model else loss_fn, store)
         out = {k: v / steps for k, v in store.items()}
         out["total"] = (time.perf_counter() - t) / steps
         return out
@@ -199,22 +213,37 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
             "ratios": ratios, "per_sample_grad_ms_by_layer": layers}
 
 
+#: Opacus' ways to the per-sample gradients, tried on the fusion model: ``hooks`` is fedmed's
+#: production path (hooks + fedmed's Conv2d sampler), ``opacus_conv`` the same with Opacus'
+#: own Conv2d sampler, ``functorch`` / ``ghost`` (fast gradient clipping) / ``ew`` Opacus' others.
+MODES = ("hooks", "opacus_conv", "functorch", "ghost", "ew")
+
+
 def measure(*, steps: int = 3, repeats: int = 7, threads: int | None = 1,
-            modes: tuple[str, ...] = ("hooks",)) -> dict[str, Any]:
-    """Plain vs DP step, in phases, for every model in :data:`MODELS` (and each ``modes``)."""
-    old = torch.get_num_threads()
+            modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """Plain vs DP step, in phases: every model in :data:`MODELS` on the production path, and
+    the fusion model (the target's) also in each other of ``modes``; a mode that fails on the
+    model is recorded with its error."""
+    import os
+
+    from fedmed.dp_conv import fast_conv2d_enabled, use_fast_conv2d
+
+    old, old_conv = torch.get_num_threads(), fast_conv2d_enabled()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        import os
-
         out: dict[str, Any] = {"threads": torch.get_num_threads(), "load_before": round(os.getloadavg()[0], 2)}
         for name in MODELS:
-            for mode in modes:
-                out[f"{name}/{mode}"] = _measure_one(name, steps=steps, repeats=repeats, grad_sample_mode=mode)
+            for mode in modes if name == "fusion" else ("hooks",):
+                try:
+                    out[f"{name}/{mode}"] = _measure_one(name, steps=steps, repeats=repeats, grad_sample_mode=mode)
+                except Exception as exc:  # noqa: BLE001 (a mode Opacus cannot run on this model is a result)
+                    out[f"{name}/{mode}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        out["load_after"] = round(os.getloadavg()[0], 2)
         return out
     finally:
         torch.set_num_threads(old)
+        use_fast_conv2d(old_conv)
 
 
 def section(res: dict[str, Any]) -> list[str]:
@@ -222,7 +251,7 @@ def section(res: dict[str, Any]) -> list[str]:
     lines = ["## DP cost at the sites' batch sizes, and where the time goes", "", "```bash",
              f"make bench-dp   # = python -m benchmarks.dp_cost --repeats {res.get('repeats', 7)}", "```", "",
              (f"{res['threads']} torch thread(s) (each site's process gets one here); load average before "
-             f"{res['load_before']}. Each row: {next(iter(v for k, v in res.items() if '/' in k))['steps']} steps "
+             f"{res['load_before']}, after {res.get('load_after', '-')}. Each row: {next(v for k, v in res.items() if '/' in k and 'steps' in v)['steps']} steps "
              "on one fixed batch, plain and DP interleaved, medians over the repeats (ms per step). The DP path "
              "is `fedmed.privacy.make_private` (Opacus GradSampleModule + DPOptimizer, fedmed's Conv2d grad "
              "sampler); *per-sample grads* = DP backward − plain backward."), "",
@@ -231,6 +260,9 @@ def section(res: dict[str, Any]) -> list[str]:
              "|---|---|---:|---:|---|---|---|---:|---:|---:|---|"]
     for key, r in res.items():
         if "/" not in key:
+            continue
+        if "error" in r:
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | - | fails: {r['error']} | - | - | - | - | - | - | - |")
             continue
         p, d = r["plain_ms"], r["dp_ms"]
         lines.append(
@@ -241,7 +273,7 @@ def section(res: dict[str, Any]) -> list[str]:
             f"{d['backward']:.1f} | {d['backward'] - p['backward']:.1f} | {d['clip']:.1f} | {d['noise']:.1f} | "
             f"{p['update']:.1f} → {d['update']:.1f} |")
     for key, r in res.items():
-        if "/" in key and r.get("per_sample_grad_ms_by_layer"):
+        if key.endswith("/hooks") and r.get("per_sample_grad_ms_by_layer"):
             top = list(r["per_sample_grad_ms_by_layer"].items())
             lines += ["", f"{key}: Opacus' per-sample-gradient functions by layer, ms per step (total "
                       f"{sum(v for _, v in top):.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in top[:8])
@@ -260,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--modes", nargs="+", default=["hooks"], help="Opacus grad_sample_mode(s) to compare")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="ways to the per-sample grads")
     p.add_argument("--doc", type=Path, default=None, help="update this doc's DP-cost section (docs/benchmarks.md)")
+    p.add_argument("--json", type=Path, default=ROOT / "runs" / "dp_cost.json", help="raw numbers")
     a = p.parse_args(argv)
     res = measure(steps=a.steps, repeats=a.repeats, threads=a.threads, modes=tuple(a.modes))
     res["repeats"] = a.repeats
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(res, indent=2))
     for line in section(res):
         print(line)
     if a.doc:

@@ -205,6 +205,33 @@ def _nvflare(root: Path, out: Path) -> dict[str, Any]:
             "to_results_s": r["finished"] - t["t0"]}
 
 
+def rounds_s(name: str, out: Path) -> float | None:
+    """Seconds the run spent in its federated rounds, by the framework's own record: fedmed's
+    round timings, Flower's "Strategy execution finished in" (with its initial central
+    evaluation), FLARE's log from "Round 0 started" to "Finished FedAvg". The rest of the
+    wall is start-up and what follows the last round."""
+    import re
+    from datetime import datetime
+
+    if name.startswith("fedmed"):
+        from fedmed.server.checkpoint import load_state
+
+        return sum(float(r["seconds"]) for r in load_state(out).history)
+    if name == "flower":
+        m = re.search(r"Strategy execution finished in ([0-9.]+)s", (out / "flwr-run.log").read_text())
+        return float(m.group(1)) if m else None
+    stamps, start, end = [], None, None
+    for line in (out / "job.log").read_text().splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)", line)
+        if m:
+            stamps.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"))
+        elif "Round 0 started" in line and stamps:
+            start = stamps[-1]
+        elif "Finished FedAvg" in line and stamps:
+            end = stamps[-1]
+    return (end - start).total_seconds() if start and end else None
+
+
 def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
@@ -218,7 +245,7 @@ def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
         r = _flower(root, out)
     else:
         r = _nvflare(root, out)
-    return {**r, "load_before": load}
+    return {**r, "rounds_s": rounds_s(name, out), "load_before": load}
 
 
 def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> dict[str, Any]:
@@ -248,6 +275,7 @@ def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> di
         sent = [b for r in rs for b in r["bytes_per_reply"]]  # none in fedmed's simulation: no guard log
         summary[name] = {"wall_s": statistics.median(walls), "wall_all": walls,
                          "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
+                         "rounds_all": [r.get("rounds_s") for r in rs],
                          "bytes_per_reply": statistics.median(sent) if sent else None,
                          "central_test_auc": [r["central_test_auc"] for r in rs],
                          "load_before": [r["load_before"] for r in rs]}

@@ -57,7 +57,7 @@ def test_sampler_sees_children_and_marked_daemons():
 
 def test_update_doc_replaces_only_its_block(tmp_path):
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nkept text\n\n<!-- peers:begin -->\nold\n<!-- peers:end -->\n")
+    doc.write_text("# Benchmarks\n\nkept text\n\n<!-- peers:begin -->\nSTALE-BLOCK\n<!-- peers:end -->\n")
     res = {"job": {"rounds": 4, "local_epochs": 3, "image_size": 64}, "sites": ["a", "b"], "repeats": 1,
            "summary": {n: {"wall_s": w, "wall_all": [w], "peak_rss_mb": 1000.0, "bytes_per_reply": b,
                            "central_test_auc": [auc], "load_before": [0.5]}
@@ -65,7 +65,7 @@ def test_update_doc_replaces_only_its_block(tmp_path):
                                             ("nvflare", 40.0, 1.7e6, 0.80))}}
     update_doc(doc, peers=res)
     text = doc.read_text()
-    assert "kept text" in text and "old" not in text and text.count("<!-- peers:begin -->") == 1
+    assert "kept text" in text and "STALE-BLOCK" not in text and text.count("<!-- peers:begin -->") == 1
     assert "fedmed, simulation vs plain Flower app: wall ratio **0.83**, |ΔAUC| 0.0000 → met" in text
     # slower than FLARE and not at equal AUC: both are misses
     assert "fedmed, simulation vs NVIDIA FLARE 2.9: wall ratio **1.25**, |ΔAUC| 0.0500 → **missed**" in text
