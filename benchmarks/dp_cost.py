@@ -279,6 +279,31 @@ def section(res: dict[str, Any]) -> list[str]:
                       f"{sum(v for _, v in top):.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in top[:8])
                       + (f", {len(top) - 8} more {sum(v for _, v in top[8:]):.1f}" if len(top) > 8 else "") + "."]
     fusion = res.get("fusion/hooks")
+    if fusion and "dp_ms" in fusion:
+        p, d, layers = fusion["plain_ms"], fusion["dp_ms"], fusion["per_sample_grad_ms_by_layer"]
+        extra = d["total"] - p["total"]
+        conv = sum(v for k, v in layers.items() if k.startswith("Conv2d"))
+        lines += ["", (f"Where the fusion model's DP step goes: of the {extra:.0f} ms it adds to the plain step, "
+                       f"{d['backward'] - p['backward']:.0f} ms ({(d['backward'] - p['backward']) / extra:.0%}) are the "
+                       f"per-sample gradients in the backward (the Conv2d layers {conv:.0f} ms, GroupNorm "
+                       f"{layers.get('GroupNorm', 0.0):.0f} ms, Opacus' bookkeeping around them "
+                       f"{layers.get('(Opacus: rescale + store per-sample grads)', 0.0):.0f} ms), clipping "
+                       f"{d['clip']:.1f} ms, noise {d['noise']:.1f} ms, the activations kept in the forward "
+                       f"{d['forward'] - p['forward']:.0f} ms. The per-sample weight gradients take as many "
+                       "multiply-adds as the plain weight gradient, but as one small matrix product per sample "
+                       "(and per kernel offset) instead of one large one, and they are written out "
+                       "(batch × weights floats) before clipping reads them again.")]
+        alts = {k.split("/")[1]: v for k, v in res.items() if k.startswith("fusion/") and k != "fusion/hooks"}
+        if alts:
+            lines += ["", "Cuts tried (Opacus' own options, same noise and clipping): " + "; ".join(
+                f"`{m}` " + (f"fails ({v['error'].split(':')[0]})" if "error" in v else
+                             f"{v['ratio_median']:.2f}× (vs {fusion['ratio_median']:.2f}× for fedmed's path)")
+                for m, v in alts.items()) + ". None is cheaper than the production path, so fedmed keeps it: "
+                "its privacy accounting is unchanged. `ghost` (fast gradient clipping) stops in Opacus' "
+                "Embedding norm sampler (a `.view` of the record model's column-sliced category indices), and "
+                "Opacus 1.6 has norm samplers only for Linear and Embedding, so the Conv2d layers, where the time "
+                "is, would still materialise per-sample gradients and add a second backward; `ew` (expanded "
+                "weights) wraps a model of one positional input and fedmed's takes keyword tensors."]
     if fusion:
         ok = fusion["ratio_median"] <= 1.5
         lines += ["", (f"Target DP step ≤ 1.5× plain for the fusion model: median **{fusion['ratio_median']:.2f}** → "

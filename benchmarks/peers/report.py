@@ -7,6 +7,7 @@ from their own runs (the peers need their own venv) and are carried over as they
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,15 @@ def peers_section(res: dict[str, Any]) -> list[str]:
             ok = ratio <= 1.0 and d_auc <= 0.01
             lines.append(f"- {LABELS[mine].split(' (')[0]} vs {LABELS[peer].split(' (')[0]}: wall ratio "
                          f"**{ratio:.2f}**, |ΔAUC| {d_auc:.4f} → {'met' if ok else '**missed**'}")
+    med = {n: (statistics.median(x for x in r["rounds_all"] if x is not None),
+               statistics.median(w - x for x, w in zip(r["rounds_all"], r["wall_all"]) if x is not None))
+           for n, r in s.items() if any(x is not None for x in r.get("rounds_all") or [])}
+    if med:
+        lines += ["", "Where the wall goes (medians, s in rounds / s outside them): " + "; ".join(
+            f"{LABELS[n].split(' (')[0]} {a:.1f} / {b:.1f}" for n, (a, b) in med.items()) + ". Outside the rounds "
+            "fedmed starts more (a SuperLink and one SuperNode process per site in the deployment) and does more "
+            "after the last round (temperature scaling on the central set, the report and its plots, MLflow); "
+            "inside them it also scores the sites' test splits in the last round."]
     lines += ["", "Notes:",
               ("- *Bytes*: fedmed deployment = the serialised reply objects as each site's guard logs them; "
               "Flower = the serialised arrays of the reply's ArrayRecord; FLARE = its own serializer (fobs) over "
