@@ -6,6 +6,7 @@ from their own runs (the peers need their own venv) and are carried over as they
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 from pathlib import Path
@@ -49,8 +50,8 @@ def peers_section(res: dict[str, Any]) -> list[str]:
              f"{job['rounds']} rounds × {job['local_epochs']} local epochs, {job['image_size']} px, seed 0, the fusion "
              "model, class-weighted CE, AdamW with the cosine-over-rounds rate, FedAvg weighted by training "
              "examples; final central test AUC on the coordinator's held-out set. The peers import fedmed's model, "
-             "data and loss (`benchmarks/peers/flower_app/fedmedpeer/task.py`) and train with their examples' plain "
-             "loop; fedmed also scores the central set every round and the sites' test splits in the last round, "
+             "data and loss and its training loop (`benchmarks/peers/flower_app/fedmedpeer/task.py`; see the notes), "
+             "the rest of each peer is its framework's stock parts; fedmed also scores the central set every round and the sites' test splits in the last round, "
              "the Flower app the central set every round, FLARE the final model only. One torch thread per "
              f"process everywhere; each run a fresh process tree; {res['repeats']} repeat(s) in rotating order "
              "under one lock; wall = launch to exit (median), memory = peak summed RSS of the run's processes."), "",
@@ -65,7 +66,11 @@ def peers_section(res: dict[str, Any]) -> list[str]:
                      f"{split} | "
                      f"{r['peak_rss_mb']:.0f} | {sent} | "
                      f"{', '.join(f'{a:.4f}' for a in r['central_test_auc'])} | {', '.join(map(str, r['load_before']))} |")
-    lines += ["", "Target: fedmed's wall time ≤ each peer's at equal final AUC (± 0.01)."]
+    loads = [x for r in s.values() for x in r["load_before"]]
+    lines += ["", (f"Load average before the runs: {min(loads):.2f}–{max(loads):.2f} on "
+              f"{os.cpu_count()} cores (work outside the benchmark lock shares the machine), so single walls "
+              "vary; the ratios below compare medians of the same rotating repeats."),
+              "", "Target: fedmed's wall time ≤ each peer's at equal final AUC (± 0.01)."]
     for peer in ("flower", "nvflare"):
         if peer not in s:
             continue
