@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pair known to work together (CUDA build; runs on CPU too).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-peers-setup bench-peers bench-dp clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,24 @@ test-slow: setup
 bench: setup
 	$(BIN)/python -m benchmarks
 
+# fedmed against a plain Flower app and NVIDIA FLARE on the same job (issue 18). The peers get
+# their own venv, so their dependencies never touch fedmed's: its own torch, flwr, nvflare, and
+# fedmed itself with --no-deps (the peers train fedmed's model on fedmed's data).
+PEERS := .venv-peers
+$(PEERS)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q -r benchmarks/peers/requirements.txt
+	$(PEERS)/bin/python -m pip install -q --no-deps -e . -e benchmarks/peers/flower_app
+	touch $@
+
+bench-peers-setup: $(PEERS)/.installed
+
+bench-peers: setup bench-peers-setup
+	$(BIN)/python -m benchmarks.peers.run --repeats 2
+
+bench-dp: setup
+	$(BIN)/python -m benchmarks.dp_cost --repeats 7 --doc docs/benchmarks.md
+
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(PEERS) runs data .pytest_cache

@@ -148,7 +148,10 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
                   f"With one training epoch on top (the model dominates): cold {_fmt(r['train_cold_s'], 1)} s, "
                   f"warm {_fmt(r['train_warm_s'], 1)} s, ratio {_fmt(r['train_ratio'])}.", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines) + "\n")
+    # the sections other runs keep between markers (peers, DP cost: benchmarks/peers/report.py) stay
+    from benchmarks.peers.report import marked_blocks
+    kept = marked_blocks(doc.read_text()) if doc.exists() else []
+    doc.write_text("\n".join(lines) + "\n" + "".join(f"\n{b}\n" for b in kept))
 
 
 def main(argv: list[str] | None = None) -> int:

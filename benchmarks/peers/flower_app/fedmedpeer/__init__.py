@@ -1,0 +1,1 @@
+"""fedmedpeer: fedmed's benchmark job as a plain Flower / PyTorch app."""
