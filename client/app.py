@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +36,8 @@ from fedmed.messages import (
     make_reply,
 )
 from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
-from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
+from fedmed.transfer import pack, unpack
 
 __all__ = ["app"]
 
@@ -62,9 +63,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG_KEY]
     if "secagg-stage" in config:  # check the plan and the peers, open their shares: before any data is read
         plan = plan_hash({k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(config))
-        _secagg(context, lambda s: s.accept(u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
-                                            round_id=int(config["server-round"]), plan=plan,
-                                            inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"]))))
+        _secagg(context, lambda s: s.accept(
+            u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
+            round_id=int(config["server-round"]), plan=plan,
+            # coordinator input: shares that a short list leaves out, accept() refuses as missing
+            inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"], strict=False))))
     elif resolve_site(context).secagg.required:
         raise SecAggRefusal("this site sends training updates only under secure aggregation (secagg.required)")
     rt, rnd = _prepare(msg, context)

@@ -14,6 +14,7 @@ platform (a SuperLink "valid_license" record), which an offline federation does 
 from __future__ import annotations
 
 import io
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10

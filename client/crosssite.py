@@ -26,8 +26,8 @@ from fedmed.checkpoint import load_checkpoint, save_checkpoint
 from fedmed.client.policy import check_name, check_number
 from fedmed.client.site import SiteRuntime
 from fedmed.messages import PublicRefusal
-from fedmed.transfer import pack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
+from fedmed.transfer import pack
 
 __all__ = ["train_local_model", "score_model", "MAX_EPOCHS", "POLICY_CODES"]
 

@@ -21,8 +21,9 @@ import contextlib
 import importlib
 import inspect
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp

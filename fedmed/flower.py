@@ -22,9 +22,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = [
     "Tls",
@@ -209,7 +210,7 @@ def server_problem(address: str, *, tls: Tls | None = None, timeout: float = 2.0
         if isinstance(reason, (TimeoutError, socket.timeout)):
             return f"no answer within {timeout:.0f}s"
         return str(reason)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return f"no answer within {timeout:.0f}s"
     except (OSError, ssl.SSLError) as exc:
         return type(exc).__name__

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier

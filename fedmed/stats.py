@@ -265,7 +265,7 @@ def hist_quantiles(counts: list[float], edges: list[float], qs: tuple[float, ...
 def _add(a: Any, b: Any) -> Any:
     """Sum two released values, a suppressed cell counting as 0 (it is flagged separately)."""
     if isinstance(a, list):
-        return [_add(x, y) for x, y in zip(a, b)]
+        return [_add(x, y) for x, y in zip(a, b, strict=False)]
     return max(a, 0.0) + max(b, 0.0)
 
 

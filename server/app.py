@@ -17,8 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmed.config import FedmedConfig
 from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
-from fedmed.server.federation import run_federation
 from fedmed.server.crosssite import cross_site_html
+from fedmed.server.federation import run_federation
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import site_problems, summary_table, write_report
 from fedmed.server.tracking import Tracker

@@ -17,8 +17,9 @@ from __future__ import annotations
 import html
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -87,7 +88,8 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
         got = send(_messages(targets, weights, {**base, CROSS_SITE_ACTION: "score", "model": which}))
         scores, bad = screen_metric_replies(got)
         failed.update({f"{name} at {s}": r for s, r in bad.items()})
-        matrix[name] = {s: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for s, m in scores.items()}
+        matrix[name] = {s: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+                        for s, m in scores.items()}
     local.clear()  # relay: the server keeps no local model once scored
     log.info("cross-site validation: %d model(s) x %d site(s); kept %s; %d failure(s)", len(models), len(sites),
              kept or "none", len(failed))

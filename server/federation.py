@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,11 +37,11 @@ from fedmed.messages import (
     screen_train_replies,
 )
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
-from fedmed.transfer import pack, unpack, widen
-from fedmed.task import model_from_config, seed_everything
 from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
 from fedmed.server.strategies import make_strategy
+from fedmed.task import model_from_config, seed_everything
+from fedmed.transfer import pack, unpack, widen
 
 __all__ = ["run_federation", "aggregate_site_metrics", "round_lr"]
 
@@ -208,7 +209,7 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
         return skipped(f"only {len(u2)} sites accepted the keys", rejected)
     inbox: dict[int, dict[int, bytes]] = {n: {} for n in u2}
     for src in u2:
-        for dst, blob in zip(shared[src]["to"], shared[src]["ciphertexts"]):
+        for dst, blob in zip(shared[src]["to"], shared[src]["ciphertexts"], strict=False):
             if int(dst) in inbox:
                 inbox[int(dst)][src] = blob
     msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: ConfigRecord({
@@ -234,9 +235,9 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
     b_shares: dict[int, list[bytes]] = {u: [] for u in u3}
     sk_shares: dict[int, list[bytes]] = {u: [] for u in set(u2) - set(u3)}
     for rec in revealed.values():
-        for u, sh in zip(rec["b-of"], rec["b-shares"]):
+        for u, sh in zip(rec["b-of"], rec["b-shares"], strict=False):
             b_shares.get(int(u), []).append(sh)
-        for u, sh in zip(rec["sk-of"], rec["sk-shares"]):
+        for u, sh in zip(rec["sk-of"], rec["sk-shares"], strict=False):
             sk_shares.get(int(u), []).append(sh)
     weights = [float(m.content["metrics"]["num-examples"]) for m in ok]
     try:
@@ -248,7 +249,8 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
             total_weight=sum(weights), dtypes={k: a.numpy().dtype for k, a in current.items()})
     except ValueError as exc:
         return skipped(f"masks could not be removed ({exc})", rejected)
-    metrics = MetricRecord({k: float(sum(w * float(m.content["metrics"][k]) for w, m in zip(weights, ok)) / sum(weights))
+    metrics = MetricRecord({k: float(sum(w * float(m.content["metrics"][k])
+                                         for w, m in zip(weights, ok, strict=True)) / sum(weights))
                             for k in ok[0].content["metrics"].keys()
                             if k != "num-examples" and isinstance(ok[0].content["metrics"][k], (int, float))})
     return ok, rejected, ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in summed.items()}), metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -90,7 +91,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
         vals = [float(v) for v in vals]
         shown = [max(v, 0.0) for v in vals]
         bars = ax.bar(range(len(vals)), shown, color="#4c72b0" if name != "pooled" else "#dd8452")
-        for b, v in zip(bars, vals):
+        for b, v in zip(bars, vals, strict=True):
             if v == SUPPRESSED:
                 ax.text(b.get_x() + b.get_width() / 2, 0, "<k", ha="center", va="bottom", fontsize=6)
         ax.set_title(name, fontsize=8)
@@ -101,7 +102,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
 
 
 def _edge_labels(edges: list[float]) -> list[str]:
-    return ["<" + f"{edges[0]:g}", *(f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])),
+    return ["<" + f"{edges[0]:g}", *(f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)),
             ">" + f"{edges[-1]:g}"]
 
 

@@ -13,8 +13,9 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from fedmed.calibration import MEASURE_KEYS
 

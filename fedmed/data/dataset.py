@@ -182,7 +182,7 @@ def build_splits(
             lines = rows["image_line"] if "image_line" in rows else pd.Series(pd.NA, index=rows.index)
             where = [f"{site}: images.csv line {line}, column 'image'" if pd.notna(line)
                      else f"{site}: image {k + 1} of {len(rows)}"
-                     for k, (site, line) in enumerate(zip(rows["site"], lines))]
+                     for k, (site, line) in enumerate(zip(rows["site"], lines, strict=True))]
             cache.prepare(rows["image_path"].tolist(), where=where, progress=progress)
     elif bool(samples["has_image"].any()):
         log.info("build_splits: no image cache given; image samples get zero images")

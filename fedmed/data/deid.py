@@ -311,7 +311,7 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
     if img.exists():
         df = pd.read_csv(img, dtype={id_column: str}, **na)
         keep, paths = [], []
-        for k, (path, pid) in enumerate(zip(df["image"], df[id_column])):
+        for k, (path, pid) in enumerate(zip(df["image"], df[id_column], strict=True)):
             line = k + 2  # header is line 1
             src = Path(path) if Path(path).is_absolute() else site_dir / path
             name = f"images/{pseudonym(pid, salt)}-{k:05d}{src.suffix.lower() or '.dcm'}"

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import AllTransferSyntaxes
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -23,6 +22,7 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
+from pydicom.uid import AllTransferSyntaxes
 
 __all__ = ["DicomError", "read_dicom", "apply_window", "MULTIFRAME_POLICIES", "codec_report"]
 

@@ -140,7 +140,7 @@ class Preprocess:
             object.__setattr__(self, "window", (float(self.window[0]), float(self.window[1])))
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> "Preprocess":
+    def from_config(cls, data_cfg: Any) -> Preprocess:
         """The spec a :class:`~fedmed.config.DataConfig` asks for."""
         return cls(size=data_cfg.image_size, channels=data_cfg.channels,
                    window=data_cfg.window, clahe=data_cfg.clahe, denoise=data_cfg.denoise,

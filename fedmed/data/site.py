@@ -70,7 +70,7 @@ class LoadSummary:
         return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in rows)
 
     @classmethod
-    def merge(cls, parts: list["LoadSummary"], *, site: str) -> "LoadSummary":
+    def merge(cls, parts: list[LoadSummary], *, site: str) -> LoadSummary:
         """Sum counts over sites (patients never collide once prefixed by site)."""
         out = cls(site=site)
         for p in parts:
@@ -260,7 +260,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
         problems.append(f"{path.name}: {int(outside.sum())} path(s) in column 'image' lead outside the "
                         f"site folder (absolute, '..' or a symlink) ({_lines(df.index[outside])}); a "
                         "folder outside it must be listed in the config's image_roots")
-    absent = pd.Series([bool(p) and not out and not os.path.isfile(p) for p, out in zip(full, outside)],
+    absent = pd.Series([bool(p) and not out and not os.path.isfile(p) for p, out in zip(full, outside, strict=True)],
                        index=df.index)
     if absent.any():
         problems.append(f"{path.name}: {int(absent.sum())} image file(s) in column 'image' do not exist "
@@ -269,7 +269,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
            if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
     # An image's own label is that image's (sample's) label: follow-up images of one patient
     # may show different findings. The records' label only fills images that carry none.
-    lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
+    lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels, strict=True))
     rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
     orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
     if orphan.any():
@@ -407,8 +407,9 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
         counts = site.samples[_SPLIT].value_counts()
         empty = [k for k in ("train", "test") if not counts.get(k, 0)]
         if empty:
+            sizes = ", ".join(f"{k}: {int(counts.get(k, 0))}" for k in SPLIT_NAMES)
             raise SiteDataError(f"site {name!r}: split column {data_cfg.split_column!r} leaves the "
-                                f"{' and '.join(empty)} side(s) empty ({', '.join(f'{k}: {int(counts.get(k, 0))}' for k in SPLIT_NAMES)} samples)")
+                                f"{' and '.join(empty)} side(s) empty ({sizes} samples)")
     return site
 
 
@@ -441,7 +442,7 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int
         images=0 if images is None else len(images), samples=len(samples),
         both=len(rec_ids & img_ids), image_only=len(img_ids - rec_ids),
         record_only=len(rec_ids - img_ids),
-        label_counts={c: int(n) for c, n in zip(cfg.classes, counts)},
+        label_counts={c: int(n) for c, n in zip(cfg.classes, counts, strict=True)},
         missing_values={c: int(records[c].isna().sum()) for c in features},
         unknown_categories=unknown,
     )

@@ -314,7 +314,7 @@ def _probe(model: TimmBackbone, *, in_chans: int) -> None:
         model.train(was_training)
     model.output = "tokens" if f.ndim == 3 else "map"
     model.num_features = int(f.shape[-1] if f.ndim == 3 else f.shape[1])
-    unused = [p for p, g in zip(params, grads) if g is None]
+    unused = [p for p, g in zip(params, grads, strict=True) if g is None]
     for p in unused:
         p.requires_grad_(False)
     if unused:

@@ -10,8 +10,8 @@ replaced per sample by a learned embedding. Everything is Opacus-compatible when
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch

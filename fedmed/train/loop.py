@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def memory_format(device: torch.device, channels_last: bool = True) -> torch.mem
 
 def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's (mu/2)·||w - w_global||² over trainable parameters."""
-    sq = sum(((p - a) ** 2).sum() for p, a in zip(_trainable(model), anchor))
+    sq = sum(((p - a) ** 2).sum() for p, a in zip(_trainable(model), anchor, strict=True))
     return 0.5 * mu * sq
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    UID,
     generate_uid,
 )
 
@@ -259,7 +259,7 @@ def synthesize(
     sd_risk = math.sqrt(_W_IMG**2 + _W_REC**2 + _NOISE**2)
     report = ImportReport(out_dir=out, classes=list(SYNTH_CLASSES))
     # (folder, scanner/lab/prevalence profile, patients, id prefix, random stream)
-    parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes))]
+    parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes, strict=True))]
     if central:
         if central < 10:
             raise ValueError("central must be 0 or at least 10 patients")
