@@ -429,7 +429,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 def _resolve_paths(raw: dict[str, Any], base: Path, keys: list[tuple[str, ...]]) -> None:
     """Make relative paths in the file relative to the file's folder, not the CWD."""
     for key in keys:
-        node = raw
+        node: Any = raw
         for part in key[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
             if node is None:

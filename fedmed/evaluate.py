@@ -211,7 +211,7 @@ def _cell(m: dict[str, float]) -> str:
     v, lo, hi = m.get("value"), m.get("lo"), m.get("hi")
     if v is None or not math.isfinite(v):
         return "-"
-    if lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{v:.4f}"
     return f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
 

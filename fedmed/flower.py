@@ -270,7 +270,7 @@ def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | Non
     """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``name`` for the flwr CLI."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
-    if tls is not None and tls.enabled:
+    if tls is not None and tls.ca is not None:  # tls.enabled
         lines.append(f'root-certificates = "{Path(tls.ca).resolve()}"')
     else:
         lines.append("insecure = true")

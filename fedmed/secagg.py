@@ -349,6 +349,8 @@ class SiteSession:
             blob = inbox.get(src)
             key = _agree(self.state["enc-private"], enc_of[src], _statement("share-key", federation, round_id))
             try:
+                if blob is None:  # refused below, as altered shares are
+                    raise ValueError(f"no shares from node {src}")
                 plain = AESGCM(key).decrypt(blob[:12], blob[12:],
                                             _statement("share", federation, round_id, src, self.node))
             except (InvalidTag, TypeError, ValueError):
@@ -424,7 +426,7 @@ def _split_fields(blob: bytes, kind: str) -> tuple[bytes, bytes]:
 
 # -- what may leave a site (the guard asks) ------------------------------------------------
 
-_REPLY_FIELDS = {
+_REPLY_FIELDS: dict[str, dict[str, type]] = {
     "keys": {"enc-key": bytes, "mask-key": bytes, "signature": bytes},
     "share": {"to": int, "ciphertexts": bytes},
     "survivors": {"signature": bytes},

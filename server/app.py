@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Literal
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -40,7 +41,7 @@ def run(grid: Grid, run_config: dict) -> Path:
     tracker.start()
     if not resume:
         tracker.log_params(cfg.model_dump(mode="json"))
-    status = "FAILED"
+    status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"  # as Tracker.end takes it
     try:
         central = make_central_eval(cfg)
         state = run_federation(grid, cfg, out_dir=out, resume=resume, central_eval=central,

@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedmed.checkpoint import save_checkpoint
 from fedmed.config import FedmedConfig
-from fedmed.messages import CONFIG_KEY, CROSS_SITE_ACTION, CROSS_SITE_TYPE, JOB_KEY, reply_site, screen_metric_replies
+from fedmed.messages import (
+    CONFIG_KEY,
+    CROSS_SITE_ACTION,
+    CROSS_SITE_TYPE,
+    JOB_KEY,
+    record_of,
+    reply_site,
+    screen_metric_replies,
+)
 from fedmed.transfer import pack, unpack
 
 __all__ = ["cross_site_validation", "cross_site_html", "plot_matrix", "SHOWN"]
@@ -65,7 +73,7 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
         if policy[site] == "private" or "arrays" not in msg.content:
             continue
         try:
-            local[site] = unpack(msg.content["arrays"], init)
+            local[site] = unpack(record_of(msg, "arrays", ArrayRecord), init)
         except Exception as exc:  # noqa: BLE001 - a malformed model is one site's failure
             failed[site] = f"local model unusable ({type(exc).__name__})"
             continue

@@ -42,7 +42,7 @@ def personalize_sites(send: Send, nodes: list[int], *, cfg: FedmedConfig, arrays
     per_site, failed = screen_metric_replies(replies)
     answered = {int(m.metadata.src_node_id) for m in replies}
     failed.update({f"node-{n}": "no reply within the round timeout" for n in nodes if n not in answered})
-    sites = {}
+    sites: dict[str, dict[str, Any]] = {}
     for site, m in sorted(per_site.items()):
         sites[site] = {"num-examples": int(m.get("num-examples", 0)),
                        "trainable-params": int(m.get("trainable-params", 0)),

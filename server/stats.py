@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
     return f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,{_png(fig)}">'
 
 
-def _edge_labels(edges: list[float]) -> list[str]:
+def _edge_labels(edges: Sequence[float]) -> list[str]:
     return ["<" + f"{edges[0]:g}", *(f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)),
             ">" + f"{edges[-1]:g}"]
 

@@ -101,8 +101,8 @@ def image_problems(site: SiteData, cache: ImageCache) -> tuple[int, list[str]]:
                 verdict[path] = None
             except ImageError as exc:
                 verdict[path] = _reason(exc, path)
-        if verdict[path] is not None:
-            by_reason[verdict[path]].append(int(line))
+        if (reason := verdict[path]) is not None:
+            by_reason[reason].append(int(line))
     problems = [f"images.csv: {len(ls)} image(s) cannot be used: {reason} ({_lines(ls)})"
                 for reason, ls in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
     decoded = sum(1 for v in verdict.values() if v is None)

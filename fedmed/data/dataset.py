@@ -8,7 +8,7 @@ file is decoded once. Augmentation applies to the training split only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from fedmed.data.site import LoadSummary, SiteData
 from fedmed.data.splits import fixed_splits, split_patients
 
 __all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
-           "class_counts"]
+           "class_counts", "dataset_size"]
 
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -119,7 +119,9 @@ class SiteDataset(Dataset):
     def _image(self, i: int) -> torch.Tensor:
         if self.has_image[i] == 0:
             return torch.zeros(self.spec.channels, self.spec.size, self.spec.size)
-        arr = self.cache.load(self.paths[i])  # type: ignore[union-attr]
+        path, cache = self.paths[i], self.cache
+        assert cache is not None and path is not None, "has_image is 1 only with a cache and an image path"
+        arr = cache.load(path)
         img = torch.from_numpy(arr.astype(np.float32) / 255.0)
         if self.transform is not None:
             img = self.transform(img).clamp(0.0, 1.0)
@@ -139,6 +141,17 @@ class SiteDataset(Dataset):
             item["notes_ids"] = self.notes["notes_ids"][i]
             item["notes_mask"] = self.notes["notes_mask"][i]
         return item
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """How many samples a map-style dataset holds.
+
+    torch types ``DataLoader.dataset`` as a bare ``Dataset``, which has no ``__len__`` (iterable
+    datasets have none); a dataset without one raises TypeError here, as ``len()`` would.
+    """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length")
+    return len(dataset)
 
 
 def class_counts(dataset: SiteDataset, n_classes: int | None = None) -> np.ndarray:

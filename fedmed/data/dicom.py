@@ -133,7 +133,8 @@ def _decode_frame(ds: pydicom.Dataset, path: Path, multiframe: str) -> tuple[np.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # excess padding and similar notes
-            arr, meta = decoder.as_array(ds, index=index, as_rgb=False)
+            # pydicom annotates **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
+            arr, meta = decoder.as_array(ds, index=index, as_rgb=False)  # type: ignore[arg-type]
     except Exception as exc:
         raise DicomError(f"pixel data could not be decoded (transfer syntax {tsyntax.name}: "
                          f"{_decode_reason(exc, tsyntax.is_compressed)})", path=path) from None

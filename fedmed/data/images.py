@@ -315,7 +315,7 @@ class ImageCache:
         paths = [str(p) for p in paths]
         if where is not None and len(where) != len(paths):
             raise ValueError(f"where has {len(where)} entries for {len(paths)} paths")
-        labels: dict[str, str] = {}
+        labels: dict[str | Path, str] = {}
         for k, p in enumerate(paths):
             labels.setdefault(p, where[k] if where is not None else f"image {k + 1} of {len(paths)}")
         unique = list(labels)

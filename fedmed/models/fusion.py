@@ -50,6 +50,9 @@ class ImageBranch(nn.Module):
     more slowly in short HAM10000 runs. Tokens for cross-attention keep their LayerNorm.
     """
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(
         self,
         *,
@@ -299,6 +302,7 @@ class FusionModel(nn.Module):
         elif self.variant == "record":
             fused = f_ehr
         else:
+            assert f_img is not None and f_ehr is not None  # the fusion variant has both branches
             a_img, w_img = self.attn_img(
                 f_img.unsqueeze(1), rec_tok, key_padding_mask=rec_pad, return_weights=True
             )

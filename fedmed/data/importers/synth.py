@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from statistics import NormalDist
+from typing import overload
 
 import numpy as np
 import pandas as pd
@@ -97,6 +98,10 @@ def default_site_sizes(sites: int) -> list[int]:
     return [int(round(v, -1)) for v in np.geomspace(400, 100, sites)]
 
 
+@overload
+def _sigmoid(x: float) -> float: ...
+@overload
+def _sigmoid(x: np.ndarray) -> np.ndarray: ...
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
     return 1.0 / (1.0 + np.exp(-x))
 
