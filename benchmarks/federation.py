@@ -118,7 +118,7 @@ def deployment(config_path: Path, overrides: list[str], out: Path) -> dict[str, 
 
 def simulation(cfg, out: Path) -> dict[str, Any]:
     """``fedmed simulate`` in this process (Flower's simulation engine), timed to its results."""
-    from fedmed.simulate import simulate
+    from fedmed.experiments.simulate import simulate
 
     if out.exists():
         shutil.rmtree(out)

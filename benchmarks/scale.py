@@ -21,7 +21,7 @@ def measure(work: Path, *, sizes: tuple[int, ...] = (5, 10, 25, 50), rounds: int
             patients: int = 24, image_size: int = 32) -> dict[str, Any]:
     import json
 
-    from fedmed.simulate import simulate
+    from fedmed.experiments.simulate import simulate
 
     rows = []
     for n in sizes:

@@ -15,8 +15,6 @@ count, a sum of confidences and a count of correct predictions); bins add up acr
 
 from __future__ import annotations
 
-import argparse
-import html
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmed.metrics import expected_calibration_error
+from fedmed.reporting.html import images, save_figure, table, write_page
 
 __all__ = [
     "fit_temperature",
@@ -46,7 +45,6 @@ __all__ = [
     "BIN_KEYS",
     "MEASURE_KEYS",
     "N_BINS",
-    "add_cli",
 ]
 
 N_BINS = 15  # the same bins as fedmed.metrics.expected_calibration_error
@@ -171,7 +169,9 @@ def merge_bins(parts: list[dict[str, Any]]) -> dict[str, list[float]]:
 def plot_reliability(bins: dict[str, Any], *, path: str | Path, title: str) -> Path:
     """PNG from bin statistics: accuracy per confidence bin, the gap to the diagonal, sample
     counts; ECE in the title. One drawing for raw predictions and for sums over sites."""
-    from matplotlib.figure import Figure  # here: sites import this module and never draw
+    from matplotlib.figure import (
+        Figure,  # here: sites import this module and never draw
+    )
 
     count, conf, correct = (np.asarray(bins[k], dtype=float) for k in BIN_KEYS)
     n_bins = len(count)
@@ -194,11 +194,7 @@ def plot_reliability(bins: dict[str, Any], *, path: str | Path, title: str) -> P
     axc.bar(centers, count, width=width, color="gray", edgecolor="black")
     axc.set_xlabel("confidence (top class)")
     axc.set_ylabel("samples")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def reliability_diagram(probs: np.ndarray, labels: np.ndarray, *, path: str | Path,
@@ -284,53 +280,9 @@ def calibrate(
 
 
 def _write_html(out: Path, res: dict[str, float], title: str) -> Path:
-    e = html.escape
-    rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float)
-                   else f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in res.items())
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>calibration: {e(title)}</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em}td{border:1px solid #ccc;"
-            "padding:3px 8px}img{max-width:45%;margin:.5em}</style></head><body>"
-            f"<h1>Calibration: {e(title)}</h1><p>Temperature fitted on the validation split, "
-            f"measured on the test split.</p><table>{rows}</table>"
-            "<img src='reliability_before.png' alt='before'><img src='reliability_after.png' alt='after'>"
-            "</body></html>")
-    path = out / "calibration.html"
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from fedmed.device import select_device
-    from fedmed.checkpoint import load_checkpoint
-    from fedmed.explain import _trained_pooled, site_split
-
-    ckpt = Path(args.checkpoint)
-    read = load_checkpoint(ckpt, config_path=args.config)
-    model, cfg = read.build_model(), read.config
-    if cfg.model.multilabel:
-        raise ValueError("temperature scaling here is for single-label (softmax) models")
-    pooled = _trained_pooled(ckpt) if args.pooled is None else args.pooled
-    enc = read.encoder
-    splits = site_split(cfg, args.site_dir, split=("val", "test"), pooled=pooled, encoder_state=enc)
-    loaders = {s: DataLoader(d, batch_size=128) for s, d in splits.items()}
-    where = Path(args.site_dir).name if args.site_dir else "all-sites"
-    out = Path(args.out) if args.out else ckpt.parent / f"calibration-{where}"
-    res = calibrate(model, loaders["val"], loaders["test"], device=select_device(cfg.train.device),
-                    out_dir=out, title=f"{cfg.name} on {where}")
-    for k, v in res.items():
-        print(f"{k:12s} {v:.4f}" if isinstance(v, float) else f"{k:12s} {v}")
-    print(f"\nwrote {out / 'calibration.html'}")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed calibrate CHECKPOINT [--site-dir DIR] [--config CFG] [--out DIR]``."""
-    p = subparsers.add_parser("calibrate", help="temperature scaling on a site's val split, ECE before/after")
-    p.add_argument("checkpoint", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--site-dir", help="site folder: fit on its val split, report on its test split "
-                   "(default: the config's sites pooled)")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=None,
-                   help="the model was trained on the config's sites pooled (default: from metrics.json)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
-    p.set_defaults(func=_cmd_calibrate)
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in res.items()]
+    return write_page(out / "calibration.html", f"calibration: {title}", [
+        "<p>Temperature fitted on the validation split, measured on the test split.</p>",
+        table(["", "value"], rows),
+        images([("reliability_before.png", "before"), ("reliability_after.png", "after")]),
+    ], heading=f"Calibration: {title}")

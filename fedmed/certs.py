@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["WouldOverwrite", "create_certificates", "create_site_key", "add_cli"]
+__all__ = ["WouldOverwrite", "create_certificates", "create_site_key"]
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -131,30 +131,3 @@ def create_site_key(out: Path, *, site: str, force: bool = False) -> tuple[Path,
                                               serialization.PublicFormat.OpenSSH) + f" {site}\n".encode(),
            force=force)
     return priv, pub
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("certs", help="create a CA and the coordinator's TLS certificate")
-    p.add_argument("--out", type=Path, default=Path("certs"))
-    p.add_argument("--host", action="append", default=[], help="name or IP the sites dial (repeat)")
-    p.add_argument("--days", type=int, default=825)
-    p.add_argument("--force", action="store_true", help="replace existing CA/server files")
-
-    def run_certs(a: Any) -> int:
-        files = create_certificates(a.out, hosts=a.host, days=a.days, force=a.force)
-        print("\n".join(f"{k:8s} {v}" for k, v in files.items()))
-        print("give ca.crt to every site; keep ca.key offline")
-        return 0
-
-    p.set_defaults(func=run_certs)
-    k = sub.add_parser("site-key", help="create a site's key pair for node authentication")
-    k.add_argument("--site", required=True)
-    k.add_argument("--out", type=Path, default=Path("keys"))
-    k.add_argument("--force", action="store_true", help="replace an existing key pair")
-
-    def run_key(a: Any) -> int:
-        priv, pub = create_site_key(a.out, site=a.site, force=a.force)
-        print(f"private {priv} (stays at the site)\npublic  {pub} (send to the coordinator: --auth-key)")
-        return 0
-
-    k.set_defaults(func=run_key)

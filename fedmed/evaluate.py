@@ -19,8 +19,6 @@ in training: with statistics of the site's own patients — its training split f
 
 from __future__ import annotations
 
-import argparse
-import html
 import json
 import math
 import re
@@ -32,13 +30,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from fedmed.bootstrap import CI_LEVEL, bootstrap_metrics
-from fedmed.checkpoint import Checkpoint, load_checkpoint
+from fedmed.checkpoint import Checkpoint
 from fedmed.config import FedmedConfig
 from fedmed.fit_check import check_site
 from fedmed.metrics import SCALAR_METRICS, compute_metrics
 from fedmed.predict import logits_of, probabilities
+from fedmed.reporting.html import esc, images, write_page
 
-__all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "add_cli", "SPLITS"]
+__all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "SPLITS"]
 
 SPLITS = ("all", "test")
 
@@ -189,6 +188,8 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, classes: list[str], *, path: Path, t
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, roc_curve
 
+    from fedmed.reporting.html import save_figure
+
     fig = Figure(figsize=(4.8, 4.6))
     ax = fig.subplots()
     cols = [1] if len(classes) == 2 else range(len(classes))
@@ -202,9 +203,7 @@ def _plot_roc(y: np.ndarray, p: np.ndarray, classes: list[str], *, path: Path, t
     ax.set_ylabel("sensitivity")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def _cell(m: dict[str, float]) -> str:
@@ -245,49 +244,16 @@ def write_report(result: dict[str, Any], preds: dict[str, tuple[np.ndarray, np.n
                             title=f"{name} (T = {result['temperature']:.2f})")
         figures += [f"roc_{slug}.png", f"reliability_{slug}.png"]
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=float))
-    e = html.escape
-    table = e(metrics_table(result))
+    e = esc
     info = "".join(f"<li>{e(n)}: {r['n_samples']} samples, {r['n_patients']} patients; record encoder from "
                    f"{e(r['record_encoder'])}; ignored columns {e(str(r['ignored_columns']))}; classes absent "
                    f"{e(str(r['absent_classes']))}</li>" for n, r in result["sites"].items())
-    imgs = "".join(f"<img src='{f}' alt='{f}'>" for f in figures)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>evaluation: {e(result['model'])}</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em}pre{background:#f6f6f6;padding:1em}"
-            "img{max-width:32%;margin:.4em}</style></head><body>"
-            f"<h1>External validation of {e(result['model'])}</h1>"
-            f"<p>Split: {e(result['split'])}; temperature T = {result['temperature']:.3f} "
-            f"({'fitted' if result['temperature_fitted'] else 'not fitted: plain softmax'}); "
-            f"{result['bootstrap']['replicates']} patient-level bootstrap replicates (seed "
-            f"{result['bootstrap']['seed']}), 95 % percentile intervals; pooled = the sites' predictions "
-            "together, patients resampled within each site. Loss is the NLL of the calibrated "
-            f"probabilities (no interval).</p><pre>{table}</pre><ul>{info}</ul>{imgs}</body></html>")
-    path = out_dir / "evaluation.html"
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.model, config_path=args.config)
-    out = Path(args.out) if args.out else ckpt.path.parent / f"evaluation-{args.split}"
-    result = evaluate_model(ckpt, args.site_dir, split=args.split, n_boot=args.bootstrap, seed=args.seed,
-                            out_dir=out, image_roots=args.image_root)
-    print(metrics_table(result))
-    print(f"\nT = {result['temperature']:.3f}; {args.bootstrap} patient-level bootstrap replicates; "
-          f"wrote {out / 'evaluation.html'} and evaluation.json")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed evaluate MODEL --site-dir DIR [--site-dir ...] [--split all|test]``."""
-    p = subparsers.add_parser("evaluate", help="external validation: metrics with bootstrap CIs per site and pooled")
-    p.add_argument("model", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--site-dir", action="append", required=True, help="site folder (repeat for several)")
-    p.add_argument("--split", choices=SPLITS, default="all",
-                   help="all: every row (a new site); test: the site's own test split as a federation makes it")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (patients resampled)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--image-root", action="append", default=[],
-                   help="folder outside the site folders that images.csv may point into (repeat)")
-    p.add_argument("--out", help="output folder (default: beside the checkpoint)")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.set_defaults(func=_cmd_evaluate)
+    return write_page(out_dir / "evaluation.html", f"evaluation: {result['model']}", [
+        f"<p>Split: {e(result['split'])}; temperature T = {result['temperature']:.3f} "
+        f"({'fitted' if result['temperature_fitted'] else 'not fitted: plain softmax'}); "
+        f"{result['bootstrap']['replicates']} patient-level bootstrap replicates (seed "
+        f"{result['bootstrap']['seed']}), 95 % percentile intervals; pooled = the sites' predictions "
+        "together, patients resampled within each site. Loss is the NLL of the calibrated "
+        f"probabilities (no interval).</p><pre>{e(metrics_table(result))}</pre><ul>{info}</ul>",
+        images(((f, f) for f in figures), kind="row"),
+    ], heading=f"External validation of {result['model']}")

@@ -15,7 +15,6 @@ deprecated but still ships and which needs nothing else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from pathlib import Path
@@ -25,9 +24,9 @@ import torch
 from torch import nn
 
 import fedmed
-from fedmed.checkpoint import Checkpoint, load_checkpoint
+from fedmed.checkpoint import Checkpoint
 
-__all__ = ["CalibratedModel", "export_model", "sidecar", "example_inputs", "input_names", "add_cli"]
+__all__ = ["CalibratedModel", "export_model", "sidecar", "example_inputs", "input_names"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts"}
 OUTPUTS = ("logits", "probabilities")
@@ -178,22 +177,3 @@ def _export_onnx(wrapped: nn.Module, args: tuple[torch.Tensor, ...], names: list
             if value.name in taken and value not in graph.inputs:
                 value.name = f"{value.name}__{id(value):x}"
     program.save(str(out))
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.model, config_path=args.config)
-    out = Path(args.out) if args.out else ckpt.path.with_suffix(FORMATS[args.format])
-    model_path, meta_path = export_model(ckpt, out, fmt=args.format)
-    print(f"wrote {model_path} and its preprocessing sidecar {meta_path} "
-          f"(T = {ckpt.calibrated_temperature:.3f}{'' if ckpt.temperature is not None else ', not fitted'})")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed export MODEL --format onnx|torchscript [--out FILE]``."""
-    p = subparsers.add_parser("export", help="the model as ONNX or TorchScript plus a preprocessing sidecar")
-    p.add_argument("model", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
-    p.add_argument("--out", help="model file to write (default: beside the checkpoint); sidecar = FILE.json")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.set_defaults(func=_cmd_export)

@@ -16,7 +16,6 @@ site did in training) or else on the input's own rows (no labels involved).
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedmed.checkpoint import Checkpoint, load_checkpoint
+from fedmed.checkpoint import Checkpoint
 from fedmed.config import DataConfig
 from fedmed.data.images import DICOM_SUFFIXES, RASTER_SUFFIXES
 from fedmed.data.records import RecordEncoder, normalise_value, read_table, to_numeric
 from fedmed.fit_check import RECORD_FILES, DataMismatch, check_site, feature_problems
 
-__all__ = ["PredictInput", "read_input", "dataset_for", "logits_of", "probabilities", "predict",
-           "add_cli"]
+__all__ = ["PredictInput", "read_input", "dataset_for", "logits_of", "probabilities", "predict"]
 
 MIN_ROWS_TO_FIT = 30  # fewer rows than this give z-score statistics too noisy to trust
 
@@ -212,27 +210,3 @@ def predict(ckpt: Checkpoint, source: str | Path, *, reference: str | Path | Non
     info = {"input": inp.kind, "samples": len(table), "temperature": ckpt.calibrated_temperature,
             "temperature_fitted": ckpt.temperature is not None, "record_encoder": enc_source}
     return table, info
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.model, config_path=args.config)
-    table, info = predict(ckpt, args.input, reference=args.reference)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.6f")
-    print(f"wrote {out}: {info['samples']} sample(s) from a {info['input']} input; T = "
-          f"{info['temperature']:.3f}{'' if info['temperature_fitted'] else ' (not fitted)'}; "
-          f"record encoder from the {info['record_encoder']}")
-    return 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``fedmed predict MODEL --input SITE_DIR|IMAGES_DIR|TABLE --out predictions.csv``."""
-    p = subparsers.add_parser("predict", help="calibrated class probabilities for new patients (no labels)")
-    p.add_argument("model", help="model.pt (local) or best_model.pt / last_model.pt (federated)")
-    p.add_argument("--input", required=True, help="site folder, folder of images, or a records table")
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--reference", help="federated model: site folder whose training split fits the "
-                   "record encoder (default: the input's own rows)")
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the checkpoint's own)")
-    p.set_defaults(func=_cmd_predict)

@@ -14,7 +14,6 @@ as a table and a heat map (``cross_site.png``).
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from fedmed.messages import (
     reply_site,
     screen_metric_replies,
 )
+from fedmed.reporting.html import esc, image, save_figure, table
 from fedmed.transfer import pack, unpack
 
 __all__ = ["cross_site_validation", "cross_site_html", "plot_matrix", "SHOWN"]
@@ -130,15 +130,12 @@ def plot_matrix(result: dict[str, Any], *, path: Path, key: str = SHOWN) -> Path
     ax.set_xlabel("evaluated at (test split)")
     ax.set_title(f"cross-site {key}", fontsize=10)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def cross_site_html(result: dict[str, Any]) -> str:
     """The report's section: the matrix of AUC and balanced accuracy, the policies, the heat map."""
-    e = html.escape
+    e = esc
     parts = [f"<h2>Cross-site validation</h2><p>Each site trained a local model from the federation's initial "
              f"weights for {result['budget_epochs']} epoch(s) (the federation's rounds × local epochs); every model "
              "was scored on every site's test split, metrics only. Local models: "
@@ -146,12 +143,10 @@ def cross_site_html(result: dict[str, Any]) -> str:
              + f"; kept by the server: {e(', '.join(result['kept']) or 'none')}.</p>"]
     for key in ("auc", "balanced_accuracy"):
         grid = _grid(result, key)
-        head = "".join(f"<th>{e(s)}</th>" for s in result["sites"])
-        rows = "".join(f"<tr><td>{e(m)} model</td>" + "".join(
-            f"<td>{v:.4f}</td>" if math.isfinite(v) else "<td>-</td>" for v in grid[i]) + "</tr>"
-            for i, m in enumerate(result["models"]))
-        parts.append(f"<h3>{e(key)}</h3><table><tr><th>model \\ site</th>{head}</tr>{rows}</table>")
-    parts.append('<img src="cross_site.png" alt="cross-site heat map">')
+        rows = [[f"{m} model", *(f"{v:.4f}" if math.isfinite(v) else "-" for v in grid[i])]
+                for i, m in enumerate(result["models"])]
+        parts.append(f"<h3>{e(key)}</h3>" + table(["model \\ site", *result["sites"]], rows))
+    parts.append(image("cross_site.png", "cross-site heat map"))
     if result["failed"]:
         parts.append("<ul>" + "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in result["failed"].items()) + "</ul>")
     return "".join(parts)

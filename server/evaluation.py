@@ -11,7 +11,6 @@ the pooled predictions, which would need rows the server never sees.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from pathlib import Path
@@ -22,8 +21,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedmed.bootstrap import combine_site_intervals
 from fedmed.checkpoint import Checkpoint
 from fedmed.config import FedmedConfig
-from fedmed.messages import CONFIG_KEY, EXTERNAL_EVAL_TYPE, JOB_KEY, encode_job, screen_metric_replies
+from fedmed.messages import (
+    CONFIG_KEY,
+    EXTERNAL_EVAL_TYPE,
+    JOB_KEY,
+    encode_job,
+    screen_metric_replies,
+)
 from fedmed.metrics import SCALAR_METRICS
+from fedmed.reporting.html import esc, write_page
 from fedmed.transfer import pack
 
 __all__ = ["evaluate_federation", "site_result"]
@@ -49,7 +55,11 @@ def evaluate_federation(grid: Any, cfg: FedmedConfig, ckpt: Checkpoint, *, out_d
     ``ckpt``) is the job the sites rebuild. Sites that fail or do not answer are listed.
     Raises ``TimeoutError`` when fewer than ``min_sites`` connect.
     """
-    from fedmed.server.federation import _wait_for_sites, job_for_sites, send_and_receive
+    from fedmed.server.federation import (
+        _wait_for_sites,
+        job_for_sites,
+        send_and_receive,
+    )
 
     fed = cfg.federation
     connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
@@ -91,14 +101,12 @@ def _write(result: dict[str, Any], out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=float))
-    e = html.escape
+    e = esc
     failed = "".join(f"<li>{e(s)}: {e(r)}</li>" for s, r in result["sites_failed"].items()) or "<li>none</li>"
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>federated evaluation</title>"
-            "<style>body{font-family:system-ui,sans-serif;margin:2em}pre{background:#f6f6f6;padding:1em}</style>"
-            f"</head><body><h1>Federated evaluation of {e(result['model'])}</h1>"
-            f"<p>No training: each site scored the model on its {e(result['split'])} split with T = "
-            f"{result['temperature']:.3f} and sent metrics only, each with a {result['bootstrap']['replicates']}-"
-            "replicate patient-level bootstrap 95 % interval. Pooled: example-weighted mean of the sites, normal "
-            f"interval from their bootstrap standard errors.</p><pre>{e(metrics_table(result))}</pre>"
-            f"<h2>Sites that failed</h2><ul>{failed}</ul></body></html>")
-    (out_dir / "evaluation.html").write_text(page, encoding="utf-8")
+    write_page(out_dir / "evaluation.html", "federated evaluation", [
+        f"<p>No training: each site scored the model on its {e(result['split'])} split with T = "
+        f"{result['temperature']:.3f} and sent metrics only, each with a {result['bootstrap']['replicates']}-"
+        "replicate patient-level bootstrap 95 % interval. Pooled: example-weighted mean of the sites, normal "
+        f"interval from their bootstrap standard errors.</p><pre>{e(metrics_table(result))}</pre>",
+        f"<h2>Sites that failed</h2><ul>{failed}</ul>",
+    ], heading=f"Federated evaluation of {result['model']}")

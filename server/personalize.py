@@ -9,7 +9,6 @@ personalised per site, plus the example-weighted mean over sites.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedmed.config import FedmedConfig
 from fedmed.messages import CONFIG_KEY, JOB_KEY, PERSONALIZE_TYPE, screen_metric_replies
 from fedmed.metrics import SCALAR_METRICS
+from fedmed.reporting.html import esc, table
 from fedmed.transfer import pack
 
 __all__ = ["personalize_sites", "personalization_html", "personalization_summary"]
@@ -71,19 +71,18 @@ def personalization_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def personalization_html(result: dict[str, Any]) -> str:
     """The report's section: one row per site (and the weighted mean), global vs personalised."""
-    e = html.escape
+    e = esc
 
     def f(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else "-"
 
-    head = "".join(f"<th>{e(k)} global</th><th>{e(k)} personalised</th>" for k in SHOWN)
-    rows = []
-    for name, r in [*result["sites"].items(), ("mean (by test size)", {**result["pooled"], "num-examples": ""})]:
-        cells = "".join(f"<td>{f(r['global'].get(k))}</td><td>{f(r['personalized'].get(k))}</td>" for k in SHOWN)
-        rows.append(f"<tr><td>{e(name)}</td><td>{r['num-examples']}</td>{cells}</tr>")
+    head = ["site", "test n", *(f"{k} {kind}" for k in SHOWN for kind in ("global", "personalised"))]
+    rows = [[name, r["num-examples"], *(f(r[kind].get(k)) for k in SHOWN for kind in ("global", "personalized"))]
+            for name, r in [*result["sites"].items(),
+                            ("mean (by test size)", {**result["pooled"], "num-examples": ""})]]
     failed = "".join(f"<li>{e(s)}: {e(r)}</li>" for s, r in result["sites_failed"].items())
     return (f"<h2>Personalisation</h2><p>Each site fine-tuned the final global model for {result['epochs']} "
             f"epoch(s) on its own training split (layers {e(', '.join(result['layers']))}, lr {result['lr']:g}), "
             "kept it, and reported both models on its own test split (numbers only).</p>"
-            f"<table><tr><th>site</th><th>test n</th>{head}</tr>{''.join(rows)}</table>"
+            + table(head, rows)
             + (f"<p>Failed:</p><ul>{failed}</ul>" if failed else ""))

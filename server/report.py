@@ -8,7 +8,6 @@ matplotlib's object API (``Figure``, Agg canvas), so no GUI backend or pyplot st
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedmed.calibration import BIN_KEYS, MEASURE_KEYS, plot_reliability
+from fedmed.reporting.html import esc, image, images, save_figure, table, write_page
 
 __all__ = ["write_report", "summary_table"]
 
@@ -74,12 +74,6 @@ def _best_round(history: list[dict[str, Any]]) -> tuple[int | None, str, float |
 
 
 # -- figures ------------------------------------------------------------------------
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def _plot_lines(ax: Any, history: list[dict[str, Any]], lines: Sequence[tuple[str, Any]]) -> int:
     drawn = 0
     for label, get in lines:
@@ -108,7 +102,7 @@ def _curves(history: list[dict[str, Any]], path: Path) -> Path:
         ("central val", "central_val_balanced_accuracy"), ("central test", "central_test_balanced_accuracy"),
         ("sites, weighted mean", "fed_balanced_accuracy"), ("worst site", "fed_worst_balanced_accuracy"))])
     ax_bacc.set_title("balanced accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _site_metric(site: str, metric: str) -> Any:
@@ -122,7 +116,7 @@ def _sites_plot(history: list[dict[str, Any]], sites: list[str], path: Path) -> 
     ax_auc.set_title("AUC per site")
     _plot_lines(ax_bacc, history, [(s, _site_metric(s, "balanced_accuracy")) for s in sites])
     ax_bacc.set_title("balanced accuracy per site")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _square(cm: Any) -> np.ndarray | None:
@@ -171,7 +165,7 @@ def _confusion_plot(cm: np.ndarray, classes: list[str], where: str, path: Path) 
         for j in range(k):
             ax.text(j, i, f"{cm[i, j]:g}", ha="center", va="center",
                     color="white" if hi and cm[i, j] > hi / 2 else "black", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _epsilon_plot(history: list[dict[str, Any]], sites: list[str], path: Path) -> Path:
@@ -180,17 +174,10 @@ def _epsilon_plot(history: list[dict[str, Any]], sites: list[str], path: Path) -
     _plot_lines(ax, history, [(s, _site_metric(s, "epsilon")) for s in sites])
     ax.set_ylabel("ε spent")
     ax.set_title("differential privacy budget per site")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- HTML ---------------------------------------------------------------------------
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _config_text(config: dict[str, Any]) -> str:
     try:
         import yaml
@@ -295,7 +282,7 @@ def _calibration_fit(cal: dict[str, Any]) -> str:
 def _reliability_plots(cal: dict[str, Any], out_dir: Path) -> list[tuple[str, Path]]:
     """Before/after PNGs for the sites' pooled test sets and for the central test set."""
     t = _num(cal.get("temperature"))
-    images = []
+    plots = []
     for key, name, label in (("pooled", "reliability", "sites' test sets, pooled"),
                              ("central_test", "reliability_central", "central test set")):
         m = cal.get(key)
@@ -304,13 +291,13 @@ def _reliability_plots(cal: dict[str, Any], out_dir: Path) -> list[tuple[str, Pa
         for when, caption in (("before", "before"), ("after", f"after T = {t:.2f}" if t else "after")):
             bins = {k: m.get(f"bins_{when}_{k}") for k in BIN_KEYS}
             if all(isinstance(v, list) and v for v in bins.values()):
-                images.append((f"{label}, {caption}", plot_reliability(
+                plots.append((f"{label}, {caption}", plot_reliability(
                     bins, path=out_dir / f"{name}_{when}.png", title=f"{label}: {caption}")))
-    return images
+    return plots
 
 
 def _calibration_section(cal: dict[str, Any], out_dir: Path) -> list[str]:
-    e = html.escape
+    e = esc
     parts = ["<h2>Calibration</h2>"]
     if cal.get("skipped"):
         return parts + [f"<p>Skipped: {e(str(cal['skipped']))}.</p>"]
@@ -320,25 +307,16 @@ def _calibration_section(cal: dict[str, Any], out_dir: Path) -> list[str]:
         parts.append(f"<p>Temperature scaling: {e(_calibration_fit(cal))} Logits are divided by T; "
                      "predicted classes (accuracy, AUC) do not change. ECE (15 equal-width bins) and "
                      "NLL on the test splits, before (T = 1) and after:</p>")
-        parts.append(_table(["", *CALIBRATION_COLUMNS], _calibration_rows(cal)))
+        parts.append(table(["", *CALIBRATION_COLUMNS], _calibration_rows(cal)))
     failed = [[step, str(site), str(reason)] for step, group in
               (("fit", (cal.get("fit") or {}).get("sites_failed")), ("measure", cal.get("sites_failed")))
               for site, reason in (group or {}).items()]
     if failed:
-        parts += ["<p>Sites left out:</p>", _table(["step", "site", "reason"], failed)]
-    images = _reliability_plots(cal, out_dir)
-    if images:
-        parts.append("<div class='pair'>" + "".join(
-            f"<img src=\"{e(path.name)}\" alt=\"reliability diagram, {e(caption)}\">" for caption, path in images)
-            + "</div>")
+        parts += ["<p>Sites left out:</p>", table(["step", "site", "reason"], failed)]
+    plots = _reliability_plots(cal, out_dir)
+    if plots:
+        parts.append(images((path, f"reliability diagram, {caption}") for caption, path in plots))
     return parts
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%;display:block;margin:1em 0}
-pre{background:#f7f7f7;padding:1em;overflow-x:auto}
-.pair{display:flex;flex-wrap:wrap;gap:1em}.pair img{max-width:48%;margin:0}"""
 
 
 def write_report(
@@ -364,41 +342,36 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sites = _sites(history)
-    images = [("Headline metrics per round", _curves(history, out_dir / "curves.png"))]
+    figures = [("Headline metrics per round", _curves(history, out_dir / "curves.png"))]
     if sites:
-        images.append(("Per-site metrics per round", _sites_plot(history, sites, out_dir / "sites.png")))
+        figures.append(("Per-site metrics per round", _sites_plot(history, sites, out_dir / "sites.png")))
     cm, where = _confusion(history)
     if cm is not None:
-        images.append(("Confusion matrix", _confusion_plot(cm, classes, where, out_dir / "confusion_matrix.png")))
+        figures.append(("Confusion matrix", _confusion_plot(cm, classes, where, out_dir / "confusion_matrix.png")))
     if any("epsilon" in (m or {}) for row in history for m in (row.get("per_site") or {}).values()):
-        images.append(("Privacy budget", _epsilon_plot(history, sites, out_dir / "epsilon.png")))
+        figures.append(("Privacy budget", _epsilon_plot(history, sites, out_dir / "epsilon.png")))
 
-    e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
-    parts += ["<h2>Summary</h2>", _table(["", "value"], _summary_rows(history, calibration))]
+    e = esc
+    parts = ["<h2>Summary</h2>", table(["", "value"], _summary_rows(history, calibration))]
     if sites:
         header, rows = _site_rows(history)
         last_round = history[-1].get("round", len(history)) if history else "-"
-        parts += [f"<h2>Sites, round {e(str(last_round))}</h2>", _table(header, rows)]
+        parts += [f"<h2>Sites, round {e(str(last_round))}</h2>", table(header, rows)]
     cols = [c for c in ROUND_COLUMNS if any(_num(r.get(c)) is not None for r in history)]
     round_rows = [[str(r.get("round", i + 1)), str(len(r.get("sites_trained") or [])),
                    *(_fmt(r.get(c)) for c in cols)] for i, r in enumerate(history)]
-    parts += ["<h2>Rounds</h2>", _table(["round", "sites trained", *cols], round_rows)]
+    parts += ["<h2>Rounds</h2>", table(["round", "sites trained", *cols], round_rows)]
     problems = _problem_rows(history)
     parts.append("<h2>Rejected and failed sites</h2>")
-    parts.append(_table(["round", "site", "what", "reason"], problems) if problems else "<p>none</p>")
-    for caption, path in images:
-        parts.append(f"<h2>{e(caption)}</h2><img src=\"{e(path.name)}\" alt=\"{e(caption)}\">")
+    parts.append(table(["round", "site", "what", "reason"], problems) if problems else "<p>none</p>")
+    for caption, path in figures:
+        parts.append(f"<h2>{e(caption)}</h2>{image(path, caption)}")
     if isinstance(calibration, dict):
         parts += _calibration_section(calibration, out_dir)
     parts += list(sections or [])
     if config is not None:
         parts += ["<h2>Configuration</h2>", f"<pre>{e(_config_text(config))}</pre>"]
-    parts.append("</body></html>")
-    out = out_dir / "report.html"
-    out.write_text("\n".join(parts), encoding="utf-8")
-    return out
+    return write_page(out_dir / "report.html", title, parts)
 
 
 def summary_table(history: list[dict[str, Any]]) -> str:

@@ -9,9 +9,6 @@ of plots per variable: each site side by side, then the pool).
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import itertools
 import json
 import logging
@@ -20,14 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedmed.server.federation import _wait_for_sites, send_and_receive
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from matplotlib.figure import Figure
 
 from fedmed.config import FedmedConfig
 from fedmed.job import job_for_sites
-from fedmed.messages import CONFIG_KEY, JOB_KEY, STATS_ACTION, encode_job, failure_text, reply_site
-from fedmed.server.federation import _wait_for_sites, send_and_receive
-from fedmed.stats import IMAGE_EDGES, INTENSITY_BINS, SUPPRESSED, StatsRequest, numeric_edges, pool_statistics
+from fedmed.messages import (
+    CONFIG_KEY,
+    JOB_KEY,
+    STATS_ACTION,
+    encode_job,
+    failure_text,
+    reply_site,
+)
+from fedmed.reporting.html import esc, figure_uri, image, table, write_page
+from fedmed.stats import (
+    IMAGE_EDGES,
+    INTENSITY_BINS,
+    SUPPRESSED,
+    StatsRequest,
+    numeric_edges,
+    pool_statistics,
+)
 
 __all__ = ["STATS_REQUEST", "run_stats", "write_stats_report"]
 
@@ -77,12 +89,6 @@ def run_stats(grid: Any, run_config: dict) -> Path:
     return out
 
 
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
     """One subplot per site plus the pool; suppressed cells hatched at height 0."""
     n = len(series)
@@ -99,7 +105,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=6)
         ax.tick_params(axis="y", labelsize=6)
     fig.suptitle(title, fontsize=9, y=1.06)
-    return f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,{_png(fig)}">'
+    return f"<h3>{esc(title)}</h3>" + image(figure_uri(fig), title)
 
 
 def _edge_labels(edges: Sequence[float]) -> list[str]:
@@ -111,16 +117,12 @@ def write_stats_report(result: dict[str, Any], cfg: FedmedConfig, path: Path) ->
     """``stats.html``: a counts table, then per variable the sites side by side and the pool."""
     sites, pooled = result["sites"], result["pooled"]["counts"]
     every = {**sites, "pooled": pooled}
-    parts = [f"<h1>fedmed statistics: {html.escape(cfg.name)}</h1>",
-             f"<p>k = {result['request']['k']} requested (each site applies max(k, its floor); "
+    parts = [f"<p>k = {result['request']['k']} requested (each site applies max(k, its floor); "
              f"cells below it show as &lt;k); noise ε = {result['request']['epsilon'] or 'none'}. "
-             f"Failed sites: {html.escape(json.dumps(result['failed'])) or 'none'}.</p>"]
+             f"Failed sites: {esc(json.dumps(result['failed'])) or 'none'}.</p>"]
     rows = ["n.patients", "n.records", "n.samples", "n.images", "stats.k"]
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in every)
-    body = "".join("<tr><th>" + r + "</th>" + "".join(
-        f"<td>{'&lt;k' if v.get(r) == SUPPRESSED else html.escape(str(round(v.get(r, 0), 1)))}</td>"
-        for v in every.values()) + "</tr>" for r in rows)
-    parts.append(f"<table border=1 cellpadding=3><tr><th></th>{head}</tr>{body}</table>")
+    parts.append(table(["", *every], [[r, *("<k" if v.get(r) == SUPPRESSED else round(v.get(r, 0), 1)
+                                            for v in every.values())] for r in rows]))
     parts.append(_bars("label mix (samples)", list(cfg.data.classes),
                        {s: v.get("label", [0] * len(cfg.data.classes)) for s, v in every.items()}))
     bins = int(result["request"]["bins"])
@@ -153,54 +155,5 @@ def write_stats_report(result: dict[str, Any], cfg: FedmedConfig, path: Path) ->
             labels = [f"{int(a)}" for a in np.linspace(0, 256, INTENSITY_BINS + 1)[:-1]]
             parts.append(_bars("intensity (preprocessed, images per bin-share)", labels,
                                {s: v.get("img.intensity.hist", [0] * INTENSITY_BINS) for s, v in every.items()}))
-    path.write_text("<!doctype html><meta charset=utf-8><title>fedmed statistics</title>"
-                    "<body style='font-family:sans-serif'>" + "\n".join(parts) + "</body>")
+    write_page(path, "fedmed statistics", parts, heading=f"fedmed statistics: {cfg.name}")
     return path
-
-
-def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
-                   sites: list[str] | None = None, total_cpus: int | None = None) -> dict[str, Any]:
-    """Federated statistics over ``cfg``'s site folders in Flower's simulation engine.
-
-    The same ClientApp handler and guard as a deployment; sites get the simulation's open
-    policy except the statistics floor, which stays the default (k = 5).
-    """
-    import os
-
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from fedmed.client.app import app as client_app
-    from fedmed.simulate import _environ, federation_sites
-
-    dirs = federation_sites(cfg, sites)
-    names = list(dirs)
-    roots = {p.resolve().parent for p in dirs.values()}
-    if len(roots) != 1:
-        raise ValueError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fed = cfg.federation.model_copy(update={"min_sites": len(names)})
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": names}), "federation": fed})
-    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    (out_dir / STATS_REQUEST).write_text(json.dumps(req.__dict__))
-    run_config = {"fedmed-config": str(out_dir / "config.json"), "out-dir": str(out_dir), "fedmed-task": "stats"}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Any) -> None:
-        run_stats(grid, run_config)
-
-    site_extra = {"image_roots": list(cfg.data.image_roots), "id_column": cfg.data.id_column,
-                  "policy": {"allow_notes": True, "min_batch_size": 1, "max_local_steps": None}}
-    env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
-           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
-           "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": total_cpus or os.cpu_count() or 1, "include_dashboard": False}}
-    with _environ(env):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
-                       backend_config=backend)
-    if not (out_dir / "stats.json").exists():
-        raise RuntimeError(f"the statistics run did not complete; see the log above and {out_dir}")
-    return json.loads((out_dir / "stats.json").read_text())

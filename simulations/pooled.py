@@ -3,9 +3,9 @@
 ``fedmed compare`` trains every centre alone, then the pool, then the federations; when only
 the pooled model is wanted (pretrained vs random init, fusion vs image-only) this runs just
 that step with the same code: the pool is the union of each centre's own splits
-(:func:`fedmed.compare.pooled_bundle`, so no centre's test patient is trained on), training is
-:func:`fedmed.local.train_local`, and the score is each centre's own test split
-(:func:`fedmed.compare.evaluate_on_sites` + :func:`fedmed.compare.summarise`: mean per-centre
+(:func:`fedmed.experiments.compare.pooled_bundle`, so no centre's test patient is trained on), training is
+:func:`fedmed.experiments.local.train_local`, and the score is each centre's own test split
+(:func:`fedmed.experiments.compare.evaluate_on_sites` + :func:`fedmed.experiments.compare.summarise`: mean per-centre
 balanced accuracy, the FLamby metric, and the pooled-test macro AUC).
 
     python simulations/pooled.py -c configs/ham10000_pretrained.yaml --seed 0 --out runs/pooled-s0 [key=value ...]
@@ -18,11 +18,11 @@ import json
 import time
 from pathlib import Path
 
-from fedmed.compare import _load, _with, evaluate_on_sites, pooled_bundle, summarise
+from fedmed.experiments.compare import _load, _with, evaluate_on_sites, pooled_bundle, summarise
 from fedmed.config import load_config
 from fedmed.device import select_device
-from fedmed.local import train_local
-from fedmed.simulate import federation_sites
+from fedmed.experiments.local import train_local
+from fedmed.experiments.simulate import federation_sites
 from fedmed.task import load_site_bundle
 
 

@@ -10,18 +10,18 @@ import pytest
 import torch
 from torch import nn
 
+from fedmed.checkpoint import load_checkpoint
 from fedmed.cli import main as fedmed_main
 from fedmed.config import load_config
+from fedmed.experiments.local import train_local
 from fedmed.explain import (
     central_mass,
     explain,
     grad_cam,
-    load_checkpoint,
     modality_contribution,
     record_attention,
-    site_split,
 )
-from fedmed.local import train_local
+from fedmed.heldout import site_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,9 +42,9 @@ def trained(synth_config, tmp_path_factory):
 
 
 def _batch(path, synth_root, n=12):
-    model, cfg = load_checkpoint(path)
-    data = site_split(cfg, synth_root / "hospital_a", split="test",
-                      encoder_state=torch.load(path, weights_only=True)["encoder"])
+    ckpt = load_checkpoint(path)
+    model, cfg = ckpt.build_model(), ckpt.config
+    data = site_split(cfg, synth_root / "hospital_a", split="test", encoder_state=ckpt.encoder)
     items = [data[i] for i in range(n)]
     return model, cfg, {k: torch.stack([it[k] for it in items]) for k in items[0]}
 

@@ -20,7 +20,7 @@ T = 1.7  # a fitted temperature, so the tests see it applied inside the graph
 def trained_checkpoint(root: Path, out: Path, *, variant: str = "fusion", temperature: float | None = T) -> Path:
     """A small model trained two epochs on hospital_a of the synthetic cohort (+ a temperature)."""
     from fedmed.config import FedmedConfig
-    from fedmed.local import train_local
+    from fedmed.experiments.local import train_local
 
     data = yaml.safe_load((root / "fedmed-data.yaml").read_text())["data"]
     data.update(root=str(root), image_size=32, sites=["hospital_a", "hospital_b", "hospital_c"])

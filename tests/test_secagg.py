@@ -379,7 +379,7 @@ def test_secure_federation_equals_plain_fedavg(synth_config, tmp_path):
     Fixed-point encoding differs from float averaging by ~1e-6 per round; a second round of
     training can amplify that in a few weights, so the bound is on the mean and the max.
     """
-    from fedmed.simulate import simulate
+    from fedmed.experiments.simulate import simulate
 
     states = {}
     for secure in (False, True):

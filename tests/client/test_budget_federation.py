@@ -12,7 +12,7 @@ from fedmed.server.federation import config_hash
 
 @pytest.mark.slow
 def test_spent_site_stops_and_federation_completes(synth_config, tmp_path):
-    from fedmed.simulate import simulate
+    from fedmed.experiments.simulate import simulate
 
     _, path = synth_config(privacy={"enabled": True, "target_epsilon": 8.0},
                            federation={"rounds": 2, "min_sites": 2, "local_epochs": 1, "evaluate_every": 2},

@@ -2,7 +2,7 @@
 
 Sites are played by a ``send`` function that answers each real Flower message the way
 :func:`fedmed.client.app.calibration_fn` does (``nll_curve`` / ``measure`` on its own
-logits, ``make_reply``); the end-to-end path through Flower is in tests/test_simulate.py.
+logits, ``make_reply``); the end-to-end path through Flower is in tests/experiments/test_simulate.py.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ SITES = ["hospital_a", "hospital_b", "hospital_c"]
 POLICY = {"hospital_a": "share", "hospital_b": "relay", "hospital_c": "private"}
 ALLOW = ["train", "evaluate", "evaluate.calibration", "query", "evaluate.crosssite"]  # sites opt in
 _spec = importlib.util.spec_from_file_location(
-    "simulate_tests", Path(__file__).resolve().parents[1] / "test_simulate.py")
+    "simulate_tests", Path(__file__).resolve().parents[1] / "experiments" / "test_simulate.py")
 _sim = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sim)
 

@@ -18,7 +18,7 @@ from fedmed.task import model_from_config
 
 SITES = ["hospital_a", "hospital_b", "hospital_c"]
 _spec = importlib.util.spec_from_file_location(
-    "simulate_tests", Path(__file__).resolve().parents[1] / "test_simulate.py")
+    "simulate_tests", Path(__file__).resolve().parents[1] / "experiments" / "test_simulate.py")
 _sim = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sim)
 

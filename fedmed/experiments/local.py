@@ -14,7 +14,13 @@ import torch
 from fedmed.config import FedmedConfig
 from fedmed.device import select_device
 from fedmed.metrics import format_metrics
-from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
+from fedmed.task import (
+    load_site_bundle,
+    make_loaders,
+    model_from_config,
+    seed_everything,
+    training_loss,
+)
 from fedmed.train.loop import evaluate, fit
 
 __all__ = ["train_local"]

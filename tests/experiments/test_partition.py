@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmed.partition import (
+from fedmed.experiments.partition import (
     PARTITIONERS,
     get_partitioner,
     partition_table,
@@ -116,7 +116,7 @@ def test_written_partitions_load_as_ordinary_sites(synth_root: Path, tmp_path: P
 
     from fedmed.config import DataConfig
     from fedmed.data.site import SiteDataError, combine_sites, load_site
-    from fedmed.partition import image_roots_of
+    from fedmed.experiments.partition import image_roots_of
 
     data = DataConfig.model_validate(yaml.safe_load((synth_root / "fedmed-data.yaml").read_text())["data"])
     pooled = combine_sites([load_site(synth_root / s, data) for s in ("hospital_a", "hospital_b")])

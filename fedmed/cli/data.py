@@ -1,21 +1,14 @@
-"""The ``fedmed`` command: data import/synthesis, data checks and local training.
-
-Each sub-command reads YAML config plus ``key=value`` overrides and calls typed library
-functions; errors in user input end with a one-line message and exit code 2, not a trace.
-"""
+"""``fedmed data import|synth|deidentify|check``: a site's data, from the source to a checked folder."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+from fedmed.cli._common import add_config_args
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default="configs/default.yaml", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5")
+__all__ = ["register"]
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -93,42 +86,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _cmd_stats(args: argparse.Namespace) -> int:
-    import time
-
-    from fedmed.config import load_config
-    from fedmed.server.stats import simulate_stats
-    from fedmed.stats import StatsRequest
-
-    cfg = load_config(args.config, args.overrides)
-    req = StatsRequest(k=args.k, bins=args.bins, epsilon=args.epsilon, images=not args.no_images)
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-stats-{time.strftime('%Y%m%d-%H%M%S')}"
-    res = simulate_stats(cfg, req, out_dir=out, sites=args.site, total_cpus=args.cpus)
-    for site, st in {**res["sites"], "pooled": res["pooled"]["counts"]}.items():
-        print(f"{site:16s} patients {st.get('n.patients', 0):>8.0f}  samples {st.get('n.samples', 0):>8.0f}  "
-              f"images {st.get('n.images', 0):>8.0f}")
-    for site, why in res["failed"].items():
-        print(f"{site:16s} FAILED: {why}")
-    print(f"\nwrote {out / 'stats.html'} and {out / 'stats.json'} (deployment: fedmed-server --stats)")
-    return 1 if res["failed"] else 0
-
-
-def _cmd_train_local(args: argparse.Namespace) -> int:
-    from fedmed.config import load_config
-    from fedmed.local import train_local
-
-    cfg = load_config(args.config, args.overrides)
-    sites = None if args.pooled or not args.site else args.site
-    result = train_local(cfg, sites=sites, out_dir=args.out)
-    print(result["table"])
-    print(f"\nsaved {result['out_dir']}/metrics.json and model.pt")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmed", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: Any) -> None:
+    """``fedmed data`` and its four actions."""
     data = sub.add_parser("data", help="import, synthesize or check site data").add_subparsers(
         dest="data_command", required=True)
     imp = data.add_parser("import", help="import a public dataset into per-site folders")
@@ -169,64 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chk = data.add_parser("check", help="validate every site folder of a config (tables, ranges, ids, "
                           "split, every image decoded once); exit 1 on any error")
-    _add_config_args(chk)
+    add_config_args(chk)
     chk.add_argument("--no-images", action="store_true", help="skip decoding the images")
     chk.add_argument("--verbose", "-v", action="store_true", help="also print each site's summary")
     chk.set_defaults(func=_cmd_check)
-
-    st = sub.add_parser("stats", help="federated statistics of every site (simulation; aggregates only, "
-                        "cells below k suppressed at the site)")
-    _add_config_args(st)
-    st.add_argument("--site", action="append", help="site name (repeat; default data.sites, else all)")
-    st.add_argument("--k", type=int, default=5, help="smallest count shown (each site may raise it)")
-    st.add_argument("--bins", type=int, default=10, help="histogram bins over data.ranges")
-    st.add_argument("--epsilon", type=float, help="Gaussian noise with this ε (default: none)")
-    st.add_argument("--no-images", action="store_true", help="skip image properties")
-    st.add_argument("--cpus", type=int, help="CPUs Ray may use")
-    st.add_argument("--out", help="output folder")
-    st.set_defaults(func=_cmd_stats)
-
-    tl = sub.add_parser("train-local", help="train and evaluate on one site or a pooled set")
-    _add_config_args(tl)
-    tl.add_argument("--site", action="append", help="site name (repeat to pool several)")
-    tl.add_argument("--pooled", action="store_true", help="pool all sites of the config")
-    tl.add_argument("--out", help="output folder (default: <output_dir>/<name>/local-<site>)")
-    tl.set_defaults(func=_cmd_train_local)
-
-    for name, fn in _extra_commands().items():
-        fn(sub)
-    return parser
-
-
-# Sub-commands that live in their own modules, each exposing ``add_cli(subparsers)``.
-_COMMAND_MODULES = ("fedmed.demo", "fedmed.simulate", "fedmed.compare", "fedmed.explain",
-                    "fedmed.calibration", "fedmed.certs", "fedmed.evaluate", "fedmed.predict",
-                    "fedmed.export")
-
-
-def _extra_commands() -> dict[str, Callable[[Any], None]]:
-    """``add_cli`` of every sub-command module that is present."""
-    import importlib
-
-    out: dict[str, Callable[[Any], None]] = {}
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        out[name.rsplit(".", 1)[-1]] = module.add_cli
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fedmed.errors import run_command
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_command("fedmed", lambda: args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,9 @@
 For each seed it trains, with the same model and the same epoch budget
 (``federation.rounds × federation.local_epochs``):
 
-- **local-only** at each site (:func:`fedmed.local.train_local` on that site alone);
+- **local-only** at each site (:func:`fedmed.experiments.local.train_local` on that site alone);
 - **pooled** centralised training on the union of the sites' training splits;
-- each **strategy** through :func:`fedmed.simulate.simulate` (the deployment's apps).
+- each **strategy** through :func:`fedmed.experiments.simulate.simulate` (the deployment's apps).
 
 Every model is scored on every site's test split and on the pooled test set (the union of
 the site test splits). Splits depend only on ``data.split_seed``, so all methods see the
@@ -16,7 +16,6 @@ difference is reported as a check. Writes ``comparison.md``, ``comparison.csv``,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -34,7 +33,7 @@ from fedmed.data.records import RecordEncoder
 from fedmed.data.site import combine_sites
 from fedmed.task import SiteBundle, load_site_bundle, model_from_config
 
-__all__ = ["compare", "markdown_table", "pooled_bundle", "evaluate_on_sites", "summarise", "add_cli", "METRICS"]
+__all__ = ["compare", "markdown_table", "pooled_bundle", "evaluate_on_sites", "summarise", "METRICS"]
 
 METRICS = {  # key -> (column title, higher is better)
     "mean_acc": "mean site acc",
@@ -158,8 +157,8 @@ def compare(
     ``total_cpus`` caps the CPUs Ray may use (default: all), e.g. 1 on a shared machine.
     """
     from fedmed.device import select_device
-    from fedmed.local import train_local
-    from fedmed.simulate import federation_sites, simulate
+    from fedmed.experiments.local import train_local
+    from fedmed.experiments.simulate import federation_sites, simulate
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -323,15 +322,15 @@ def _write(results: dict[str, Any], runs: list[dict[str, Any]], checks: list[dic
 
 
 def _plot(results: dict[str, Any], methods: list[str], path: Path, *, title: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedmed.reporting.html import save_figure
 
     keys = ["mean_acc", "mean_bacc", "worst_acc", "pooled_auc"]
     x = np.arange(len(methods))
     width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods)), 4.0))
+    fig = Figure(figsize=(max(6.0, 1.3 * len(methods)), 4.0))
+    ax = fig.subplots()
     for i, k in enumerate(keys):
         means = [results[m][k][0] for m in methods]
         stds = [results[m][k][1] for m in methods]
@@ -341,9 +340,7 @@ def _plot(results: dict[str, Any], methods: list[str], path: Path, *, title: str
     ax.set_title(f"{title}: mean ± std over seeds")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _log_mlflow(results: dict[str, Any], *, cfg: FedmedConfig, uri: str, out_dir: Path,
@@ -363,31 +360,3 @@ def _log_mlflow(results: dict[str, Any], *, cfg: FedmedConfig, uri: str, out_dir
     tracker.log_artifacts([out_dir / n for n in ("comparison.md", "comparison.csv", "comparison_runs.csv",
                                                  "comparison.png")])
     tracker.end("FINISHED")
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    from fedmed.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    res = compare(cfg, seeds=args.seeds, strategies=args.strategies, out_dir=out, sites=args.sites,
-                  proximal_mu=args.mu, num_cpus_per_site=args.cpus_per_site, total_cpus=args.cpus,
-                  skip_local=args.skip_local)
-    print((res["out_dir"] / "comparison.md").read_text())
-    print(f"fedmed compare: wrote {res['out_dir']}/comparison.md, .csv and .png", flush=True)
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("compare", help="local-only vs pooled vs federated strategies, over seeds")
-    p.add_argument("--config", "-c", default="configs/default.yaml", help="YAML config file")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox", "fedadam"])
-    p.add_argument("--sites", nargs="+", help="site folders (default data.sites, else all)")
-    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal_mu when the config has 0")
-    p.add_argument("--cpus-per-site", type=int, default=1)
-    p.add_argument("--cpus", type=int, help="CPUs Ray may use for the federations (default: all)")
-    p.add_argument("--skip-local", action="store_true", help="only the federated strategies")
-    p.add_argument("--out", help="output folder (default <output_dir>/<name>-compare-<time>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=_cmd)

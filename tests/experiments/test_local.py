@@ -9,7 +9,7 @@ import pytest
 
 from fedmed.cli import main as fedmed_main
 from fedmed.config import load_config
-from fedmed.local import train_local
+from fedmed.experiments.local import train_local
 
 
 def test_fusion_learns_well_above_chance(synth_config, tmp_path):

@@ -17,7 +17,7 @@ from fedmed.config import load_config
 from fedmed.server.central import make_central_eval
 from fedmed.server.checkpoint import load_state
 from fedmed.server.federation import run_federation
-from fedmed.simulate import federation_sites, simulate
+from fedmed.experiments.simulate import federation_sites, simulate
 
 
 def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path: Path,

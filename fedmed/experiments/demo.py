@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["demo", "add_cli"]
+__all__ = ["demo"]
 
 
 def demo(*, config: Path, rounds: int | None, out: Path | None, overrides: list[str]) -> int:
@@ -71,12 +71,3 @@ def demo(*, config: Path, rounds: int | None, out: Path | None, overrides: list[
         print(f"\nfedmed demo: done. Open {out / 'report.html'} (curves, per-site table, confusion matrix);"
               f"\n  MLflow: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}", flush=True)
     return code
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("demo", help="run a complete federation on the embedded synthetic cohort")
-    p.add_argument("--config", "-c", type=Path, default=Path("configs/default.yaml"))
-    p.add_argument("--rounds", type=int, help="override federation.rounds")
-    p.add_argument("--out", type=Path, help="run folder (default <output_dir>/<name>-demo)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=lambda a: demo(config=a.config, rounds=a.rounds, out=a.out, overrides=a.overrides))

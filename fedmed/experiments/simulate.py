@@ -10,7 +10,6 @@ site finds its folder through ``FEDMED_SIM_SITES`` / ``FEDMED_SIM_DATA_ROOT`` (r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -24,8 +23,9 @@ import numpy as np
 
 from fedmed.config import FedmedConfig
 from fedmed.server.checkpoint import FederationState
+from fedmed.stats import StatsRequest
 
-__all__ = ["simulate", "federation_sites", "prepare_sites", "add_cli", "tree_rss_mb"]
+__all__ = ["simulate", "simulate_stats", "federation_sites", "prepare_sites", "tree_rss_mb"]
 
 log = logging.getLogger("fedmed.simulate")
 
@@ -60,7 +60,12 @@ def prepare_sites(
     chosen sites and write new site folders under ``<out_dir>/partitions``.
     """
     from fedmed.data.site import combine_sites, load_site
-    from fedmed.partition import get_partitioner, image_roots_of, partition_table, write_partitions
+    from fedmed.experiments.partition import (
+        get_partitioner,
+        image_roots_of,
+        partition_table,
+        write_partitions,
+    )
 
     dirs = federation_sites(cfg, sites)
     loaded = [load_site(p, cfg.data, name=s) for s, p in dirs.items()]
@@ -263,41 +268,47 @@ def simulate(
     return state
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from fedmed.config import load_config
+def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
+                   sites: list[str] | None = None, total_cpus: int | None = None) -> dict[str, Any]:
+    """Federated statistics over ``cfg``'s site folders in Flower's simulation engine.
 
-    cfg = load_config(args.config, args.overrides)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-sim-{stamp}"
-    if (out / "state.pkl").exists():
-        raise ValueError(f"{out} already holds a federation; pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg, table = prepare_sites(cfg, sites=args.sites, partition=args.partition, num_sites=args.num_sites,
-                               alpha=args.alpha, seed=args.partition_seed, out_dir=out)
-    print(f"fedmed simulate: {len(cfg.data.sites or [])} virtual sites "
-          f"({args.partition or 'natural'} partition)\n{table}\n", flush=True)
-    simulate(cfg, sites=None, out_dir=out, num_cpus_per_site=args.cpus_per_site,
-             num_gpus_per_site=args.gpus_per_site, total_cpus=args.cpus, mlflow_uri=args.mlflow_uri)
-    timing = json.loads((out / "timing.json").read_text())
-    print(f"fedmed simulate: done in {timing['total_s']:.1f}s (start-up ~{timing['startup_s']:.1f}s, "
-          f"then {timing['steady_round_s']:.1f}s/round, peak memory "
-          f"{timing['peak_rss_mb']:.0f} MiB); report {out / 'report.html'}", flush=True)
-    return 0
+    The same ClientApp handler and guard as a deployment; sites get the simulation's open
+    policy except the statistics floor, which stays the default (k = 5).
+    """
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
 
+    from fedmed.client.app import app as client_app
+    from fedmed.server.stats import STATS_REQUEST, run_stats
 
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="simulate a federation of N virtual sites on this machine")
-    p.add_argument("--config", "-c", default="configs/default.yaml", help="YAML config file")
-    p.add_argument("--sites", nargs="+", help="site folders to use (default data.sites, else all)")
-    p.add_argument("--partition", choices=["natural", "iid", "dirichlet", "quantity"],
-                   help="re-split the pooled sites into --num-sites virtual sites (default natural)")
-    p.add_argument("--num-sites", type=int, help="number of virtual sites (iid/dirichlet/quantity)")
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (dirichlet: labels, quantity: sizes)")
-    p.add_argument("--partition-seed", type=int, default=0)
-    p.add_argument("--out", help="run folder (default <output_dir>/<name>-sim-<time>)")
-    p.add_argument("--cpus", type=int, help="CPUs Ray may use (default: all)")
-    p.add_argument("--cpus-per-site", type=int, default=1)
-    p.add_argument("--gpus-per-site", type=float, help="GPU share per site (default 1/N with CUDA, else 0)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.set_defaults(func=_cmd)
+    dirs = federation_sites(cfg, sites)
+    names = list(dirs)
+    roots = {p.resolve().parent for p in dirs.values()}
+    if len(roots) != 1:
+        raise ValueError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation.model_copy(update={"min_sites": len(names)})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": names}), "federation": fed})
+    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    (out_dir / STATS_REQUEST).write_text(json.dumps(req.__dict__))
+    run_config = {"fedmed-config": str(out_dir / "config.json"), "out-dir": str(out_dir), "fedmed-task": "stats"}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Any) -> None:
+        run_stats(grid, run_config)
+
+    site_extra = {"image_roots": list(cfg.data.image_roots), "id_column": cfg.data.id_column,
+                  "policy": {"allow_notes": True, "min_batch_size": 1, "max_local_steps": None}}
+    env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
+           "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
+           "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": total_cpus or os.cpu_count() or 1, "include_dashboard": False}}
+    with _environ(env):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
+                       backend_config=backend)
+    if not (out_dir / "stats.json").exists():
+        raise RuntimeError(f"the statistics run did not complete; see the log above and {out_dir}")
+    return json.loads((out_dir / "stats.json").read_text())
