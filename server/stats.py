@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedmed.server.federation import _wait_for_sites, send_and_receive
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from matplotlib.figure import Figure
 
@@ -32,6 +31,7 @@ from fedmed.messages import (
     reply_site,
 )
 from fedmed.reporting.html import esc, figure_uri, image, table, write_page
+from fedmed.server.federation import _wait_for_sites, send_and_receive
 from fedmed.stats import (
     IMAGE_EDGES,
     INTENSITY_BINS,
