@@ -116,7 +116,8 @@ def calibrate_federation(
     current = pack(arrays)
     base = {JOB_KEY: job, CALIBRATION_ACTION: "fit"}
     if method == "central":
-        z, y = central_logits(arrays, "val")  # type: ignore[misc]  # checked above
+        assert central_logits is not None  # checked above
+        z, y = central_logits(arrays, "val")
         result["fit"] = {"on": "central val split", "num-examples": int(len(y))}
         temperature = fit_temperature(z, y) if len(y) else None
     else:

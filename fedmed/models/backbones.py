@@ -136,7 +136,8 @@ class TimmBackbone(Backbone):
         super().__init__()
         self.model = model
         self.name = name
-        self.num_features = int(model.num_features)  # type: ignore[arg-type]  # timm's int; torch types it Tensor | Module
+        # timm's int; torch types every unregistered Module attribute as Tensor | Module
+        self.num_features = int(model.num_features)  # type: ignore[arg-type]
         self._nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = cfg.get("input_size", (3, 224, 224))

@@ -323,7 +323,9 @@ class FusionModel(nn.Module):
         image: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fill absent record tensors with empty/zero ones of the right batch size."""
-        rt = self.record_branch.transformer  # type: ignore[union-attr]
+        branch = self.record_branch
+        assert branch is not None  # only variants with a record branch get here
+        rt = branch.transformer
         ref = next((t for t in (num, cat, num_missing, image) if t is not None), None)
         if ref is None:
             raise ValueError(f"variant {self.variant!r} needs `num`/`cat` inputs")
