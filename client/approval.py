@@ -23,6 +23,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 import fedmed
+from fedmed.errors import FedmedError
 
 __all__ = ["ALLOWED_COMPONENTS", "AppRefused", "check_fab"]
 
@@ -31,7 +32,7 @@ _ALLOWED_FILES = {"pyproject.toml", ".info/CONTENT"}
 _MAX_PYPROJECT = 64 * 1024  # fedmed's is ~0.5 KiB; a larger one is not ours
 
 
-class AppRefused(Exception):
+class AppRefused(FedmedError):
     """The submitted app is not the approved fedmed app.
 
     ``public`` is fixed text (safe to send to the server); ``detail`` may name the FAB's

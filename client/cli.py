@@ -18,7 +18,7 @@ import yaml
 from fedmed.client import flower_compat, gate
 from fedmed.client.refusals import REFUSAL_MARK
 from fedmed.config import SiteConfig, load_site_config
-from fedmed.errors import run_command
+from fedmed.errors import FedmedError, UsageError, run_command
 from fedmed.flower import (
     Tls,
     flower_env,
@@ -63,10 +63,10 @@ def site_config(args: argparse.Namespace) -> SiteConfig:
     if args.config is not None:
         cfg = load_site_config(args.config, overrides)
         if cfg.site != args.site:
-            raise ValueError(f"--site {args.site} but {args.config} is the config of site {cfg.site}")
+            raise UsageError(f"--site {args.site} but {args.config} is the config of site {cfg.site}")
         return cfg
     if args.data_dir is None:
-        raise ValueError("give the site's data with --config SITE.yaml or --data-dir DIR")
+        raise UsageError("give the site's data with --config SITE.yaml or --data-dir DIR")
     from fedmed.config import apply_overrides, parse_overrides
 
     raw = apply_overrides({"site": args.site}, parse_overrides(overrides))
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"site {cfg.site}: data folder {data_dir} does not exist")
     if not args.insecure and args.root_certificates is None:
-        raise ValueError("no --root-certificates given: pass the coordinator's CA certificate, "
+        raise UsageError("no --root-certificates given: pass the coordinator's CA certificate, "
                          "or --insecure to run without TLS on a trusted network")
     tls = Tls(ca=args.root_certificates.resolve()) if args.root_certificates else None
     work = (args.work_dir or Path.home() / ".fedmed" / "sites" / cfg.site).resolve()
@@ -148,7 +148,7 @@ def _isolation(work: Path, env: dict[str, str]) -> str:
     return "subprocess"
 
 
-class SiteStartRefused(RuntimeError):
+class SiteStartRefused(FedmedError, RuntimeError):
     """The site cannot enforce what it promises and does not start."""
 
 

@@ -26,6 +26,7 @@ from flwr.app.error import Error
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedmed.config import ConfigError
+from fedmed.errors import FedmedError
 from fedmed.messages import ERROR_CODES, REPLY_KEYS, SECAGG_KEY, SITE_KEY, PublicRefusal, error_reason, new_ref
 
 __all__ = ["privacy_guard", "describe_reply", "wire_bytes", "GuardError", "AUDIT_ENV", "error_reply",
@@ -35,7 +36,7 @@ AUDIT_ENV = "FEDMED_AUDIT_LOG"
 log = logging.getLogger("fedmed.client")
 
 
-class GuardError(RuntimeError):
+class GuardError(FedmedError, RuntimeError):
     """A reply broke the allow-list and was not sent."""
 
 

@@ -24,6 +24,7 @@ import fedmed
 from fedmed.client.policy import check_job
 from fedmed.config import FedmedConfig, SiteConfig, load_site_config
 from fedmed.device import select_device
+from fedmed.errors import UsageError
 from fedmed.job import site_job_config
 from fedmed.messages import PublicRefusal
 from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
@@ -64,9 +65,9 @@ def resolve_site(context: Context) -> SiteConfig:
         root = str(context.run_config.get("data-root", "") or os.environ.get("FEDMED_SIM_DATA_ROOT", ""))
         pid = int(node["partition-id"])
         if not sites or not root:
-            raise ValueError("simulation run config needs 'sites' and 'data-root'")
+            raise UsageError("simulation run config needs 'sites' and 'data-root'")
         if pid >= len(sites):
-            raise ValueError(f"partition-id {pid} but only {len(sites)} sites are configured")
+            raise UsageError(f"partition-id {pid} but only {len(sites)} sites are configured")
         state = os.environ.get("FEDMED_SIM_STATE_DIR")
         # The simulating user is every site at once: its own data config (fedmed simulate
         # passes it by environment) is each simulated site's policy and image roots.
@@ -78,7 +79,7 @@ def resolve_site(context: Context) -> SiteConfig:
             **extra, "site": sites[pid], "data_dir": str(Path(root) / sites[pid]),
             "device": str(context.run_config.get("device", "auto")),
             "state_dir": str(Path(state) / sites[pid]) if state else None})
-    raise ValueError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
+    raise UsageError("this SuperNode has no node_config 'site-config' (start it with fedmed-client)")
 
 
 def _check_version(job: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedmed.errors import UsageError
 from fedmed.metrics import expected_calibration_error
 from fedmed.reporting.html import images, save_figure, table, write_page
 
@@ -58,7 +59,7 @@ def _as_tensors(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if z.ndim != 2 or y.ndim != 1 or len(z) != len(y):
         raise ValueError(f"need logits (N, C) and labels (N,), got {tuple(z.shape)} and {tuple(y.shape)}")
     if len(y) == 0:
-        raise ValueError("cannot fit a temperature on an empty set")
+        raise UsageError("cannot fit a temperature on an empty set")
     return z, y
 
 
@@ -264,7 +265,7 @@ def calibrate(
     zv, yv = collect_logits(model, val_loader, device)
     zt, yt = collect_logits(model, test_loader, device)
     if len(yv) == 0 or len(yt) == 0:
-        raise ValueError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
+        raise UsageError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
     t = fit_temperature(zv, yv)
     m = measure(zt, yt, temperature=t)
     res: dict[str, float] = {"temperature": t}

@@ -30,12 +30,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmed.errors import FedmedError, UsageError
+
 __all__ = ["WouldOverwrite", "create_certificates", "create_site_key"]
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-class WouldOverwrite(ValueError):
+class WouldOverwrite(FedmedError, ValueError):
     """A key or certificate file already exists and ``force`` was not given."""
 
 
@@ -70,7 +72,7 @@ def create_certificates(out: Path, *, hosts: list[str], days: int = 825,
     ``server.pem``, ``server.key`` exists in ``out`` and ``force`` is False (nothing written).
     """
     if not hosts:
-        raise ValueError("give at least one --host the sites will connect to (name or IP)")
+        raise UsageError("give at least one --host the sites will connect to (name or IP)")
     out = Path(out)
     files = {"ca_cert": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
     _refuse_existing(list(files.values()), force=force)
@@ -118,7 +120,7 @@ def create_site_key(out: Path, *, site: str, force: bool = False) -> tuple[Path,
     Raises :class:`WouldOverwrite` if ``<site>`` or ``<site>.pub`` exists and not ``force``.
     """
     if not _SITE_NAME.fullmatch(site):
-        raise ValueError(f"site name {site!r} must be letters, digits, '_', '.' or '-' "
+        raise UsageError(f"site name {site!r} must be letters, digits, '_', '.' or '-' "
                          "(it becomes the key's file name)")
     out = Path(out)
     priv, pub = out / site, out / f"{site}.pub"

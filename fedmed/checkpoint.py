@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedmed.config import FedmedConfig, load_config
+from fedmed.errors import FedmedError
 
 if TYPE_CHECKING:  # the model module imports torch models; checkpoint readers need it only to build one
     from fedmed.models.fusion import FusionModel
@@ -31,7 +32,7 @@ __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"
 _KNOWN = ("model", "config", "encoder", "temperature")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FedmedError, ValueError):
     """A file is not a fedmed checkpoint, or its weights do not fit its config."""
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedmed.errors import FedmedError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(FedmedError, ValueError):
     """A configuration file or override is invalid; the message names the key and file."""
 
 

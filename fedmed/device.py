@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from fedmed.errors import RunError
+
 __all__ = ["select_device", "autocast", "amp_enabled"]
 
 
@@ -23,9 +25,9 @@ def select_device(preference: str = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(preference)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {preference!r} requested but CUDA is not available; use device=auto")
+        raise RunError(f"device {preference!r} requested but CUDA is not available; use device=auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {preference!r} requested but MPS is not available; use device=auto")
+        raise RunError(f"device {preference!r} requested but MPS is not available; use device=auto")
     return dev
 
 

@@ -32,10 +32,11 @@ from torch.utils.data import Dataset
 from fedmed.bootstrap import CI_LEVEL, bootstrap_metrics
 from fedmed.checkpoint import Checkpoint
 from fedmed.config import FedmedConfig
+from fedmed.errors import UsageError
 from fedmed.fit_check import check_site
 from fedmed.metrics import SCALAR_METRICS, compute_metrics
 from fedmed.predict import logits_of, probabilities
-from fedmed.reporting.html import esc, images, write_page
+from fedmed.reporting.html import esc, images, save_figure, write_page
 
 __all__ = ["EvalSet", "load_eval_set", "score", "evaluate_model", "write_report", "SPLITS"]
 
@@ -79,7 +80,7 @@ def load_eval_set(ckpt: Checkpoint, site_dir: str | Path, *, split: str = "all",
     from fedmed.task import load_site_bundle
 
     if split not in SPLITS:
-        raise ValueError(f"--split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"--split must be one of {SPLITS}, got {split!r}")
     site_dir = Path(site_dir)
     variant = ckpt.config.model.variant
     fit = check_site(site_dir, ckpt.config.data, uses_images=variant != "record",
@@ -117,14 +118,14 @@ def score(ckpt: Checkpoint, sets: list[EvalSet], *, n_boot: int = 1000, seed: in
           ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Metrics with bootstrap CIs per set and pooled; also each set's (labels, probabilities)."""
     if ckpt.config.model.multilabel:
-        raise ValueError("fedmed evaluate is for single-label (softmax) models")
+        raise UsageError("fedmed evaluate is for single-label (softmax) models")
     model = ckpt.build_model()
     n_classes = len(ckpt.classes)
     results: dict[str, Any] = {}
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in sets:
         if len(s.labels) == 0:
-            raise ValueError(f"site {s.name!r} has no samples in the chosen split")
+            raise UsageError(f"site {s.name!r} has no samples in the chosen split")
         p = probabilities(logits_of(model, s.dataset), temperature=ckpt.calibrated_temperature)
         preds[s.name] = (s.labels, p)
         results[s.name] = _summary(s.labels, p, s.patients, None, n_classes=n_classes, n_boot=n_boot,
@@ -161,10 +162,10 @@ def evaluate_model(ckpt: Checkpoint, site_dirs: list[str | Path], *, split: str 
                    image_roots: list[str] | None = None) -> dict[str, Any]:
     """Evaluate ``ckpt`` on each site (and pooled); with ``out_dir`` write JSON, HTML and plots."""
     if not site_dirs:
-        raise ValueError("give at least one --site-dir")
+        raise UsageError("give at least one --site-dir")
     names = [Path(d).name for d in site_dirs]
     if len(set(names)) != len(names):
-        raise ValueError(f"site folder names must be unique, got {names}")
+        raise UsageError(f"site folder names must be unique, got {names}")
     sets = [load_eval_set(ckpt, d, split=split, image_roots=image_roots) for d in site_dirs]
     scored, preds = score(ckpt, sets, n_boot=n_boot, seed=seed)
     result = {
@@ -187,8 +188,6 @@ def _slug(name: str) -> str:
 def _plot_roc(y: np.ndarray, p: np.ndarray, classes: list[str], *, path: Path, title: str) -> Path:
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, roc_curve
-
-    from fedmed.reporting.html import save_figure
 
     fig = Figure(figsize=(4.8, 4.6))
     ax = fig.subplots()

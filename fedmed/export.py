@@ -25,6 +25,7 @@ from torch import nn
 
 import fedmed
 from fedmed.checkpoint import Checkpoint
+from fedmed.errors import UsageError
 
 __all__ = ["CalibratedModel", "export_model", "sidecar", "example_inputs", "input_names"]
 
@@ -51,7 +52,7 @@ def input_names(ckpt: Checkpoint) -> list[str]:
     """The graph's inputs for this model's variant (absent feature kinds are left out)."""
     cfg = ckpt.config
     if cfg.model.notes.enabled:
-        raise ValueError("export of models with clinical notes is not supported (the tokenizer "
+        raise UsageError("export of models with clinical notes is not supported (the tokenizer "
                          "would have to be exported too); export a model without model.notes")
     names: list[str] = []
     if cfg.model.variant in ("fusion", "image"):
@@ -132,7 +133,7 @@ def export_model(ckpt: Checkpoint, out: str | Path, *, fmt: str = "onnx") -> tup
     (with the install hint) when ONNX export's packages are missing.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; valid: {sorted(FORMATS)}")
+        raise UsageError(f"unknown export format {fmt!r}; valid: {sorted(FORMATS)}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = ckpt.build_model().requires_grad_(False)  # inference graphs: no autograd state

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from fedmed.config import DataConfig
 from fedmed.data.records import normalise_value, read_table
+from fedmed.errors import FedmedError
 
 __all__ = ["DataMismatch", "FitReport", "check_site", "feature_problems", "image_channels"]
 
 RECORD_FILES = ("records.csv", "records.parquet")
 
 
-class DataMismatch(ValueError):
+class DataMismatch(FedmedError, ValueError):
     """The data does not fit the model; the message names what differs."""
 
 

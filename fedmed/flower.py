@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmed.errors import RunError, RunTimeout, UsageError
+
 __all__ = [
     "Tls",
     "free_port",
@@ -223,7 +225,7 @@ def parse_address(address: str) -> tuple[str, int]:
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in address \
             or any(c.isspace() for c in address) or (":" in host and not address.startswith("[")):
-        raise ValueError(f"--server {address!r} is not HOST:PORT (e.g. coordinator.example.org:9092, "
+        raise UsageError(f"--server {address!r} is not HOST:PORT (e.g. coordinator.example.org:9092, "
                          "10.0.0.5:9092 or [::1]:9092)")
     return host, int(port)
 
@@ -237,9 +239,9 @@ def wait_healthy(address: str, *, tls: Tls | None = None, timeout: float = 60.0,
             return
         if proc is not None and proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path and log_path.exists() else ""
-            raise RuntimeError(f"the Flower SuperLink exited with code {proc.returncode}:\n{tail}")
+            raise RunError(f"the Flower SuperLink exited with code {proc.returncode}:\n{tail}")
         time.sleep(0.25)
-    raise TimeoutError(f"the Flower SuperLink at {address} did not become healthy within {timeout:.0f}s")
+    raise RunTimeout(f"the Flower SuperLink at {address} did not become healthy within {timeout:.0f}s")
 
 
 def write_app_dir(path: Path, *, name: str = "fedmed") -> Path:

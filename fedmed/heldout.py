@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmed.config import FedmedConfig
+from fedmed.errors import UsageError
 
 __all__ = ["site_split", "trained_pooled"]
 
@@ -59,7 +60,7 @@ def site_split(
         bundle = load_site_bundle(cfg, progress=False)
         sites = sorted(bundle.site.samples["site"].unique())
         if site_dir is not None and site_dir.name not in sites:
-            raise ValueError(f"site {site_dir.name!r} is not one of the pooled sites {sites}")
+            raise UsageError(f"site {site_dir.name!r} is not one of the pooled sites {sites}")
     else:
         bundle = load_site_bundle(cfg, site_dir=site_dir, progress=False)
     encoder = None

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedmed.errors import FedmedError
+
 __all__ = [
     "REPLY_KEYS",
     "CONFIG_KEY",
@@ -97,7 +99,7 @@ _REASON = re.compile(r"^fedmed/(?P<kind>[a-z-]+) ref=(?P<ref>[0-9a-f]{12})"
                      r"(?: site=(?P<site>[A-Za-z0-9_.-]{1,64}))?(?:: (?P<text>.*))?$", re.S)
 
 
-class PublicRefusal(Exception):
+class PublicRefusal(FedmedError):
     """A refusal whose text is safe to send to the coordinator.
 
     Raise it only with text built from config keys, numbers and fixed words — never a data

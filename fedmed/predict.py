@@ -31,6 +31,7 @@ from fedmed.checkpoint import Checkpoint
 from fedmed.config import DataConfig
 from fedmed.data.images import DICOM_SUFFIXES, RASTER_SUFFIXES
 from fedmed.data.records import RecordEncoder, normalise_value, read_table, to_numeric
+from fedmed.errors import UsageError
 from fedmed.fit_check import RECORD_FILES, DataMismatch, check_site, feature_problems
 
 __all__ = ["PredictInput", "read_input", "dataset_for", "logits_of", "probabilities", "predict"]
@@ -191,7 +192,7 @@ def predict(ckpt: Checkpoint, source: str | Path, *, reference: str | Path | Non
             cache_dir: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Predictions for every sample of ``source``: a table and what was used to make them."""
     if ckpt.config.model.notes.enabled:
-        raise ValueError("fedmed predict does not support models with clinical notes yet")
+        raise UsageError("fedmed predict does not support models with clinical notes yet")
     inp = read_input(source, ckpt.config.data)
     ds, enc_source = dataset_for(ckpt, inp, reference=reference, cache_dir=cache_dir)
     model = ckpt.build_model()

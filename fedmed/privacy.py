@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fedmed.config import PrivacyConfig, SiteConfig
 from fedmed.data.dataset import dataset_size
 from fedmed.dp_conv import use_fast_conv2d
+from fedmed.errors import UsageError
 from fedmed.messages import PublicRefusal
 
 __all__ = [
@@ -67,7 +68,7 @@ def plan_dp(*, privacy: PrivacyConfig, n_train: int, batch_size: int, rounds: in
             local_epochs: int) -> DPPlan:
     """Noise multiplier reaching ``privacy.target_epsilon`` after all planned rounds."""
     if n_train <= 0:
-        raise ValueError("DP needs a non-empty training split")
+        raise UsageError("DP needs a non-empty training split")
     # q = 1/k exactly, so that Opacus' own sample rate (1 / len(loader)) is the planned one.
     per_epoch = max(1, round(n_train / batch_size))
     q = 1.0 / per_epoch
@@ -178,7 +179,7 @@ def make_private(
     errors += [f"BatchNorm at {n or 'model'} mixes samples within a batch" for n, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if errors:
-        raise ValueError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true, or, to keep "
+        raise UsageError(f"model is not DP-compatible ({errors[0]}); set model.dp_compatible=true, or, to keep "
                          "a pretrained backbone's BatchNorm, freeze it: model.trainable_stages=0")
     use_fast_conv2d(fast_conv)
     engine = PrivacyEngine(accountant=plan.accountant)

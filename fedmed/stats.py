@@ -39,6 +39,7 @@ import pandas as pd
 from fedmed.config import DataConfig
 from fedmed.data.records import normalise_value
 from fedmed.data.site import SiteData
+from fedmed.errors import UsageError
 
 __all__ = ["SUPPRESSED", "StatsRequest", "site_statistics", "numeric_edges", "IMAGE_EDGES",
            "INTENSITY_BINS", "pool_statistics", "hist_quantiles"]
@@ -62,11 +63,11 @@ class StatsRequest:
 
     def __post_init__(self) -> None:
         if not 1 <= self.bins <= 100:
-            raise ValueError("statistics bins must be in [1, 100]")
+            raise UsageError("statistics bins must be in [1, 100]")
         if self.epsilon is not None and not (0 < self.epsilon <= 100):
-            raise ValueError("statistics epsilon must be in (0, 100]")
+            raise UsageError("statistics epsilon must be in (0, 100]")
         if not 0 < self.delta < 1:
-            raise ValueError("statistics delta must be in (0, 1)")
+            raise UsageError("statistics delta must be in (0, 1)")
 
 
 def numeric_edges(cfg: DataConfig, col: str, bins: int) -> list[float] | None:
@@ -230,7 +231,7 @@ def site_statistics(site: SiteData, cfg: DataConfig, *, request: StatsRequest, s
     s = site.samples
     patients = int(s["patient_id"].nunique())
     if patients < k:
-        raise ValueError(f"fewer than k={k} patients at this site: statistics refused")
+        raise UsageError(f"fewer than k={k} patients at this site: statistics refused")
     rel = _Release(k)
     per_patient = s.groupby("patient_id").size()
     m = float(per_patient.max()) if len(per_patient) else 1.0

@@ -21,6 +21,7 @@ from fedmed.data.checks import check_trainable
 from fedmed.data.dataset import SiteSplits, build_splits, class_counts
 from fedmed.data.images import ImageCache, Preprocess
 from fedmed.data.site import SiteData, combine_sites, load_site
+from fedmed.errors import UsageError
 from fedmed.models import FusionModel, build_model
 
 __all__ = [
@@ -45,7 +46,7 @@ def seed_everything(seed: int) -> None:
 def site_dirs(data: DataConfig) -> dict[str, Path]:
     """The site folders under ``data.root`` (all, or those in ``data.sites``), by name."""
     if not data.root:
-        raise ValueError("data.root is not set: point it at a folder with one sub-folder per site")
+        raise UsageError("data.root is not set: point it at a folder with one sub-folder per site")
     root = Path(data.root)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist (import or synthesize data first)")
@@ -55,10 +56,10 @@ def site_dirs(data: DataConfig) -> dict[str, Path]:
     if data.sites:
         missing = [s for s in data.sites if s not in found]
         if missing:
-            raise ValueError(f"sites {missing} not found under {root}; found: {sorted(found)}")
+            raise UsageError(f"sites {missing} not found under {root}; found: {sorted(found)}")
         return {s: found[s] for s in data.sites}
     if not found:
-        raise ValueError(f"no site folders (with records.csv or images.csv) under {root}")
+        raise UsageError(f"no site folders (with records.csv or images.csv) under {root}")
     return found
 
 
@@ -77,7 +78,7 @@ def notes_tokenizer(cfg: FedmedConfig, texts: list[str] | None = None):
         tok = load_tokenizer(ncfg.tokenizer_dir)
     else:
         if not texts:
-            raise ValueError("model.notes.enabled needs model.notes.tokenizer_dir or notes to train on")
+            raise UsageError("model.notes.enabled needs model.notes.tokenizer_dir or notes to train on")
         tok = train_tokenizer(texts, vocab_size=ncfg.vocab_size)
     return make_tokenize_fn(tok, ncfg.max_length)
 
@@ -113,7 +114,7 @@ def load_site_bundle(
         chosen = sites or list(dirs)
         unknown = [s for s in chosen if s not in dirs]
         if unknown:
-            raise ValueError(f"unknown sites {unknown}; valid: {sorted(dirs)}")
+            raise UsageError(f"unknown sites {unknown}; valid: {sorted(dirs)}")
         loaded = [load_site(dirs[s], data, name=s) for s in chosen]
         for one in loaded:  # a one-class or too-small site is refused, pooled or not
             check_trainable(one, data)

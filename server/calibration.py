@@ -35,6 +35,7 @@ from fedmed.calibration import (
     measure,
     temperature_grid,
 )
+from fedmed.errors import UsageError
 from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, JOB_KEY, screen_metric_replies
 from fedmed.transfer import pack
 
@@ -110,7 +111,7 @@ def calibrate_federation(
     if method not in ("federated", "central"):
         raise ValueError(f"calibration method must be 'federated' or 'central', not {method!r}")
     if method == "central" and central_logits is None:
-        raise ValueError("calibration: central needs the server's central set (federation.central_test)")
+        raise UsageError("calibration: central needs the server's central set (federation.central_test)")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"method": method}
     current = pack(arrays)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmed.errors import UsageError
+
 __all__ = ["FederationState", "save_state", "load_state", "save_model"]
 
 STATE_FILE = "state.pkl"
@@ -70,7 +72,7 @@ def load_state(out_dir: Path) -> FederationState:
     with open(path, "rb") as fh:
         state = pickle.load(fh)
     if not isinstance(state, FederationState):
-        raise ValueError(f"{path} is not a fedmed federation checkpoint")
+        raise UsageError(f"{path} is not a fedmed federation checkpoint")
     return state
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedmed.certs import create_certificates
 from fedmed.config import FedmedConfig, load_config
-from fedmed.errors import run_command
+from fedmed.errors import RunError, UsageError, run_command
 from fedmed.flower import (
     Tls,
     flower_env,
@@ -87,7 +87,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def _tls(args: argparse.Namespace) -> Tls | None:
     given = [args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile]
     if any(given) and not all(given):
-        raise ValueError("TLS needs all of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
+        raise UsageError("TLS needs all of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
     if all(given):
         for p in given:
             if not p.is_file():
@@ -95,12 +95,12 @@ def _tls(args: argparse.Namespace) -> Tls | None:
         return Tls(ca=args.ssl_ca_certfile.resolve(), cert=args.ssl_certfile.resolve(),
                    key=args.ssl_keyfile.resolve())
     if not args.insecure:
-        raise ValueError("no TLS certificates given: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile "
+        raise UsageError("no TLS certificates given: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile "
                          "(see `fedmed certs`), or --insecure to run without TLS on a trusted network")
     if args.auth_keys:
-        raise ValueError("site authentication (--auth-key) needs TLS; Flower refuses it with --insecure")
+        raise UsageError("site authentication (--auth-key) needs TLS; Flower refuses it with --insecure")
     if not is_loopback(args.host) and not args.allow_insecure_remote:
-        raise ValueError(f"--insecure on {args.host} would send model weights unencrypted to anyone on the "
+        raise UsageError(f"--insecure on {args.host} would send model weights unencrypted to anyone on the "
                          "network: use TLS (see `fedmed certs`), --host 127.0.0.1, or add "
                          "--allow-insecure-remote if this network is trusted")
     if not is_loopback(args.host):
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         out = (Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name).resolve()
     if (args.evaluate is None and not args.stats and out.exists() and (out / "state.pkl").exists()
             and not args.resume):
-        raise ValueError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
+        raise UsageError(f"{out} already holds a federation; pass --resume to continue it or --out for a new one")
     out.mkdir(parents=True, exist_ok=True)
     tls = _tls(args)
     stopped = leftovers.claim_run_folder(out)
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
         for key in args.auth_keys:
             res = flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], env=env, timeout=60)
             if res.returncode != 0:
-                raise RuntimeError(f"could not register site key {Path(key).name}: {res.stdout[-500:]}")
+                raise RunError(f"could not register site key {Path(key).name}: {res.stdout[-500:]}")
             print(f"fedmed-server: invited site key {Path(key).name}", flush=True)
         run_cfg = {"fedmed-config": str(out / "config.json"), "out-dir": str(out),
                    "resume": bool(args.resume), "mlflow-uri": args.mlflow_uri or ""}
@@ -203,7 +203,7 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_cfg.items())
         res = flwr(["run", str(app_dir), CONNECTION, "-c", overrides, "--format", "json"], env=env, timeout=120)
         if res.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {(res.stdout or '')[-1500:]} {(res.stderr or '')[-1500:]}")
+            raise RunError(f"flwr run failed: {(res.stdout or '')[-1500:]} {(res.stderr or '')[-1500:]}")
         run_id = _run_id(res.stdout)
         print(f"fedmed-server: federation submitted (run {run_id}); waiting for "
               f"{cfg.federation.min_sites} site(s)", flush=True)
@@ -274,7 +274,7 @@ def _run_id(stdout: str) -> int:
         data = json.loads(stdout[start:])
         return int(data["run-id"])
     except (ValueError, KeyError) as exc:
-        raise RuntimeError(f"could not read the run id from flwr run: {stdout[-500:]}") from exc
+        raise RunError(f"could not read the run id from flwr run: {stdout[-500:]}") from exc
 
 
 def _run_status(run_id: int, env: dict[str, str], attempts: int = 20) -> tuple[str, str]:

@@ -24,6 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmed.config import FedmedConfig
+from fedmed.errors import RunTimeout, UsageError
 from fedmed.job import job_for_sites
 from fedmed.messages import (
     CONFIG_KEY,
@@ -83,7 +84,7 @@ def _local_keys(cfg: FedmedConfig) -> list[str]:
     model = model_from_config(cfg, model_cfg=cfg.model.model_copy(update={"pretrained_path": None}))
     keys = local_keys(model, cfg.federation.bn)
     if not keys:
-        raise ValueError("federation.bn: local keeps each site's BatchNorm, but the model has no trainable "
+        raise UsageError("federation.bn: local keeps each site's BatchNorm, but the model has no trainable "
                          "BatchNorm (model.dp_compatible=true turns it into GroupNorm; frozen stages keep "
                          "theirs fixed): set model.dp_compatible=false, or federation.bn=average")
     return keys
@@ -149,7 +150,7 @@ def _wait_for_sites(grid: GridLike, minimum: int, timeout: float) -> int:
             log.info("waiting for sites: %d connected, %d needed", n, minimum)
             last = n
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {n} of the {minimum} required sites connected within {timeout:.0f}s")
+            raise RunTimeout(f"only {n} of the {minimum} required sites connected within {timeout:.0f}s")
         time.sleep(0.5)
 
 
@@ -286,14 +287,14 @@ def run_federation(
     """
     fed = cfg.federation
     if fed.calibration == "central" and central_logits is None:
-        raise ValueError("federation.calibration: central fits on the server's held-out set, but the "
+        raise UsageError("federation.calibration: central fits on the server's held-out set, but the "
                          "federation has none (federation.central_test); use calibration: federated")
     out_dir.mkdir(parents=True, exist_ok=True)
     chash = config_hash(cfg)
     if resume:
         state = load_state(out_dir)
         if state.config_hash != chash:
-            raise ValueError("--resume: the configuration differs from the stopped federation's "
+            raise UsageError("--resume: the configuration differs from the stopped federation's "
                              f"(checkpoint {state.config_hash}, now {chash}); resume needs the same config")
         log.info("resuming after round %d of %d", state.round, fed.rounds)
     else:

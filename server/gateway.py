@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedmed.errors import RunError, RunTimeout
+
 __all__ = ["Gateway", "FORWARDED_PREFIXES"]
 
 FORWARDED_PREFIXES = ("/v1/fleet/",)
@@ -78,9 +80,9 @@ class Gateway:
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if self.error is not None or not self._thread.is_alive():
-                raise RuntimeError(f"the sites' gateway could not start: {self.error}")
+                raise RunError(f"the sites' gateway could not start: {self.error}")
             if time.monotonic() > deadline:
-                raise TimeoutError("the sites' gateway did not start")
+                raise RunTimeout("the sites' gateway did not start")
             time.sleep(0.05)
 
     def stop(self) -> None:

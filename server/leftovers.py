@@ -15,6 +15,8 @@ import signal
 import time
 from pathlib import Path
 
+from fedmed.errors import RunError
+
 __all__ = ["PID_FILE", "claim_run_folder", "record_group", "release_run_folder", "stop_leftovers"]
 
 PID_FILE = "server.pid"
@@ -91,7 +93,7 @@ def claim_run_folder(out: Path) -> list[int]:
         except (ValueError, KeyError, TypeError):
             server, group, address = -1, None, None
         if server > 0 and server != os.getpid() and "fedmed-server" in _cmdline(server):
-            raise RuntimeError(f"another fedmed-server (pid {server}) is running the federation in {out}; "
+            raise RunError(f"another fedmed-server (pid {server}) is running the federation in {out}; "
                                "stop it first, or pass --out for a new run folder")
         if group:
             stopped = stop_leftovers(int(group), address=address)

@@ -8,6 +8,7 @@ from typing import Any
 from flwr.serverapp import strategy as fl
 
 from fedmed.config import FederationConfig
+from fedmed.errors import UsageError
 
 __all__ = ["STRATEGIES", "make_strategy", "list_strategies"]
 
@@ -50,13 +51,13 @@ def make_strategy(cfg: FederationConfig) -> fl.Strategy:
     """Build the strategy named in ``federation.strategy``; the error lists valid names."""
     name = cfg.strategy.lower()
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {cfg.strategy!r}; valid: {', '.join(list_strategies())}")
+        raise UsageError(f"unknown strategy {cfg.strategy!r}; valid: {', '.join(list_strategies())}")
     if name == "fedprox" and cfg.proximal_mu <= 0:
-        raise ValueError("strategy fedprox needs federation.proximal_mu > 0 (e.g. 0.01)")
+        raise UsageError("strategy fedprox needs federation.proximal_mu > 0 (e.g. 0.01)")
     try:
         strategy = STRATEGIES[name](cfg)
     except TypeError as exc:
-        raise ValueError(f"federation.strategy_args do not fit {name}: {exc}") from None
+        raise UsageError(f"federation.strategy_args do not fit {name}: {exc}") from None
     # Client-level DP: Flower's wrappers clip every site's update and add Gaussian noise to
     # the aggregate; num_sampled_clients is the sites per round (all connected, >= min_sites).
     if cfg.client_dp == "server-fixed":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedmed.calibration import MEASURE_KEYS
+from fedmed.errors import UsageError
 
 __all__ = ["Tracker", "flatten_config", "round_metrics", "calibration_metrics"]
 
@@ -155,7 +156,7 @@ class Tracker:
                 run_id = run.info.run_id
         except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear message
             what = f"resume run {run_id!r}" if run_id else f"start a run in experiment {self.experiment!r}"
-            raise ValueError(f"MLflow tracking at {self.uri!r}: could not {what}: {exc}") from exc
+            raise UsageError(f"MLflow tracking at {self.uri!r}: could not {what}: {exc}") from exc
         self._client, self.run_id = client, run_id
         id_file.write_text(run_id + "\n")
         log.info("MLflow run %s at %s", run_id, self.uri)

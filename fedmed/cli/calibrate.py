@@ -9,6 +9,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from fedmed.calibration import calibrate
+from fedmed.errors import UsageError
 
 __all__ = ["register"]
 
@@ -22,7 +23,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     read = load_checkpoint(ckpt, config_path=args.config)
     model, cfg = read.build_model(), read.config
     if cfg.model.multilabel:
-        raise ValueError("temperature scaling here is for single-label (softmax) models")
+        raise UsageError("temperature scaling here is for single-label (softmax) models")
     pooled = trained_pooled(ckpt) if args.pooled is None else args.pooled
     enc = read.encoder
     splits = site_split(cfg, args.site_dir, split=("val", "test"), pooled=pooled, encoder_state=enc)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.cli._common import add_config_args
+from fedmed.errors import UsageError
 
 __all__ = ["register"]
 
@@ -20,7 +21,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         report = get_importer("heart-disease")(Path(args.src), Path(args.out))
     else:
         if not args.table:
-            raise ValueError("fedmed data import folder needs --table CSV")
+            raise UsageError("fedmed data import folder needs --table CSV")
         report = get_importer("folder")(
             Path(args.src), Path(args.table), Path(args.out), site_column=args.site_column,
             id_column=args.id_column, label_column=args.label_column,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmed.errors import UsageError
 from fedmed.explain.report import explain, format_value, summarise_sites, summary_table
 
 __all__ = ["register"]
@@ -17,7 +18,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     site_dirs = [Path(d) for d in args.site_dir]
     names = [d.name for d in site_dirs]
     if len(set(names)) != len(names):
-        raise ValueError(f"--site-dir names a site twice: {names}")
+        raise UsageError(f"--site-dir names a site twice: {names}")
     base = Path(args.out) if args.out else ckpt.parent
     summaries: dict[str, dict[str, Any]] = {}
     for site_dir in site_dirs:

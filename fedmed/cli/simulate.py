@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedmed.errors import UsageError
 from fedmed.experiments.simulate import prepare_sites, simulate
 
 __all__ = ["register"]
@@ -20,7 +21,7 @@ def _cmd(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-sim-{stamp}"
     if (out / "state.pkl").exists():
-        raise ValueError(f"{out} already holds a federation; pick another --out")
+        raise UsageError(f"{out} already holds a federation; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     cfg, table = prepare_sites(cfg, sites=args.sites, partition=args.partition, num_sites=args.num_sites,
                                alpha=args.alpha, seed=args.partition_seed, out_dir=out)

@@ -23,6 +23,7 @@ from fedmed.data.images import ImageCache, Preprocess
 from fedmed.data.records import RecordEncoder
 from fedmed.data.site import LoadSummary, SiteData
 from fedmed.data.splits import fixed_splits, split_patients
+from fedmed.errors import UsageError
 
 __all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
            "class_counts", "dataset_size"]
@@ -105,7 +106,7 @@ class SiteDataset(Dataset):
         self.notes: dict[str, torch.Tensor] | None = None
         if tokenizer is not None:
             if not notes_column:
-                raise ValueError("a notes tokenizer was given but data.notes_column is not set")
+                raise UsageError("a notes tokenizer was given but data.notes_column is not set")
             texts = rows[notes_column] if notes_column in rows.columns else pd.Series(
                 index=rows.index, dtype=object)
             texts = ["" if not isinstance(t, str) else t for t in texts.tolist()]

@@ -53,6 +53,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, generate_uid
 
 from fedmed.data.scrub import identifying_columns, scrub_text
+from fedmed.errors import UsageError
 
 __all__ = ["PROFILE", "ACTIONS", "BURN_IN_MODALITIES", "DicomOutcome", "pseudonym",
            "deidentify_dataset", "deidentify_dicom", "deidentify_site"]
@@ -246,7 +247,7 @@ def _notes(df: pd.DataFrame, *, column: str, choice: NotesChoice | None, id_colu
     if column not in df.columns:
         return df, 0
     if choice is None:
-        raise ValueError(f"records.csv has a free-text column {column!r}: choose what happens to "
+        raise UsageError(f"records.csv has a free-text column {column!r}: choose what happens to "
                          "it with --notes drop|scrub|keep (no default: free text often holds "
                          "names, dates and ids)")
     if choice == "drop":
@@ -296,7 +297,7 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
     """
     site_dir, out = Path(site_dir), Path(out)
     if len(salt) < 16:
-        raise ValueError("the salt must be at least 16 bytes (keep it secret, at the site)")
+        raise UsageError("the salt must be at least 16 bytes (keep it secret, at the site)")
     rec = site_dir / "records.csv"
     # As the loader reads them: only an empty cell is missing, so an id "NA" stays an id.
     records = (pd.read_csv(rec, dtype={id_column: str}, keep_default_na=False, na_values=[""])

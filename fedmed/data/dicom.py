@@ -24,6 +24,8 @@ from pydicom.pixels import (
 )
 from pydicom.uid import AllTransferSyntaxes
 
+from fedmed.errors import FedmedError
+
 __all__ = ["DicomError", "read_dicom", "apply_window", "MULTIFRAME_POLICIES", "codec_report"]
 
 MULTIFRAME_POLICIES = ("middle", "first", "refuse")
@@ -31,7 +33,7 @@ _YBR_TO_CONVERT = ("YBR_FULL", "YBR_FULL_422")
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 
 
-class DicomError(ValueError):
+class DicomError(FedmedError, ValueError):
     """A DICOM file cannot be turned into an image; the message says why, ``path`` which."""
 
     def __init__(self, reason: str, *, path: str | Path | None = None) -> None:

@@ -31,6 +31,7 @@ from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from fedmed.data.dicom import DicomError, read_dicom
+from fedmed.errors import FedmedError
 
 __all__ = [
     "ImageError",
@@ -51,7 +52,7 @@ _LIST_MAX = 20
 log = logging.getLogger(__name__)
 
 
-class ImageError(ValueError):
+class ImageError(FedmedError, ValueError):
     """An image file is missing, unsupported or unreadable.
 
     The message says why, never which file (see the module docstring); ``path`` holds the

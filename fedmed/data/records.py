@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from sklearn.impute import KNNImputer
 
+from fedmed.errors import FedmedError
+
 __all__ = [
     "RecordError",
     "read_table",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-class RecordError(ValueError):
+class RecordError(FedmedError, ValueError):
     """A records table or encoder input is unusable; the message names file/column, not data."""
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from fedmed.config import DataConfig
 from fedmed.data.records import RecordEncoder, RecordError, normalise_value, read_table, to_numeric
 from fedmed.data.splits import SPLIT_NAMES
+from fedmed.errors import FedmedError, UsageError
 
 __all__ = ["SiteDataError", "LoadSummary", "SiteData", "load_site", "combine_sites"]
 
@@ -32,7 +33,7 @@ SAMPLE_COLUMNS = ["patient_id", "image_path", "label", "has_image", "has_record"
                   "image_line"]
 
 
-class SiteDataError(ValueError):
+class SiteDataError(FedmedError, ValueError):
     """A site folder breaks the on-disk contract; the message lists every problem found."""
 
 
@@ -454,10 +455,10 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str | No
 def combine_sites(sites: list[SiteData], name: str = "pooled") -> SiteData:
     """Pool sites: patient ids become ``"<site>/<id>"``; ``site`` keeps each sample's site."""
     if not sites:
-        raise ValueError("combine_sites needs at least one site")
+        raise UsageError("combine_sites needs at least one site")
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
-        raise ValueError(f"site names must be unique to pool them, got {names}")
+        raise UsageError(f"site names must be unique to pool them, got {names}")
     samples = pd.concat([s.samples.assign(patient_id=s.name + "/" + s.samples["patient_id"])
                          for s in sites], ignore_index=True)
     records = pd.concat([s.records.set_axis(s.name + "/" + s.records.index.astype(str))

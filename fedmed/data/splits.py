@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
+from fedmed.errors import UsageError
+
 __all__ = ["split_patients", "fixed_splits", "SPLIT_NAMES"]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -34,7 +36,7 @@ def _hold_out(
     """Split positions into (keep, held) with about ``fraction`` of the groups held out."""
     n_groups = len(np.unique(groups))
     if n_groups < 2:
-        raise ValueError(f"cannot split off a {what} set: need at least 2 patients, "
+        raise UsageError(f"cannot split off a {what} set: need at least 2 patients, "
                          f"found {n_groups}")
     n_splits = max(2, int(round(1.0 / fraction)))
     if n_splits <= n_groups:
@@ -72,11 +74,11 @@ def split_patients(
     """
     for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < frac < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {frac}")
+            raise UsageError(f"{name} must be in (0, 1), got {frac}")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError("val_fraction + test_fraction must be below 1")
+        raise UsageError("val_fraction + test_fraction must be below 1")
     if len(samples) == 0:
-        raise ValueError("cannot split an empty sample table")
+        raise UsageError("cannot split an empty sample table")
     groups = samples["patient_id"].astype(str).to_numpy()
     y = _strata(samples)
     _warn_rare(y, groups)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fedmed.data.site import SiteData
+from fedmed.errors import UsageError
 
 __all__ = [
     "PARTITIONERS",
@@ -58,10 +59,10 @@ def _check(samples: pd.DataFrame, num_sites: int) -> pd.Series:
     if missing:
         raise ValueError(f"samples table lacks column(s) {missing}")
     if num_sites < 1:
-        raise ValueError(f"num_sites must be at least 1, got {num_sites}")
+        raise UsageError(f"num_sites must be at least 1, got {num_sites}")
     labels = patient_labels(samples)
     if len(labels) < num_sites:
-        raise ValueError(f"cannot split {len(labels)} patients over {num_sites} sites")
+        raise UsageError(f"cannot split {len(labels)} patients over {num_sites} sites")
     return labels
 
 
@@ -77,15 +78,15 @@ def natural(samples: pd.DataFrame, *, num_sites: int | None = None, alpha: float
     name several sites is an error (the ids would collide across hospitals).
     """
     if column not in samples.columns:
-        raise ValueError(f"natural partition needs a {column!r} column in the samples table")
+        raise UsageError(f"natural partition needs a {column!r} column in the samples table")
     per = samples.groupby("patient_id")[column].nunique()
     if (per > 1).any():
-        raise ValueError(f"{int((per > 1).sum())} patient(s) appear at more than one {column!r}; "
+        raise UsageError(f"{int((per > 1).sum())} patient(s) appear at more than one {column!r}; "
                          "prefix patient ids by site (fedmed.data.site.combine_sites does)")
     owner = samples.drop_duplicates("patient_id").set_index("patient_id")[column].astype(str)
     names = sorted(owner.unique())
     if num_sites is not None and num_sites != len(names):
-        raise ValueError(f"natural partition: the data has {len(names)} sites ({', '.join(names)}), "
+        raise UsageError(f"natural partition: the data has {len(names)} sites ({', '.join(names)}), "
                          f"not {num_sites}; drop --num-sites or pick another partitioner")
     return {s: sorted(owner.index[owner == s].astype(str)) for s in names}
 
@@ -111,7 +112,7 @@ def _skew_setup(kind: str, samples: pd.DataFrame, num_sites: int, alpha: float |
                 seed: int) -> tuple[pd.Series, np.random.Generator, list[str], int]:
     """What both Dirichlet-skew partitioners start from: labels, rng, site names, minimum size."""
     if alpha is None or alpha <= 0:
-        raise ValueError(f"{kind} partition needs alpha > 0, got {alpha}")
+        raise UsageError(f"{kind} partition needs alpha > 0, got {alpha}")
     labels = _check(samples, num_sites)
     return labels, np.random.default_rng(seed), _site_names(num_sites), _min_size(len(labels), num_sites)
 
@@ -137,7 +138,7 @@ def dirichlet(samples: pd.DataFrame, *, num_sites: int, alpha: float = 0.5,
                 parts[k].extend(str(p) for p in chunk)
         if min(len(p) for p in parts) >= need:
             return {s: sorted(p) for s, p in zip(names, parts, strict=True)}
-    raise ValueError(f"dirichlet(alpha={alpha}) could not give every one of {num_sites} sites "
+    raise UsageError(f"dirichlet(alpha={alpha}) could not give every one of {num_sites} sites "
                      f"{need} patients in {_MAX_TRIES} draws; raise alpha or lower --num-sites")
 
 
@@ -175,7 +176,7 @@ def get_partitioner(name: str) -> Callable[..., Partition]:
     """The partitioner registered as ``name``; the error lists the valid names."""
     key = name.lower()
     if key not in PARTITIONERS:
-        raise ValueError(f"unknown partitioner {name!r}; valid: {', '.join(list_partitioners())}")
+        raise UsageError(f"unknown partitioner {name!r}; valid: {', '.join(list_partitioners())}")
     return PARTITIONERS[key]
 
 

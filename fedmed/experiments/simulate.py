@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedmed.config import FedmedConfig
+from fedmed.errors import RunError, UsageError
 from fedmed.server.checkpoint import FederationState
 from fedmed.stats import StatsRequest
 
@@ -41,7 +42,7 @@ def federation_sites(cfg: FedmedConfig, sites: list[str] | None = None) -> dict[
     chosen = sites or cfg.data.sites or [s for s, p in found.items() if p.resolve() != central]
     missing = [s for s in chosen if s not in found]
     if missing:
-        raise ValueError(f"sites {missing} not found under {cfg.data.root}; found: {sorted(found)}")
+        raise UsageError(f"sites {missing} not found under {cfg.data.root}; found: {sorted(found)}")
     return {s: found[s] for s in chosen}
 
 
@@ -77,7 +78,7 @@ def prepare_sites(
         table = partition_table(pooled.samples, fn(pooled.samples), classes=cfg.data.classes)
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": list(dirs)})}), table
     if not num_sites:
-        raise ValueError(f"--partition {name} needs --num-sites N")
+        raise UsageError(f"--partition {name} needs --num-sites N")
     kwargs: dict[str, Any] = {"num_sites": num_sites, "seed": seed}
     if alpha is not None:
         kwargs["alpha"] = alpha
@@ -204,16 +205,16 @@ def simulate(
     names = list(dirs)
     roots = {p.resolve().parent for p in dirs.values()}
     if len(roots) != 1:
-        raise ValueError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
+        raise UsageError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
     n = len(names)
     if cfg.federation.min_sites > n:
-        raise ValueError(f"federation.min_sites={cfg.federation.min_sites} but only {n} sites are "
+        raise UsageError(f"federation.min_sites={cfg.federation.min_sites} but only {n} sites are "
                          f"simulated ({', '.join(names)}); pass federation.min_sites={n}")
     if num_gpus_per_site is None:
         num_gpus_per_site = 1.0 / n if torch.cuda.is_available() else 0.0
     total_cpus = total_cpus or os.cpu_count() or 1
     if num_cpus_per_site > total_cpus:
-        raise ValueError(f"num_cpus_per_site={num_cpus_per_site} exceeds the {total_cpus} CPUs given to Ray")
+        raise UsageError(f"num_cpus_per_site={num_cpus_per_site} exceeds the {total_cpus} CPUs given to Ray")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": names})})
@@ -252,7 +253,7 @@ def simulate(
                        backend_config=backend, verbose_logging=verbose)
     total = time.perf_counter() - t0
     if not (out_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulated federation did not complete; see the log above and {out_dir}")
+        raise RunError(f"the simulated federation did not complete; see the log above and {out_dir}")
     state = load_state(out_dir)
     rounds = [float(r.get("seconds", 0.0)) for r in state.history]
     # Ray and its actors start inside round 1 (the first message): start-up is round 1's
@@ -287,7 +288,7 @@ def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
     names = list(dirs)
     roots = {p.resolve().parent for p in dirs.values()}
     if len(roots) != 1:
-        raise ValueError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
+        raise UsageError(f"simulated sites must share one data folder, got {sorted(map(str, roots))}")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation.model_copy(update={"min_sites": len(names)})
@@ -312,5 +313,5 @@ def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
                        backend_config=backend)
     if not (out_dir / "stats.json").exists():
-        raise RuntimeError(f"the statistics run did not complete; see the log above and {out_dir}")
+        raise RunError(f"the statistics run did not complete; see the log above and {out_dir}")
     return json.loads((out_dir / "stats.json").read_text())

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedmed.checkpoint import load_checkpoint as read_checkpoint
 from fedmed.config import FedmedConfig
+from fedmed.errors import UsageError
 from fedmed.explain._batch import model_inputs
 from fedmed.explain.attribution import modality_contribution, record_attention
 from fedmed.explain.gradcam import central_mass, grad_cam
@@ -31,13 +32,13 @@ __all__ = ["explain", "summarise_sites", "summary_table", "format_value"]
 
 
 # -- figures --------------------------------------------------------------------------------
-def _to_display(image: torch.Tensor) -> np.ndarray:
-    img = image.detach().cpu().float().numpy()
+def _to_display(pixels: torch.Tensor) -> np.ndarray:
+    img = pixels.detach().cpu().float().numpy()
     return img[0] if img.shape[0] == 1 else np.clip(img.transpose(1, 2, 0), 0, 1)
 
 
-def _case_png(path: Path, image: torch.Tensor, cam: np.ndarray | None, title: str) -> Path:
-    disp = _to_display(image)
+def _case_png(path: Path, pixels: torch.Tensor, cam: np.ndarray | None, title: str) -> Path:
+    disp = _to_display(pixels)
     cmap = "gray" if disp.ndim == 2 else None
     fig = Figure(figsize=(6.4, 3.5))
     left, right = fig.subplots(1, 2)
@@ -124,7 +125,7 @@ def _pick(stats: dict[str, np.ndarray], patients: int | list[int], errors: int) 
         return list(range(min(patients, n)))
     bad = [i for i in patients if not 0 <= int(i) < n]
     if bad:
-        raise ValueError(f"test-sample positions {bad} out of range (the split has {n})")
+        raise UsageError(f"test-sample positions {bad} out of range (the split has {n})")
     return [int(i) for i in patients]
 
 
@@ -163,11 +164,11 @@ def explain(
     ckpt = read_checkpoint(checkpoint, config_path=config_path)
     model, cfg = ckpt.build_model(), ckpt.config
     if cfg.model.multilabel:
-        raise ValueError("fedmed explain supports single-label (softmax) models only")
+        raise UsageError("fedmed explain supports single-label (softmax) models only")
     pooled = trained_pooled(checkpoint) if pooled is None else pooled
     data = site_split(cfg, site_dir, split="test", pooled=pooled, encoder_state=ckpt.encoder)
     if len(data) == 0:
-        raise ValueError(f"the test split of {site_dir} is empty")
+        raise UsageError(f"the test split of {site_dir} is empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(cfg.data.classes)

@@ -21,6 +21,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from fedmed.errors import UsageError
 from fedmed.models.pretrained import LoadReport, load_pretrained
 
 __all__ = [
@@ -166,7 +167,7 @@ def backbone_stages(backbone: nn.Module) -> list[list[str]]:
 
     root, prefix = (backbone.model, "model.") if isinstance(backbone, TimmBackbone) else (backbone, "")
     if not hasattr(root, "group_matcher"):
-        raise ValueError(f"backbone {type(root).__name__} defines no group_matcher: it cannot be frozen "
+        raise UsageError(f"backbone {type(root).__name__} defines no group_matcher: it cannot be frozen "
                          "by stages; use model.trainable_stages=0 (all frozen) or null (none)")
     # a timm method (checked above); torch types unknown Module attributes as Tensor | Module
     groups = group_modules(root, root.group_matcher(coarse=True))  # type: ignore[operator]

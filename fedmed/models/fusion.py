@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from fedmed.errors import UsageError
 from fedmed.models.attention import Attention
 from fedmed.models.backbones import create_backbone
 from fedmed.models.notes import NotesEncoder
@@ -232,7 +233,7 @@ class FusionModel(nn.Module):
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         use_notes = notes is not None and getattr(notes, "enabled", True)
         if variant == "record" and n_numeric + len(cat_cardinalities) == 0 and not use_notes:
-            raise ValueError("variant 'record' needs numeric/categorical features or notes")
+            raise UsageError("variant 'record' needs numeric/categorical features or notes")
         self.variant: Variant = variant
         self.n_classes = n_classes
         self.embed_dim = embed_dim

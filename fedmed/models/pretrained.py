@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedmed.errors import FedmedError, UsageError
+
 __all__ = ["LoadReport", "WeightsMismatch", "load_pretrained", "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(FedmedError, ValueError):
     """The weights file does not fit the configured backbone; the message names the tensor."""
 
 
@@ -72,9 +74,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         sd = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read weights from {path}: {exc}") from exc
+        raise UsageError(f"cannot read weights from {path}: {exc}") from exc
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise UsageError(f"{path} does not hold a state dict of tensors")
     return sd
 
 

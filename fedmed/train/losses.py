@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmed.errors import UsageError
+
 __all__ = ["FocalLoss", "class_weights_from_counts", "make_loss"]
 
 
@@ -80,4 +82,4 @@ def make_loss(
         return FocalLoss(gamma=focal_gamma, weight=weight)
     if kind == "ce":
         return nn.CrossEntropyLoss(weight=weight)
-    raise ValueError(f"unknown loss {kind!r}; valid: 'ce', 'focal'")
+    raise UsageError(f"unknown loss {kind!r}; valid: 'ce', 'focal'")

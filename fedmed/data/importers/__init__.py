@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from fedmed.errors import FedmedError, UsageError
+
 __all__ = [
     "read_source_csv",
     "IMPORTERS",
@@ -41,7 +43,7 @@ DATA_CONFIG_NAME = "fedmed-data.yaml"
 _SITE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # same rule as SiteConfig.site
 
 
-class DatasetImportError(ValueError):
+class DatasetImportError(FedmedError, ValueError):
     """A source dataset is missing, malformed or inconsistent; the message names the file."""
 
 
@@ -285,6 +287,6 @@ def get_importer(name: str) -> Callable[..., ImportReport]:
     try:
         return IMPORTERS[name]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown importer {name!r}; valid names: {', '.join(sorted(IMPORTERS))}"
         ) from None

@@ -35,6 +35,7 @@ from pydicom.uid import (
 )
 
 from fedmed.data.importers import ImportReport, write_dataset_config
+from fedmed.errors import UsageError
 
 __all__ = ["SYNTH_CLASSES", "SYNTH_NUMERIC", "default_site_sizes", "site_names", "synthesize"]
 
@@ -218,11 +219,11 @@ def _site_sizes(sites: int, patients_per_site: int | list[int] | None) -> list[i
     else:
         sizes = [int(n) for n in patients_per_site]
         if len(sizes) != sites:
-            raise ValueError(
+            raise UsageError(
                 f"patients_per_site has {len(sizes)} entries for {sites} sites; give one per site"
             )
     if any(n < 10 for n in sizes):
-        raise ValueError("patients_per_site must be at least 10 per site")
+        raise UsageError("patients_per_site must be at least 10 per site")
     return sizes
 
 
@@ -255,9 +256,9 @@ def synthesize(
     ``ValueError`` for out-of-range arguments.
     """
     if not 1 <= sites <= 64:
-        raise ValueError(f"sites must be between 1 and 64, got {sites}")
+        raise UsageError(f"sites must be between 1 and 64, got {sites}")
     if not 16 <= image_size <= 1024:
-        raise ValueError(f"image_size must be between 16 and 1024, got {image_size}")
+        raise UsageError(f"image_size must be between 16 and 1024, got {image_size}")
     sizes = _site_sizes(sites, patients_per_site)
     out = Path(out)
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64)
@@ -267,7 +268,7 @@ def synthesize(
     parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes, strict=True))]
     if central:
         if central < 10:
-            raise ValueError("central must be 0 or at least 10 patients")
+            raise UsageError("central must be 0 or at least 10 patients")
         # The coordinator's held-out set mixes patients of every site's profile, so central
         # evaluation measures the federation's population, not one more unseen scanner.
         per = [central // sites + (1 if p < central % sites else 0) for p in range(sites)]
