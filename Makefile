@@ -1,13 +1,14 @@
 # fedmed: the two commands of the README, plus a few helpers.
 #   make demo   set everything up and run a complete federation on the embedded synthetic cohort
 #   make test   set everything up and run the default test suite (< 10 min on 2 CPU cores)
+#   make lint   ruff (lint + import order) on the repo and mypy on the fedmed package
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch/torchvision pair known to work together (CUDA build; runs on CPU too).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow bench bench-peers-setup bench-peers bench-dp clean
+.PHONY: setup demo test test-slow lint bench bench-peers-setup bench-peers bench-dp clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,11 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# the pinned lint tools (pyproject's `lint` extra) on top of setup
+$(BIN)/.lint-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[test,lint]"
+	touch $@
+
 demo: setup
 	$(BIN)/fedmed demo
 
@@ -26,6 +32,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow"
+
+lint: $(BIN)/.lint-installed
+	$(BIN)/python -m ruff check .
+	$(BIN)/python .ci/typecheck.py
 
 bench: setup
 	$(BIN)/python -m benchmarks

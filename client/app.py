@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Callable, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,9 +22,9 @@ from fedmed.client.guard import privacy_guard
 from fedmed.client.local_state import keep_local, restore_local
 from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
 from fedmed.client.site import SiteRuntime, resolve_site, runtime_for
+from fedmed.data.dataset import dataset_size
 from fedmed.messages import (
     CALIBRATION_ACTION,
-    CONFIG_KEY,
     CROSS_SITE_ACTION,
     EXTERNAL_EVAL_ACTION,
     PERSONALIZE_ACTION,
@@ -33,10 +34,12 @@ from fedmed.messages import (
     PublicRefusal,
     decode_job,
     make_reply,
+    server_arrays,
+    server_config,
 )
 from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
-from fedmed.transfer import pack, unpack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
+from fedmed.transfer import pack, unpack
 
 __all__ = ["app"]
 
@@ -46,11 +49,11 @@ app = ClientApp(mods=[privacy_guard])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     job = decode_job(config)
     rt = runtime_for(job, context, message_type=msg.metadata.message_type)
     rnd = int(config.get("server-round", 0))
-    weights = unpack(msg.content["arrays"], rt.model.state_dict())
+    weights = unpack(server_arrays(msg), rt.model.state_dict())
     rt.model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     restore_local(rt.model, context, mode=rt.cfg.federation.bn)  # FedBN: this site's own BatchNorm
     return rt, rnd
@@ -59,12 +62,14 @@ def _prepare(msg: Message, context: Context) -> tuple[SiteRuntime, int]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local epochs on the site's training split, FedProx term when the server asks."""
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     if "secagg-stage" in config:  # check the plan and the peers, open their shares: before any data is read
-        plan = plan_hash({k: a.numpy() for k, a in msg.content["arrays"].items()}, dict(config))
-        _secagg(context, lambda s: s.accept(u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
-                                            round_id=int(config["server-round"]), plan=plan,
-                                            inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"]))))
+        plan = plan_hash({k: a.numpy() for k, a in server_arrays(msg).items()}, dict(config))
+        _secagg(context, lambda s: s.accept(
+            u2=list(config["secagg-u2"]), federation=str(config["federation-id"]),
+            round_id=int(config["server-round"]), plan=plan,
+            # coordinator input: shares that a short list leaves out, accept() refuses as missing
+            inbox=dict(zip(config["secagg-from"], config["secagg-ciphertexts"], strict=False))))
     elif resolve_site(context).secagg.required:
         raise SecAggRefusal("this site sends training updates only under secure aggregation (secagg.required)")
     rt, rnd = _prepare(msg, context)
@@ -72,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     rt.reseed(rt.cfg.train.seed + 1000 * rnd + zlib.crc32(rt.site.encode()) % 997)
     lr = check_number("lr", config.get("lr", rt.cfg.train.lr), lo=0.0, hi=1.0)  # as train.lr
     mu = check_number("proximal-mu", config.get("proximal-mu", 0.0), lo=0.0, hi=1e3)
-    n_train = len(rt.loaders["train"].dataset)
+    n_train = dataset_size(rt.loaders["train"].dataset)
     check_local_steps(rt.cfg, rt.site_cfg, n_train=n_train)
     metrics: dict = {"num-examples": n_train}
     if rt.cfg.privacy.enabled:
@@ -87,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             grad_clip=rt.cfg.train.grad_clip, max_steps_per_epoch=rt.cfg.train.max_steps_per_epoch,
             desc=f"{rt.site} round {rnd}",
         )
-    keep_local(rt.model, context, mode=rt.cfg.federation.bn, received=msg.content["arrays"])
+    keep_local(rt.model, context, mode=rt.cfg.federation.bn, received=server_arrays(msg))
     metrics.update(train_loss=stats["loss"], train_seconds=stats["seconds"], train_steps=stats["steps"])
     if "secagg-stage" in config:
         arrays = _masked_arrays(rt, config, context, rnd=rnd, weight=metrics["num-examples"])
@@ -106,7 +111,7 @@ def _secagg(context: Context, step: Callable[[SiteSession], T]) -> tuple[str, T]
     identity = load_identity(site=site.site, signing_key=site.secagg.signing_key,
                              peers_dir=site.secagg.peers_dir, min_sites=site.secagg.min_sites)
     record = context.state.get(SECAGG_KEY)
-    state = dict(record) if record is not None else {}
+    state: dict[str, Any] = dict(record) if isinstance(record, ConfigRecord) else {}
     try:
         return site.site, step(SiteSession(identity, state, node_id=int(context.node_id)))
     finally:
@@ -124,7 +129,7 @@ def statistics_fn(msg: Message, context: Context) -> Message:
     from fedmed.job import site_job_config
     from fedmed.stats import StatsRequest, site_statistics
 
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     job = decode_job(config)
     _check_version(job)
     site_cfg = resolve_site(context)
@@ -155,7 +160,7 @@ def secagg(msg: Message, context: Context) -> Message:
     Only public keys, signatures, encrypted shares and (at unmasking) shares of this
     round's random mask seeds leave; the guard checks each record's fields.
     """
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     stage, rnd, fid = str(config.get("secagg-stage", "")), int(config["server-round"]), str(config["federation-id"])
     steps = {
         "keys": lambda s: s.advertise(federation=fid, round_id=rnd, plan=bytes(config["secagg-plan"])),
@@ -173,7 +178,7 @@ def secagg(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def _masked_arrays(rt: SiteRuntime, config: ConfigRecord, context: Context, *, rnd: int,
+def _masked_arrays(rt: SiteRuntime, config: Mapping[str, Any], context: Context, *, rnd: int,
                    weight: int) -> ArrayRecord:
     """Secure aggregation, step 3: the example-weighted update plus self- and pairwise masks."""
     packed = pack(rt.model.state_dict())
@@ -200,7 +205,7 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
                             "use fedavg, fedadam, ... with privacy.enabled")
     check_caps(p, site)
     train_ds = rt.loaders["train"].dataset
-    plan = plan_dp(privacy=p, n_train=len(train_ds), batch_size=rt.cfg.train.batch_size,
+    plan = plan_dp(privacy=p, n_train=dataset_size(train_ds), batch_size=rt.cfg.train.batch_size,
                    rounds=rt.cfg.federation.rounds, local_epochs=rt.cfg.federation.local_epochs)
     state_dir = site.state_path()
     ledger = PrivacyLedger(state_dir / "privacy" / f"{federation}.json", accountant=p.accountant)
@@ -252,7 +257,7 @@ def calibration_fn(msg: Message, context: Context) -> Message:
     and its reliability-bin sums. Numbers only; an empty split sends ``num-examples`` 0.
     """
     rt, _ = _prepare(msg, context)
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     if rt.cfg.model.multilabel:
         raise PublicRefusal("temperature scaling here is for single-label (softmax) models")
     step = str(config.get(CALIBRATION_ACTION, ""))
@@ -282,10 +287,10 @@ def external_evaluate_fn(msg: Message, context: Context) -> Message:
     from fedmed.client.site import job_config
     from fedmed.task import model_from_config
 
-    config = msg.content[CONFIG_KEY]
+    config = server_config(msg)
     site_cfg = resolve_site(context)
     cfg = job_config(decode_job(config), site_cfg, message_type=msg.metadata.message_type)
-    weights = unpack(msg.content["arrays"], model_from_config(cfg).state_dict())
+    weights = unpack(server_arrays(msg), model_from_config(cfg).state_dict())
     metrics = evaluate_saved_model(cfg, site_cfg, weights, dict(config))
     return make_reply(msg, site=site_cfg.site, metrics=metrics)
 
@@ -296,7 +301,7 @@ def personalize_fn(msg: Message, context: Context) -> Message:
     from fedmed.client.personalize import personalize_at_site
 
     rt, _ = _prepare(msg, context)
-    metrics = personalize_at_site(rt, dict(msg.content[CONFIG_KEY]))
+    metrics = personalize_at_site(rt, dict(server_config(msg)))
     return make_reply(msg, site=rt.site, metrics=metrics)
 
 
@@ -307,7 +312,7 @@ def cross_site_fn(msg: Message, context: Context) -> Message:
     from fedmed.client.crosssite import score_model, train_local_model
 
     rt, _ = _prepare(msg, context)
-    config = dict(msg.content[CONFIG_KEY])
+    config = dict(server_config(msg))
     step = str(config.get(CROSS_SITE_ACTION, ""))
     if step == "train":
         metrics, arrays = train_local_model(rt, config)

@@ -14,11 +14,13 @@ platform (a SuperLink "valid_license" record), which an offline federation does 
 from __future__ import annotations
 
 import io
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import sys
 import zipfile
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 import fedmed
 from fedmed.errors import FedmedError

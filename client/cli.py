@@ -204,7 +204,8 @@ def _supervise(start, args: argparse.Namespace, tls: Tls | None, log_path: Path)
     """
     procs = start()
     node = procs[0]
-    logs, offsets = [log_path, log_path.with_name("clientapp.log")], {}
+    logs = [log_path, log_path.with_name("clientapp.log")]
+    offsets: dict[Path, int] = {}
     last_probe = time.monotonic()
     seen_server = False
     gone_since: float | None = None

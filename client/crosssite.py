@@ -25,9 +25,10 @@ from flwr.app import ArrayRecord
 from fedmed.checkpoint import load_checkpoint, save_checkpoint
 from fedmed.client.policy import check_name, check_number
 from fedmed.client.site import SiteRuntime
+from fedmed.data.dataset import dataset_size
 from fedmed.messages import PublicRefusal
-from fedmed.transfer import pack
 from fedmed.train.loop import evaluate, make_optimizer, train_epochs
+from fedmed.transfer import pack
 
 __all__ = ["train_local_model", "score_model", "MAX_EPOCHS", "POLICY_CODES"]
 
@@ -57,7 +58,7 @@ def train_local_model(rt: SiteRuntime, config: dict[str, Any]) -> tuple[dict[str
     path = _path(rt, check_name("federation-id", config.get("federation-id", "run")))
     save_checkpoint(path, weights=work.state_dict(), config=rt.cfg, meta={"local_model": True})
     policy = rt.site_cfg.policy.local_model
-    metrics = {"num-examples": len(rt.loaders["train"].dataset), "train_loss": stats["loss"],
+    metrics = {"num-examples": dataset_size(rt.loaders["train"].dataset), "train_loss": stats["loss"],
                "local-model-policy": POLICY_CODES[policy]}
     return metrics, (None if policy == "private" else pack(work.state_dict()))
 

@@ -27,8 +27,9 @@ import inspect
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
@@ -139,7 +140,8 @@ def check_warm() -> str | None:
         # Behaviour: a received message's id is set the way Flower's own runner sets it.
         meta = Metadata(run_id=7, message_id="", src_node_id=1, dst_node_id=2, reply_to_message_id="",
                         group_id="", created_at=0.0, ttl=60.0, message_type="train")
-        msg = Message(RecordDict(), metadata=meta)
+        # metadata= is what Flower's runner passes; Message's public overloads leave it out
+        msg = Message(RecordDict(), metadata=meta)  # type: ignore[call-overload]
         _set_message_id(msg, "fedmed-compat-check")
         if msg.metadata.message_id != "fedmed-compat-check":
             return "Message metadata no longer keeps its id where Flower's runner sets it"
@@ -338,7 +340,7 @@ def run_gated_clientapp(check: Callable[[bytes], None],
     ``check`` raises to refuse; Flower then replies with an error and installs nothing.
     ``wrap`` wraps the loaded ClientApp (fedmed turns its exceptions into code+ref replies).
     """
-    module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    module: Any = importlib.import_module("flwr.supernode.runtime.run_clientapp")  # check_gate() vetted it
     install, get_loader = module.install_from_fab, module.get_load_client_app_fn
 
     def wrapped_loader(*args: Any, **kwargs: Any) -> Callable[..., Callable[..., Message]]:

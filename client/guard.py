@@ -80,7 +80,9 @@ def wire_bytes(msg: Message) -> int:
 def _sized(value: Any) -> Any:
     if isinstance(value, list):
         return [_sized(v) for v in value]
-    return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()[:12]} if isinstance(value, bytes) else value
+    if isinstance(value, bytes):
+        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()[:12]}
+    return value
 
 
 def describe_reply(msg: Message) -> dict[str, Any]:

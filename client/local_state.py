@@ -26,7 +26,8 @@ def restore_local(model: nn.Module, context: Context, *, mode: str) -> int:
     keys = local_keys(model, mode)
     if not keys or LOCAL_STATE_KEY not in context.state:
         return 0
-    own = unpack(context.state[LOCAL_STATE_KEY], {k: v for k, v in model.state_dict().items() if k in keys})
+    mine = {k: v for k, v in model.state_dict().items() if k in keys}
+    own = unpack(context.state.array_records[LOCAL_STATE_KEY], mine)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in own.items()}, strict=False)
     return len(own)
 

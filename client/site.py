@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 from flwr.app import Context
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 import fedmed
-from pydantic import ValidationError
-
 from fedmed.client.policy import check_job
 from fedmed.config import FedmedConfig, SiteConfig, load_site_config
 from fedmed.device import select_device
@@ -32,7 +31,7 @@ from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_
 
 __all__ = ["SiteRuntime", "runtime_for", "resolve_site", "job_config"]
 
-_CACHE: dict[str, "SiteRuntime"] = {}
+_CACHE: dict[str, SiteRuntime] = {}
 
 
 @dataclass

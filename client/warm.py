@@ -54,7 +54,7 @@ def run_task(address: str, token: str, apps: dict[str, ClientApp]) -> bool:
             t1 = time.perf_counter()
             reply = run_app_safely(app, task.message, task.context)
             completed = not reply.has_error()
-            details = reply.error.reason if reply.has_error() else ""
+            details = (reply.error.reason or "") if reply.has_error() else ""
             log.info("%s task: input %.2fs, app %.2fs", task.message.metadata.message_type, t_in,
                      time.perf_counter() - t1)
     except AppRefused as exc:

@@ -104,8 +104,9 @@ def combine_site_intervals(per_site: dict[str, dict[str, Any]], *, keys: tuple[s
             continue
         total = sum(n for _, _, n in rows)
         value = sum(v * n for v, _, n in rows) / total
-        if all(isinstance(se, (int, float)) and math.isfinite(se) for _, se, _ in rows):
-            se = math.sqrt(sum((n / total) ** 2 * float(s) ** 2 for _, s, n in rows))
+        ses = [float(s) for _, s, _ in rows if isinstance(s, (int, float)) and math.isfinite(s)]
+        if len(ses) == len(rows):  # every site gave a finite SE
+            se = math.sqrt(sum(((n / total) ** 2 * s ** 2 for (_, _, n), s in zip(rows, ses, strict=True)), 0.0))
             lo, hi = value - Z_95 * se, value + Z_95 * se
         else:
             se = lo = hi = float("nan")

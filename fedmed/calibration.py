@@ -268,8 +268,12 @@ def calibrate(
         raise UsageError(f"calibration needs non-empty val and test splits (got {len(yv)}, {len(yt)})")
     t = fit_temperature(zv, yv)
     m = measure(zt, yt, temperature=t)
-    res = {"temperature": t, **{k: m[k] for k in (*MEASURE_KEYS, "accuracy")},
-           "n_val": int(len(yv)), "n_test": int(len(yt))}
+    res: dict[str, float] = {"temperature": t}
+    for k in (*MEASURE_KEYS, "accuracy"):
+        v = m[k]
+        assert not isinstance(v, list)  # measure()'s scalars (its bins are the lists)
+        res[k] = v
+    res.update(n_val=int(len(yv)), n_test=int(len(yt)))
     if out_dir is not None:
         out = Path(out_dir)
         for when, caption in (("before", "before"), ("after", f"after temperature scaling (T = {t:.2f})")):

@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from fedmed.config import FedmedConfig, load_config
 from fedmed.errors import FedmedError
+
+if TYPE_CHECKING:  # the model module imports torch models; checkpoint readers need it only to build one
+    from fedmed.models.fusion import FusionModel
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint", "CheckpointError"]
 
@@ -54,7 +56,7 @@ class Checkpoint:
         """The fitted ``T``, or 1.0 (plain softmax) when the model was never calibrated."""
         return float(self.temperature) if self.temperature is not None else 1.0
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> FusionModel:
         """The model rebuilt from the config with these weights, eval mode, on the CPU.
 
         Raises :class:`CheckpointError` when the weights do not fit the config's model.

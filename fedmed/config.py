@@ -131,7 +131,7 @@ class ModelConfig(_Strict):
     notes: NotesConfig = Field(default_factory=NotesConfig)
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         for name in ("heads", "fusion_heads"):
             if self.embed_dim % getattr(self, name):
                 raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by {name}")
@@ -220,21 +220,21 @@ class FederationConfig(_Strict):
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
     @model_validator(mode="after")
-    def _central_calibration_needs_a_set(self) -> "FederationConfig":
+    def _central_calibration_needs_a_set(self) -> FederationConfig:
         if self.calibration == "central" and not self.central_test:
             raise ValueError("calibration: central fits the temperature on the server's held-out set; "
                              "set federation.central_test, or use calibration: federated")
         return self
 
     @model_validator(mode="after")
-    def _cross_site_shows_single_sites(self) -> "FederationConfig":
+    def _cross_site_shows_single_sites(self) -> FederationConfig:
         if self.cross_site and (self.secure_aggregation or self.client_dp != "off"):
             raise ValueError("cross_site sends each site's own local model through the server, which "
                              "secure_aggregation / client_dp are there to prevent; choose one")
         return self
 
     @model_validator(mode="after")
-    def _secure_needs_a_sum(self) -> "FederationConfig":
+    def _secure_needs_a_sum(self) -> FederationConfig:
         if self.secure_aggregation and self.client_dp != "off":
             raise ValueError("client_dp clips each update at the server, which secure_aggregation hides; "
                              "choose one")
@@ -431,7 +431,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 def _resolve_paths(raw: dict[str, Any], base: Path, keys: list[tuple[str, ...]]) -> None:
     """Make relative paths in the file relative to the file's folder, not the CWD."""
     for key in keys:
-        node = raw
+        node: Any = raw
         for part in key[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
             if node is None:

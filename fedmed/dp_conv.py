@@ -49,15 +49,17 @@ def _covered(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> bool
 
 def conv2d_grad_sample(
     layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
+) -> dict[torch.Tensor, torch.Tensor]:
     """Per-sample ``{weight: (B, O, I, kh, kw), bias: (B, O)}`` (Opacus' grad-sampler contract)."""
     x = activations[0]
     if not _covered(layer, x, backprops):
         return compute_conv_grad_sample(layer, activations, backprops)
     x = x.to(backprops.dtype)
     n, c_in = x.shape[:2]
-    (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
-    ret: dict[nn.Parameter, torch.Tensor] = {}
+    padding = layer.padding
+    assert not isinstance(padding, str)  # _covered() leaves "same"/"valid" to Opacus
+    (ph, pw), (kh, kw) = padding, layer.kernel_size
+    ret: dict[torch.Tensor, torch.Tensor] = {}  # keyed by the layer's parameters
     if layer.weight.requires_grad:
         xp = F.pad(x, (pw, pw, ph, ph + 1))  # one spare row keeps every shifted slice in bounds
         h_pad, w_pad = xp.shape[-2:]

@@ -13,7 +13,7 @@ shows its traceback: it is a defect to fix, not a message to read.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["FedmedError", "UsageError", "RunError", "RunTimeout", "USER_ERRORS", "run_command"]
 

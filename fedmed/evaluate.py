@@ -153,7 +153,7 @@ def _summary(y: np.ndarray, p: np.ndarray, patients: np.ndarray, strata: np.ndar
     cis = bootstrap_metrics(y, p, groups=patients, strata=strata, n_boot=n_boot, seed=seed, n_classes=n_classes)
     cis["loss"] = {"value": point["loss"], "lo": float("nan"), "hi": float("nan"), "se": float("nan"), "n_boot": 0}
     return {"n_samples": int(len(y)), "n_patients": int(len(np.unique(patients))),
-            "label_counts": {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=n_classes))},
+            "label_counts": {c: int(n) for c, n in zip(classes, np.bincount(y, minlength=n_classes), strict=True)},
             "metrics": cis, "confusion_matrix": point["confusion_matrix"]}
 
 
@@ -209,7 +209,7 @@ def _cell(m: dict[str, float]) -> str:
     v, lo, hi = m.get("value"), m.get("lo"), m.get("hi")
     if v is None or not math.isfinite(v):
         return "-"
-    if lo is None or not (math.isfinite(lo) and math.isfinite(hi)):
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{v:.4f}"
     return f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
 
@@ -223,9 +223,10 @@ def metrics_table(result: dict[str, Any], *, keys: tuple[str, ...] = SCALAR_METR
     cells = {n: [_cell(r["metrics"].get(k, {})) for k in cols] for n, r in rows.items()}
     width = [max(len(c), *(len(cells[n][i]) for n in rows)) for i, c in enumerate(cols)]
     name_w = max(4, *(len(n) for n in rows))
-    lines = ["site".ljust(name_w) + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, width))]
+    lines = ["site".ljust(name_w) + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, width, strict=True))]
     lines.append("-" * len(lines[0]))
-    lines += [n.ljust(name_w) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells[n], width)) for n in rows]
+    lines += [n.ljust(name_w) + "  " + "  ".join(v.rjust(w) for v, w in zip(cells[n], width, strict=True))
+              for n in rows]
     return "\n".join(lines)
 
 

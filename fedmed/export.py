@@ -42,7 +42,7 @@ class CalibratedModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(**dict(zip(self.names, inputs)))
+        logits = self.model(**dict(zip(self.names, inputs, strict=True)))
         if self.multilabel:
             return logits, torch.sigmoid(logits)
         return logits, torch.softmax(logits / self.temperature, dim=-1)

@@ -22,9 +22,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fedmed.errors import RunError, RunTimeout, UsageError
 
@@ -214,7 +215,7 @@ def server_problem(address: str, *, tls: Tls | None = None, timeout: float = 2.0
         if isinstance(reason, (TimeoutError, socket.timeout)):
             return f"no answer within {timeout:.0f}s"
         return str(reason)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return f"no answer within {timeout:.0f}s"
     except (OSError, ssl.SSLError) as exc:
         return type(exc).__name__
@@ -274,7 +275,7 @@ def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | Non
     """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``name`` for the flwr CLI."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
-    if tls is not None and tls.enabled:
+    if tls is not None and tls.ca is not None:  # tls.enabled
         lines.append(f'root-certificates = "{Path(tls.ca).resolve()}"')
     else:
         lines.append("insecure = true")

@@ -12,8 +12,9 @@ import logging
 import math
 import re
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -40,6 +41,10 @@ __all__ = [
     "STATS_ACTION",
     "encode_job",
     "decode_job",
+    "server_config",
+    "server_arrays",
+    "record_of",
+    "number",
     "ERROR_CODES",
     "PublicRefusal",
     "new_ref",
@@ -151,7 +156,48 @@ def encode_job(job: dict[str, Any]) -> str:
     return json.dumps(job, sort_keys=True)
 
 
-def decode_job(config: ConfigRecord) -> dict[str, Any]:
+R = TypeVar("R", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def record_of(msg: Message, key: str, kind: type[R]) -> R:
+    """``msg.content[key]`` as a ``kind`` record: TypeError when another kind of record is there
+    (KeyError when none is)."""
+    record = msg.content[key]
+    if not isinstance(record, kind):
+        raise TypeError(f"{key!r} holds a {type(record).__name__}, not a {kind.__name__}")
+    return record
+
+
+def number(value: object) -> float:
+    """A MetricRecord value that must be one number, as a float (TypeError for a list)."""
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def server_config(msg: Message) -> Mapping[str, Any]:
+    """The server's settings in a message: the ConfigRecord under ``CONFIG_KEY``.
+
+    Typed ``Mapping[str, Any]`` on purpose: every value is the coordinator's and unchecked, so
+    each reader converts (``int()``, ``list()``...) and bounds what it takes. Another kind of
+    record under that key is refused (PublicRefusal).
+    """
+    record = msg.content[CONFIG_KEY]
+    if not isinstance(record, ConfigRecord):
+        raise PublicRefusal(f"the server's {CONFIG_KEY} is not a ConfigRecord")
+    return record
+
+
+def server_arrays(msg: Message) -> ArrayRecord:
+    """The weights in a server's message (the ArrayRecord under ``"arrays"``); another kind of
+    record there is refused (PublicRefusal)."""
+    record = msg.content["arrays"]
+    if not isinstance(record, ArrayRecord):
+        raise PublicRefusal("the server's arrays are not an ArrayRecord")
+    return record
+
+
+def decode_job(config: Mapping[str, Any]) -> dict[str, Any]:
     """The job a message carries; refused (PublicRefusal) when it is absent or malformed."""
     if JOB_KEY not in config:
         raise PublicRefusal(f"the server's message has no {JOB_KEY}: server and site run different fedmed versions",
@@ -169,7 +215,7 @@ def make_reply(
     request: Message,
     *,
     site: str,
-    metrics: dict[str, float | int | list[float] | list[int]],
+    metrics: Mapping[str, float | int | list[float] | list[int]],
     arrays: ArrayRecord | None = None,
 ) -> Message:
     """Build a site's reply from numbers and weights only (the privacy allow-list)."""
@@ -239,7 +285,9 @@ def screen_train_replies(
             continue
         arrays = msg.content["arrays"]
         reason = None
-        if set(arrays.keys()) != set(ref):
+        if not isinstance(arrays, ArrayRecord) or not isinstance(msg.content["metrics"], MetricRecord):
+            reason = "reply's arrays or metrics are the wrong kind of record"
+        elif set(arrays.keys()) != set(ref):
             reason = "update has different parameter names than the global model"
         else:
             for key, arr in arrays.items():

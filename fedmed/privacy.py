@@ -14,8 +14,9 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.config import PrivacyConfig, SiteConfig
+from fedmed.data.dataset import dataset_size
 from fedmed.dp_conv import use_fast_conv2d
 from fedmed.errors import UsageError
 from fedmed.messages import PublicRefusal
@@ -116,7 +118,7 @@ class PrivacyLedger:
 
     def record(self, history: list[tuple[float, float, int]]) -> None:
         """Save the accountant's history atomically after a round."""
-        self.history = [tuple(h) for h in history]
+        self.history = [(sigma, q, steps) for sigma, q, steps in history]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}))
@@ -144,7 +146,7 @@ def _collate_with_empty(batch: list[dict[str, torch.Tensor]], template: dict[str
 def poisson_loader(dataset: Dataset, *, sample_rate: float, generator: torch.Generator | None = None) -> DataLoader:
     """Each sample joins each step independently with probability ``sample_rate`` (DP-SGD)."""
     template = {k: torch.as_tensor(v) for k, v in dataset[0].items()}
-    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
+    sampler = UniformWithReplacementSampler(num_samples=dataset_size(dataset), sample_rate=sample_rate,
                                             generator=generator)
     return DataLoader(dataset, batch_sampler=sampler,
                       collate_fn=functools.partial(_collate_with_empty, template=template))
@@ -159,7 +161,7 @@ def make_private(
     ledger: PrivacyLedger,
     generator: torch.Generator | None = None,
     fast_conv: bool = True,
-) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and a Poisson loader for DP-SGD; the accountant resumes the ledger.
 
     ``fast_conv`` routes ``nn.Conv2d`` per-sample gradients through

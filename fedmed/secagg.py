@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -129,7 +130,7 @@ def _encode(x: np.ndarray) -> np.ndarray:
 def _apply(out: dict[str, np.ndarray], seed: bytes, *, sign: int) -> None:
     """Add (``sign`` +1) or subtract (-1) ``PRG(seed)`` to every array, in sorted-name layout."""
     names = sorted(out)
-    for name, m in zip(names, _prg(seed, [int(out[n].size) for n in names])):
+    for name, m in zip(names, _prg(seed, [int(out[n].size) for n in names]), strict=True):
         m = m.reshape(out[name].shape)
         out[name] = out[name] + m if sign > 0 else out[name] - m
 
@@ -293,7 +294,7 @@ class SiteSession:
             raise self._refuse(f"{len(nodes)} sites in the roster, secagg.min_sites is {self.id.min_sites}",
                           f"{len(nodes)} sites take part, fewer than secagg.min_sites {self.id.min_sites}")
         own = (_public_of(self.state["enc-private"]), _public_of(self.state["mask-private"]))
-        for node, site, enc, mask, sig in zip(nodes, sites, encs, masks, sigs):
+        for node, site, enc, mask, sig in zip(nodes, sites, encs, masks, sigs, strict=True):
             if node == self.node:
                 if site != self.id.site or (enc, mask) != own:
                     raise self._refuse("the roster's entry for this site is not this site's key",
@@ -312,9 +313,9 @@ class SiteSession:
         b = os.urandom(32)
         b_shares = create_shares(b, t, len(holders))
         sk_shares = create_shares(self.state["mask-private"], t, len(holders))
-        enc_of = dict(zip(nodes, encs))
+        enc_of = dict(zip(nodes, encs, strict=True))
         out = []
-        for holder, bs, ks in zip(holders, b_shares, sk_shares):
+        for holder, bs, ks in zip(holders, b_shares, sk_shares, strict=True):
             key = _agree(self.state["enc-private"], enc_of[holder], _statement("share-key", federation, round_id))
             nonce = os.urandom(12)
             aad = _statement("share", federation, round_id, self.node, holder)
@@ -340,7 +341,7 @@ class SiteSession:
         if len(u2) < self.id.min_sites:
             raise self._refuse(f"{len(u2)} sites would mask together", f"{len(u2)} sites take part, fewer than "
                           f"secagg.min_sites {self.id.min_sites}")
-        enc_of = dict(zip(nodes, self.state["enc-keys"]))
+        enc_of = dict(zip(nodes, self.state["enc-keys"], strict=True))
         share_of, b_sh, sk_sh = [], [], []
         for src in u2:
             if src == self.node:
@@ -348,6 +349,8 @@ class SiteSession:
             blob = inbox.get(src)
             key = _agree(self.state["enc-private"], enc_of[src], _statement("share-key", federation, round_id))
             try:
+                if blob is None:  # refused below, as altered shares are
+                    raise ValueError(f"no shares from node {src}")
                 plain = AESGCM(key).decrypt(blob[:12], blob[12:],
                                             _statement("share", federation, round_id, src, self.node))
             except (InvalidTag, TypeError, ValueError):
@@ -364,7 +367,7 @@ class SiteSession:
     def mask(self, arrays: Mapping[str, np.ndarray], *, weight: float, federation: str,
              round_id: int) -> dict[str, np.ndarray]:
         self._expect("accepted", federation=federation, round_id=round_id)
-        mask_of = dict(zip(self.state["nodes"], self.state["mask-keys"]))
+        mask_of = dict(zip(self.state["nodes"], self.state["mask-keys"], strict=True))
         seeds = {v: _pair_seed(self.state["mask-private"], mask_of[v], federation=federation, round_id=round_id,
                                a=self.node, b=v) for v in self.state["u2"] if v != self.node}
         self.state["stage"] = "masked"
@@ -389,9 +392,9 @@ class SiteSession:
         """Reveal shares once: ``b`` of each survivor, the mask key of each dropped site."""
         self._expect("survivors", federation=federation, round_id=round_id)
         u3 = list(self.state["u3"])
-        site_of = dict(zip(self.state["nodes"], self.state["sites"]))
+        site_of = dict(zip(self.state["nodes"], self.state["sites"], strict=True))
         statement = _statement("survivors", federation, round_id, ",".join(map(str, u3)))
-        signed = {int(n) for n, s in zip(signers, signatures)
+        signed = {int(n) for n, s in zip(signers, signatures, strict=False)
                   if int(n) == self.node or _verify(self.id.trusted.get(site_of.get(int(n), "")), s, statement)}
         if not set(u3) <= signed:
             raise self._refuse(f"survivors {sorted(set(u3) - signed)} did not sign the same survivor list",
@@ -399,7 +402,7 @@ class SiteSession:
         self.state["stage"] = "done"  # never reveal a second time in this round
         dropped = set(self.state["u2"]) - set(u3)
         out: dict[str, Any] = {"stage": "unmask", "b-of": [], "b-shares": [], "sk-of": [], "sk-shares": []}
-        for src, bs, ks in zip(self.state["share-of"], self.state["b-shares"], self.state["sk-shares"]):
+        for src, bs, ks in zip(self.state["share-of"], self.state["b-shares"], self.state["sk-shares"], strict=True):
             if src in u3:
                 out["b-of"].append(src)
                 out["b-shares"].append(bs)
@@ -423,7 +426,7 @@ def _split_fields(blob: bytes, kind: str) -> tuple[bytes, bytes]:
 
 # -- what may leave a site (the guard asks) ------------------------------------------------
 
-_REPLY_FIELDS = {
+_REPLY_FIELDS: dict[str, dict[str, type]] = {
     "keys": {"enc-key": bytes, "mask-key": bytes, "signature": bytes},
     "share": {"to": int, "ciphertexts": bytes},
     "survivors": {"signature": bytes},

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def numeric_edges(cfg: DataConfig, col: str, bins: int) -> list[float] | None:
     return np.linspace(float(lo), float(hi), bins + 1).tolist()
 
 
-def _hist(values: np.ndarray, edges: list[float]) -> list[float]:
+def _hist(values: np.ndarray, edges: Sequence[float]) -> list[float]:
     """Counts in [under, bin 1..n, over] (the last bin includes its right edge)."""
     v = values[~np.isnan(values)]
     inner, _ = np.histogram(v[(v >= edges[0]) & (v <= edges[-1])], bins=edges)
@@ -93,13 +94,13 @@ class _Release:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.groups: list[tuple[dict[str, float | list[float]], float]] = []  # cells, sensitivity
+        self.groups: list[tuple[Mapping[str, float | list[float]], float]] = []  # cells, sensitivity
         self.plain: dict[str, float] = {}
 
-    def group(self, cells: dict[str, float | list[float]], *, sensitivity: float = 1.0) -> None:
+    def group(self, cells: Mapping[str, float | list[float]], *, sensitivity: float = 1.0) -> None:
         self.groups.append((cells, sensitivity))
 
-    def _suppress(self, cells: dict[str, float | list[float]]) -> dict[str, float | list[float]]:
+    def _suppress(self, cells: Mapping[str, float | list[float]]) -> dict[str, float | list[float]]:
         flat = [(key, i, float(v)) for key, val in cells.items()
                 for i, v in enumerate(val if isinstance(val, list) else [val])]
         small = {(key, i) for key, i, v in flat if 0 < v < self.k}
@@ -266,7 +267,7 @@ def hist_quantiles(counts: list[float], edges: list[float], qs: tuple[float, ...
 def _add(a: Any, b: Any) -> Any:
     """Sum two released values, a suppressed cell counting as 0 (it is flagged separately)."""
     if isinstance(a, list):
-        return [_add(x, y) for x, y in zip(a, b)]
+        return [_add(x, y) for x, y in zip(a, b, strict=False)]
     return max(a, 0.0) + max(b, 0.0)
 
 
@@ -297,9 +298,9 @@ def pool_statistics(per_site: dict[str, dict[str, Any]], cfg: DataConfig, *, bin
                 mu = float((mids * inner).sum() / inner.sum())
                 entry["hist_mean"] = mu
                 entry["hist_std"] = float(math.sqrt(((mids - mu) ** 2 * inner).sum() / inner.sum()))
-        exact = [(s.get(f"num.{col}.mean"), s.get(f"num.{col}.std"), s.get("n.records", 0))
+        given = [(s.get(f"num.{col}.mean"), s.get(f"num.{col}.std"), s.get("n.records", 0))
                  for s in per_site.values()]
-        exact = [(m, sd, max(float(n), 0.0)) for m, sd, n in exact if m is not None and sd is not None]
+        exact = [(m, sd, max(float(n), 0.0)) for m, sd, n in given if m is not None and sd is not None]
         if exact and len(exact) == len(per_site):
             w = np.asarray([n for _, _, n in exact])
             mus = np.asarray([m for m, _, _ in exact])

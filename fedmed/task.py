@@ -22,7 +22,7 @@ from fedmed.data.dataset import SiteSplits, build_splits, class_counts
 from fedmed.data.images import ImageCache, Preprocess
 from fedmed.data.site import SiteData, combine_sites, load_site
 from fedmed.errors import UsageError
-from fedmed.models import build_model
+from fedmed.models import FusionModel, build_model
 
 __all__ = [
     "SiteBundle",
@@ -146,7 +146,7 @@ def make_loaders(
     }
 
 
-def model_from_config(cfg: FedmedConfig, *, model_cfg: ModelConfig | None = None) -> nn.Module:
+def model_from_config(cfg: FedmedConfig, *, model_cfg: ModelConfig | None = None) -> FusionModel:
     """Build the model from config alone, so every site and the server agree on its shape."""
     data = cfg.data
     mcfg = model_cfg or cfg.model

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -18,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmed.config import FedmedConfig
 from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
-from fedmed.server.federation import run_federation
 from fedmed.server.crosssite import cross_site_html
+from fedmed.server.federation import run_federation
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import site_problems, summary_table, write_report
 from fedmed.server.tracking import BackgroundTracker, Tracker
@@ -43,7 +44,7 @@ def run(grid: Grid, run_config: dict) -> Path:
     tracker.start()
     if not resume:
         tracker.log_params(cfg.model_dump(mode="json"))
-    status = "FAILED"
+    status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"  # as Tracker.end takes it
     try:
         central = make_central_eval(cfg)
         state = run_federation(grid, cfg, out_dir=out, resume=resume, central_eval=central,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -116,7 +117,8 @@ def calibrate_federation(
     current = pack(arrays)
     base = {JOB_KEY: job, CALIBRATION_ACTION: "fit"}
     if method == "central":
-        z, y = central_logits(arrays, "val")  # type: ignore[misc]  # checked above
+        assert central_logits is not None  # checked above
+        z, y = central_logits(arrays, "val")
         result["fit"] = {"on": "central val split", "num-examples": int(len(y))}
         temperature = fit_temperature(z, y) if len(y) else None
     else:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 from fedmed.certs import create_certificates
 from fedmed.config import FedmedConfig, load_config
-from fedmed.server import leftovers
-from fedmed.server.gateway import Gateway
 from fedmed.errors import RunError, UsageError, run_command
 from fedmed.flower import (
     Tls,
     flower_env,
-    free_port,
     flwr,
     flwr_lines,
+    free_port,
     interrupt_on_sigterm,
     spawn,
     stop,
@@ -32,6 +30,8 @@ from fedmed.flower import (
     write_app_dir,
     write_connection,
 )
+from fedmed.server import leftovers
+from fedmed.server.gateway import Gateway
 
 __all__ = ["main", "build_parser"]
 
@@ -236,7 +236,8 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
 # and the flwr CLI's banners go to the run's log file only; fedmed's lines reach the console.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_ONLY = re.compile(r"^(INFO|DEBUG)\s*:|^ERROR\s*:|^\d{4}/\d\d/\d\d [\d:]+ INFO |^Using SuperLink:|"
-                       r"^Successfully installed |^An unhandled exception occurred in the |^For more information, visit: <https://flower")
+                       r"^Successfully installed |^An unhandled exception occurred in the |"
+                       r"^For more information, visit: <https://flower")
 
 
 def _follow(run_id: int, env: dict[str, str], log_file: Path) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedmed.checkpoint import save_checkpoint
 from fedmed.config import FedmedConfig
@@ -29,6 +30,7 @@ from fedmed.messages import (
     CROSS_SITE_ACTION,
     CROSS_SITE_TYPE,
     JOB_KEY,
+    record_of,
     reply_site,
     screen_metric_replies,
 )
@@ -71,7 +73,7 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
         if policy[site] == "private" or "arrays" not in msg.content:
             continue
         try:
-            local[site] = unpack(msg.content["arrays"], init)
+            local[site] = unpack(record_of(msg, "arrays", ArrayRecord), init)
         except Exception as exc:  # noqa: BLE001 - a malformed model is one site's failure
             failed[site] = f"local model unusable ({type(exc).__name__})"
             continue
@@ -94,7 +96,8 @@ def cross_site_validation(send: Send, nodes: list[int], *, cfg: FedmedConfig, in
         got = send(_messages(targets, weights, {**base, CROSS_SITE_ACTION: "score", "model": which}))
         scores, bad = screen_metric_replies(got)
         failed.update({f"{name} at {s}": r for s, r in bad.items()})
-        matrix[name] = {s: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for s, m in scores.items()}
+        matrix[name] = {s: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+                        for s, m in scores.items()}
     local.clear()  # relay: the server keeps no local model once scored
     log.info("cross-site validation: %d model(s) x %d site(s); kept %s; %d failure(s)", len(models), len(sites),
              kept or "none", len(failed))

@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,16 +33,18 @@ from fedmed.messages import (
     Rejected,
     encode_job,
     failure_text,
+    number,
+    record_of,
     reply_site,
     screen_metric_replies,
     screen_train_replies,
 )
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
-from fedmed.transfer import pack, unpack, widen
-from fedmed.task import model_from_config, seed_everything
 from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
 from fedmed.server.strategies import make_strategy
+from fedmed.task import model_from_config, seed_everything
+from fedmed.transfer import pack, unpack, widen
 
 __all__ = ["run_federation", "aggregate_site_metrics", "round_lr"]
 
@@ -129,8 +132,9 @@ def aggregate_site_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, f
 def _widen_replies(replies: list[Message], current: ArrayRecord) -> list[Message]:
     """Half-precision updates back to the global model's dtypes before screening/aggregation."""
     for msg in replies:
-        if not msg.has_error() and "arrays" in msg.content:
-            msg.content["arrays"] = widen(msg.content["arrays"], current)
+        arrays = None if msg.has_error() else msg.content.get("arrays")
+        if isinstance(arrays, ArrayRecord):  # any other kind of record is rejected by the screening
+            msg.content["arrays"] = widen(arrays, current)
     return replies
 
 
@@ -167,7 +171,7 @@ def _secure_query(grid: GridLike, nodes: list[int], base: dict[str, Any], stage:
         rec = None if msg.has_error() else msg.content.get(SECAGG_KEY)
         why = (failure_text(msg) if msg.has_error() else "no secagg record" if rec is None
                else check_reply_record(rec) or ("wrong step" if rec["stage"] != stage or src not in nodes else None))
-        if why is None:
+        if why is None and rec is not None:
             got[src] = {**dict(rec), "site": reply_site(msg)}
         else:
             failed.append(Rejected(reply_site(msg), f"secure aggregation ({stage}): {why}"))
@@ -183,13 +187,13 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
     uploading is recovered from its shares; one that drops after it, or too few sites, skips
     the round (the global model is kept).
     """
-    base = {"server-round": rnd, "federation-id": str(config["federation-id"])}
+    base: dict[str, Any] = {"server-round": rnd, "federation-id": str(config["federation-id"])}
 
     def skipped(why: str, rej: list[Rejected]) -> tuple[list[Message], list[Rejected], None, None]:
         log.warning("round %d: secure aggregation: %s; the round is skipped", rnd, why)
         return [], rej + [Rejected("*", f"secure aggregation: {why}; round skipped")], None, None
 
-    shared_config = {**dict(config), **base}  # every site trains on the same model and settings
+    shared_config: dict[str, Any] = {**dict(config), **base}  # every site trains on the same model and settings
     plan = plan_hash({k: a.numpy() for k, a in current.items()}, shared_config)
     adverts, rejected = _secure_query(grid, sorted(grid.get_node_ids()), base, "keys", fed,
                                       lambda n: {"secagg-plan": plan})
@@ -209,7 +213,7 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
         return skipped(f"only {len(u2)} sites accepted the keys", rejected)
     inbox: dict[int, dict[int, bytes]] = {n: {} for n in u2}
     for src in u2:
-        for dst, blob in zip(shared[src]["to"], shared[src]["ciphertexts"]):
+        for dst, blob in zip(shared[src]["to"], shared[src]["ciphertexts"], strict=False):
             if int(dst) in inbox:
                 inbox[int(dst)][src] = blob
     msgs = [Message(content=RecordDict({"arrays": current, CONFIG_KEY: ConfigRecord({
@@ -235,23 +239,28 @@ def _secure_round(grid: GridLike, rnd: int, current: ArrayRecord, config: Config
     b_shares: dict[int, list[bytes]] = {u: [] for u in u3}
     sk_shares: dict[int, list[bytes]] = {u: [] for u in set(u2) - set(u3)}
     for rec in revealed.values():
-        for u, sh in zip(rec["b-of"], rec["b-shares"]):
+        for u, sh in zip(rec["b-of"], rec["b-shares"], strict=False):
             b_shares.get(int(u), []).append(sh)
-        for u, sh in zip(rec["sk-of"], rec["sk-shares"]):
+        for u, sh in zip(rec["sk-of"], rec["sk-shares"], strict=False):
             sk_shares.get(int(u), []).append(sh)
-    weights = [float(m.content["metrics"]["num-examples"]) for m in ok]
+    # screen_train_replies kept only replies with ArrayRecord arrays and a numeric num-examples
+    arrays = [record_of(m, "arrays", ArrayRecord) for m in ok]
+    scores = [record_of(m, "metrics", MetricRecord) for m in ok]
+    weights = [number(s["num-examples"]) for s in scores]
     try:
         summed = unmask_sum(
-            {int(m.metadata.src_node_id): {k: a.numpy() for k, a in m.content["arrays"].items()} for m in ok},
+            {int(m.metadata.src_node_id): {k: a.numpy() for k, a in rec.items()}
+             for m, rec in zip(ok, arrays, strict=True)},
             self_masks={u: rebuild_secret(sh, n=len(nodes)) for u, sh in b_shares.items()},
             dropped_keys={u: rebuild_secret(sh, n=len(nodes)) for u, sh in sk_shares.items()},
             mask_keys={n: adverts[n]["mask-key"] for n in nodes}, federation=base["federation-id"], round_id=rnd,
             total_weight=sum(weights), dtypes={k: a.numpy().dtype for k, a in current.items()})
     except ValueError as exc:
         return skipped(f"masks could not be removed ({exc})", rejected)
-    metrics = MetricRecord({k: float(sum(w * float(m.content["metrics"][k]) for w, m in zip(weights, ok)) / sum(weights))
-                            for k in ok[0].content["metrics"].keys()
-                            if k != "num-examples" and isinstance(ok[0].content["metrics"][k], (int, float))})
+    metrics = MetricRecord({k: float(sum((w * number(s[k]) for w, s in zip(weights, scores, strict=True)), 0.0)
+                                     / sum(weights))
+                            for k in scores[0].keys()
+                            if k != "num-examples" and isinstance(scores[0][k], (int, float))})
     return ok, rejected, ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in summed.items()}), metrics
 
 

@@ -10,7 +10,8 @@ personalised per site, plus the example-weighted mean over sites.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -41,9 +42,10 @@ def personalize_sites(send: Send, nodes: list[int], *, cfg: FedmedConfig, arrays
     per_site, failed = screen_metric_replies(replies)
     answered = {int(m.metadata.src_node_id) for m in replies}
     failed.update({f"node-{n}": "no reply within the round timeout" for n in nodes if n not in answered})
-    sites = {}
+    sites: dict[str, dict[str, Any]] = {}
     for site, m in sorted(per_site.items()):
-        sites[site] = {"num-examples": int(m.get("num-examples", 0)), "trainable-params": int(m.get("trainable-params", 0)),
+        sites[site] = {"num-examples": int(m.get("num-examples", 0)),
+                       "trainable-params": int(m.get("trainable-params", 0)),
                        **{kind: {k: float(m[f"{prefix}_{k}"]) for k in SCALAR_METRICS if f"{prefix}_{k}" in m}
                           for kind, prefix in (("global", "global"), ("personalized", "personal"))}}
     pooled: dict[str, dict[str, float]] = {"global": {}, "personalized": {}}
@@ -62,7 +64,8 @@ def personalize_sites(send: Send, nodes: list[int], *, cfg: FedmedConfig, arrays
 def personalization_summary(result: dict[str, Any]) -> dict[str, Any]:
     """What summary.json keeps: settings, pooled and per-site AUC / balanced accuracy."""
     return {k: result[k] for k in ("epochs", "layers", "lr", "pooled", "sites_failed")} | {
-        "sites": {s: {kind: {k: r[kind].get(k) for k in ("auc", "balanced_accuracy")} for kind in ("global", "personalized")}
+        "sites": {s: {kind: {k: r[kind].get(k) for k in ("auc", "balanced_accuracy")}
+                      for kind in ("global", "personalized")}
                   for s, r in result["sites"].items()}}
 
 

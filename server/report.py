@@ -9,8 +9,9 @@ matplotlib's object API (``Figure``, Agg canvas), so no GUI backend or pyplot st
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -386,7 +387,7 @@ def summary_table(history: list[dict[str, Any]]) -> str:
         rows.append([str(r.get("round", i + 1)), sites, str(len(r.get("sites_rejected") or {})),
                      *(_fmt(r.get(k)) for _, k in cols)])
     widths = [max(len(h), *(len(row[j]) for row in rows)) if rows else len(h) for j, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)

@@ -9,13 +9,14 @@ of plots per variable: each site side by side, then the pool).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedmed.server.federation import _wait_for_sites, send_and_receive
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from matplotlib.figure import Figure
 
@@ -30,6 +31,7 @@ from fedmed.messages import (
     reply_site,
 )
 from fedmed.reporting.html import esc, figure_uri, image, table, write_page
+from fedmed.server.federation import _wait_for_sites, send_and_receive
 from fedmed.stats import (
     IMAGE_EDGES,
     INTENSITY_BINS,
@@ -96,7 +98,7 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
         vals = [float(v) for v in vals]
         shown = [max(v, 0.0) for v in vals]
         bars = ax.bar(range(len(vals)), shown, color="#4c72b0" if name != "pooled" else "#dd8452")
-        for b, v in zip(bars, vals):
+        for b, v in zip(bars, vals, strict=True):
             if v == SUPPRESSED:
                 ax.text(b.get_x() + b.get_width() / 2, 0, "<k", ha="center", va="bottom", fontsize=6)
         ax.set_title(name, fontsize=8)
@@ -106,8 +108,8 @@ def _bars(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
     return f"<h3>{esc(title)}</h3>" + image(figure_uri(fig), title)
 
 
-def _edge_labels(edges: list[float]) -> list[str]:
-    return ["<" + f"{edges[0]:g}", *(f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])),
+def _edge_labels(edges: Sequence[float]) -> list[str]:
+    return ["<" + f"{edges[0]:g}", *(f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)),
             ">" + f"{edges[-1]:g}"]
 
 

@@ -16,8 +16,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from fedmed.calibration import MEASURE_KEYS
 from fedmed.errors import UsageError

@@ -18,9 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from fedmed.experiments.compare import _load, _with, evaluate_on_sites, pooled_bundle, summarise
 from fedmed.config import load_config
 from fedmed.device import select_device
+from fedmed.experiments.compare import _load, _with, evaluate_on_sites, pooled_bundle, summarise
 from fedmed.experiments.local import train_local
 from fedmed.experiments.simulate import federation_sites
 from fedmed.task import load_site_bundle

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli import main as fedmed_main
-from fedmed.errors import FedmedError, RunError, RunTimeout, UsageError, run_command
+from fedmed.errors import FedmedError, RunError, RunTimeout, UsageError
 
 _RUN = ("import sys\nfrom fedmed.errors import RunError, RunTimeout, UsageError, run_command\n"
         "def boom():\n    raise {exc}\nsys.exit(run_command('fedmed', boom))\n")

@@ -48,7 +48,8 @@ def test_predict_csv_round_trip_without_labels(ckpt_path, synth_root, tmp_path):
     assert len(got) == expected_rows
     # keyed by the input's own ids: every image row is there under its patient id and path
     keyed = got[got["image"] != ""]
-    assert sorted(zip(keyed["patient_id"], keyed["image"])) == sorted(zip(images["patient_id"], images["image"]))
+    assert (sorted(zip(keyed["patient_id"], keyed["image"], strict=True))
+            == sorted(zip(images["patient_id"], images["image"], strict=True)))
     probs = got[["p_negative", "p_positive"]].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert (got["predicted"] == np.where(probs[:, 1] > probs[:, 0], "positive", "negative")).all()

@@ -103,9 +103,9 @@ class Server:
     def sum(self, masked, revealed) -> dict[str, np.ndarray]:
         b, sk = {}, {}
         for rec in revealed.values():
-            for u, sh in zip(rec["b-of"], rec["b-shares"]):
+            for u, sh in zip(rec["b-of"], rec["b-shares"], strict=True):
                 b.setdefault(u, []).append(sh)
-            for u, sh in zip(rec["sk-of"], rec["sk-shares"]):
+            for u, sh in zip(rec["sk-of"], rec["sk-shares"], strict=True):
                 sk.setdefault(u, []).append(sh)
         n = len(self.adverts)
         return unmask_sum(masked, self_masks={u: rebuild_secret(v, n=n) for u, v in b.items()},
@@ -195,7 +195,7 @@ def test_without_the_signature_check_the_substitution_unmasks_a_site(keys_dir, m
     # hospital_a encrypted its shares of b and of its mask key to the server's keys.
     enc_a, mask_a = server.adverts[17]["enc-key"], server.adverts[17]["mask-key"]
     b_sh = []
-    for holder, blob in zip(out["to"], out["ciphertexts"]):
+    for holder, blob in zip(out["to"], out["ciphertexts"], strict=True):
         key = secagg._agree(fake[holder][0], enc_a, secagg._statement("share-key", FED, RND))
         plain = AESGCM(key).decrypt(blob[:12], blob[12:], secagg._statement("share", FED, RND, 17, holder))
         b_sh.append(secagg._split_fields(plain, "shares")[0])
@@ -621,8 +621,9 @@ def test_hostile_server_sending_lr_zero_to_the_others_gets_refusals(synth_config
     seed_everything(grid.cfg.train.seed)  # the initial model, as run_federation makes it
     init = {k: v.numpy() for k, v in model_from_config(grid.cfg).state_dict().items()}
     assert _max_diff(state.arrays, init) == 0.0
-    session = SiteSession(load_identity(site="hospital_a", signing_key=str(tmp_path / "lr0" / "site-keys" / "hospital_a"),
-                                        peers_dir=str(tmp_path / "lr0" / "site-keys")),
+    keys = tmp_path / "lr0" / "site-keys"
+    session = SiteSession(load_identity(site="hospital_a", signing_key=str(keys / "hospital_a"),
+                                        peers_dir=str(keys)),
                           dict(grid.contexts[a_node].state["secagg"]), node_id=a_node)
     with pytest.raises(SecAggRefusal, match="min_sites"):                # a server ignoring its own minimum
         session.sign_survivors([a_node], federation=session.state["federation"], round_id=1)

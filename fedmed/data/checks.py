@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from fedmed.config import DataConfig
 from fedmed.data.images import ImageCache, ImageError
 from fedmed.data.records import RecordError, read_table
@@ -95,15 +94,15 @@ def image_problems(site: SiteData, cache: ImageCache) -> tuple[int, list[str]]:
             lines = list(range(2, len(rows) + 2))
     by_reason: dict[str, list[int]] = defaultdict(list)
     verdict: dict[str, str | None] = {}
-    for path, line in zip(rows["image_path"], lines):
+    for path, line in zip(rows["image_path"], lines, strict=True):
         if path not in verdict:
             try:
                 cache.load(path)
                 verdict[path] = None
             except ImageError as exc:
                 verdict[path] = _reason(exc, path)
-        if verdict[path] is not None:
-            by_reason[verdict[path]].append(int(line))
+        if (reason := verdict[path]) is not None:
+            by_reason[reason].append(int(line))
     problems = [f"images.csv: {len(ls)} image(s) cannot be used: {reason} ({_lines(ls)})"
                 for reason, ls in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
     decoded = sum(1 for v in verdict.values() if v is None)
@@ -158,7 +157,7 @@ def format_checks(checks: list[SiteCheck]) -> str:
              str(len(c.problems)), "ok" if c.ok else "ERROR"] for c in checks]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
-                              for i, (v, w) in enumerate(zip(r, widths)))
+                              for i, (v, w) in enumerate(zip(r, widths, strict=True)))
     text = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
     for c in checks:
         if c.problems:

@@ -8,7 +8,7 @@ file is decoded once. Augmentation applies to the training split only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from fedmed.data.splits import fixed_splits, split_patients
 from fedmed.errors import UsageError
 
 __all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
-           "class_counts"]
+           "class_counts", "dataset_size"]
 
 log = logging.getLogger(__name__)
 Tokenizer = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -120,7 +120,9 @@ class SiteDataset(Dataset):
     def _image(self, i: int) -> torch.Tensor:
         if self.has_image[i] == 0:
             return torch.zeros(self.spec.channels, self.spec.size, self.spec.size)
-        arr = self.cache.load(self.paths[i])  # type: ignore[union-attr]
+        path, cache = self.paths[i], self.cache
+        assert cache is not None and path is not None, "has_image is 1 only with a cache and an image path"
+        arr = cache.load(path)
         img = torch.from_numpy(arr.astype(np.float32) / 255.0)
         if self.transform is not None:
             img = self.transform(img).clamp(0.0, 1.0)
@@ -140,6 +142,17 @@ class SiteDataset(Dataset):
             item["notes_ids"] = self.notes["notes_ids"][i]
             item["notes_mask"] = self.notes["notes_mask"][i]
         return item
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """How many samples a map-style dataset holds.
+
+    torch types ``DataLoader.dataset`` as a bare ``Dataset``, which has no ``__len__`` (iterable
+    datasets have none); a dataset without one raises TypeError here, as ``len()`` would.
+    """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length")
+    return len(dataset)
 
 
 def class_counts(dataset: SiteDataset, n_classes: int | None = None) -> np.ndarray:
@@ -183,7 +196,7 @@ def build_splits(
             lines = rows["image_line"] if "image_line" in rows else pd.Series(pd.NA, index=rows.index)
             where = [f"{site}: images.csv line {line}, column 'image'" if pd.notna(line)
                      else f"{site}: image {k + 1} of {len(rows)}"
-                     for k, (site, line) in enumerate(zip(rows["site"], lines))]
+                     for k, (site, line) in enumerate(zip(rows["site"], lines, strict=True))]
             cache.prepare(rows["image_path"].tolist(), where=where, progress=progress)
     elif bool(samples["has_image"].any()):
         log.info("build_splits: no image cache given; image samples get zero images")

@@ -50,7 +50,7 @@ from pydicom.datadict import get_entry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from fedmed.data.scrub import identifying_columns, scrub_text
 from fedmed.errors import UsageError
@@ -209,8 +209,8 @@ def deidentify_dataset(ds: pydicom.FileDataset | Dataset, *, salt: bytes,
     if old_meta is not None:  # rebuilt: AE titles, private info and source UIDs do not survive
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", old_meta.get("MediaStorageSOPClassUID"))
-        meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or new_uid(
-            str(old_meta.get("MediaStorageSOPInstanceUID", "")))
+        meta.MediaStorageSOPInstanceUID = UID(ds.get("SOPInstanceUID") or new_uid(
+            str(old_meta.get("MediaStorageSOPInstanceUID", ""))))
         meta.TransferSyntaxUID = old_meta.TransferSyntaxUID
         ds.file_meta = meta
     if hasattr(ds, "preamble"):
@@ -300,8 +300,8 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
         raise UsageError("the salt must be at least 16 bytes (keep it secret, at the site)")
     rec = site_dir / "records.csv"
     # As the loader reads them: only an empty cell is missing, so an id "NA" stays an id.
-    na = {"keep_default_na": False, "na_values": [""]}
-    records = pd.read_csv(rec, dtype={id_column: str}, **na) if rec.exists() else None
+    records = (pd.read_csv(rec, dtype={id_column: str}, keep_default_na=False, na_values=[""])
+               if rec.exists() else None)
     if records is not None and notes_column in records.columns and notes is None:
         _notes(records, column=notes_column, choice=None, id_column=id_column, known={})
     out.mkdir(parents=True, exist_ok=True)
@@ -310,9 +310,9 @@ def deidentify_site(site_dir: Path, out: Path, *, salt: bytes, id_column: str = 
     review: list[dict[str, object]] = []
     img = site_dir / "images.csv"
     if img.exists():
-        df = pd.read_csv(img, dtype={id_column: str}, **na)
+        df = pd.read_csv(img, dtype={id_column: str}, keep_default_na=False, na_values=[""])
         keep, paths = [], []
-        for k, (path, pid) in enumerate(zip(df["image"], df[id_column])):
+        for k, (path, pid) in enumerate(zip(df["image"], df[id_column], strict=True)):
             line = k + 2  # header is line 1
             src = Path(path) if Path(path).is_absolute() else site_dir / path
             name = f"images/{pseudonym(pid, salt)}-{k:05d}{src.suffix.lower() or '.dcm'}"

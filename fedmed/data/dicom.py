@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import AllTransferSyntaxes
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -23,6 +22,7 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
+from pydicom.uid import AllTransferSyntaxes
 
 from fedmed.errors import FedmedError
 
@@ -135,7 +135,8 @@ def _decode_frame(ds: pydicom.Dataset, path: Path, multiframe: str) -> tuple[np.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # excess padding and similar notes
-            arr, meta = decoder.as_array(ds, index=index, as_rgb=False)
+            # pydicom annotates **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
+            arr, meta = decoder.as_array(ds, index=index, as_rgb=False)  # type: ignore[arg-type]
     except Exception as exc:
         raise DicomError(f"pixel data could not be decoded (transfer syntax {tsyntax.name}: "
                          f"{_decode_reason(exc, tsyntax.is_compressed)})", path=path) from None

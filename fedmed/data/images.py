@@ -141,7 +141,7 @@ class Preprocess:
             object.__setattr__(self, "window", (float(self.window[0]), float(self.window[1])))
 
     @classmethod
-    def from_config(cls, data_cfg: Any) -> "Preprocess":
+    def from_config(cls, data_cfg: Any) -> Preprocess:
         """The spec a :class:`~fedmed.config.DataConfig` asks for."""
         return cls(size=data_cfg.image_size, channels=data_cfg.channels,
                    window=data_cfg.window, clahe=data_cfg.clahe, denoise=data_cfg.denoise,
@@ -316,7 +316,7 @@ class ImageCache:
         paths = [str(p) for p in paths]
         if where is not None and len(where) != len(paths):
             raise ValueError(f"where has {len(where)} entries for {len(paths)} paths")
-        labels: dict[str, str] = {}
+        labels: dict[str | Path, str] = {}
         for k, p in enumerate(paths):
             labels.setdefault(p, where[k] if where is not None else f"image {k + 1} of {len(paths)}")
         unique = list(labels)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import math
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -167,7 +167,7 @@ class RecordEncoder:
             return np.zeros((len(df), 0), dtype=np.float64)
         return np.stack([to_numeric(df[c]).to_numpy() for c in self.numeric], axis=1)
 
-    def fit(self, df: pd.DataFrame) -> "RecordEncoder":
+    def fit(self, df: pd.DataFrame) -> RecordEncoder:
         """Learn medians, means and stds (and KNN neighbours) from TRAINING rows."""
         self._check_columns(df, list(self.categorical))
         x = self._numeric(df)

@@ -10,6 +10,7 @@ config's ``image_roots`` allows an outside folder.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class LoadSummary:
         return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in rows)
 
     @classmethod
-    def merge(cls, parts: list["LoadSummary"], *, site: str) -> "LoadSummary":
+    def merge(cls, parts: list[LoadSummary], *, site: str) -> LoadSummary:
         """Sum counts over sites (patients never collide once prefixed by site)."""
         out = cls(site=site)
         for p in parts:
@@ -115,7 +116,7 @@ def _labels(col: pd.Series) -> pd.Series:
     return col.map(normalise_value).astype(object)
 
 
-def _check_labels(df: pd.DataFrame, col: str, classes: dict[str, int], path: Path,
+def _check_labels(df: pd.DataFrame, col: str, classes: dict[str | None, int], path: Path,
                   problems: list[str], *, allow_empty: bool) -> pd.Series:
     labels = _labels(df[col])
     if not allow_empty and labels.isna().any():
@@ -143,7 +144,7 @@ def _check_columns(df: pd.DataFrame, required: list[str], allowed: list[str], pa
     return not missing
 
 
-def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems: list[str],
+def _load_records(path: Path, cfg: DataConfig, classes: dict[str | None, int], problems: list[str],
                   *, images: bool) -> tuple[pd.DataFrame, pd.Series, pd.Series] | None:
     """Records indexed by patient id, their labels and their file lines.
 
@@ -163,7 +164,7 @@ def _load_records(path: Path, cfg: DataConfig, classes: dict[str, int], problems
         problems.append(f"{path.name}: column {idc!r} is empty on {int(ids.isna().sum())} row(s) "
                         f"({_lines(df.index[ids.isna()])})")
     dup = ids.notna() & ids.duplicated(keep=False) if ids is not None else None
-    if dup is not None and dup.any():
+    if ids is not None and dup is not None and dup.any():
         problems.append(f"{path.name}: {int(ids[dup].nunique())} patient id(s) in column {idc!r} "
                         f"appear on more than one row ({int(dup.sum())} rows: "
                         f"{_lines(df.index[dup])}); records hold one row per patient")
@@ -236,7 +237,7 @@ def _inside(path: str, roots: list[str]) -> bool:
     return any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
+def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str | None, int],
                  rec_labels: pd.Series | None, problems: list[str]) -> pd.DataFrame | None:
     """``rec_labels`` None means the records could not be read: skip label cross-checks."""
     df = read_table(path, keep=[cfg.id_column, "image"])
@@ -261,7 +262,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
         problems.append(f"{path.name}: {int(outside.sum())} path(s) in column 'image' lead outside the "
                         f"site folder (absolute, '..' or a symlink) ({_lines(df.index[outside])}); a "
                         "folder outside it must be listed in the config's image_roots")
-    absent = pd.Series([bool(p) and not out and not os.path.isfile(p) for p, out in zip(full, outside)],
+    absent = pd.Series([bool(p) and not out and not os.path.isfile(p) for p, out in zip(full, outside, strict=True)],
                        index=df.index)
     if absent.any():
         problems.append(f"{path.name}: {int(absent.sum())} image file(s) in column 'image' do not exist "
@@ -270,7 +271,7 @@ def _load_images(path: Path, site_dir: Path, cfg: DataConfig, classes: dict[str,
            if labc in df.columns else pd.Series(np.nan, index=df.index, dtype=object))
     # An image's own label is that image's (sample's) label: follow-up images of one patient
     # may show different findings. The records' label only fills images that carry none.
-    lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels))
+    lookup = {} if rec_labels is None else dict(zip(rec_labels.index, rec_labels, strict=True))
     rec = pd.Series([lookup.get(i) for i in ids], index=df.index, dtype=object)
     orphan = own.isna() & rec.isna() & ids.notna() & (rec_labels is not None)
     if orphan.any():
@@ -326,8 +327,8 @@ def _check_split(cfg: DataConfig, rec_path: Path | None, records: pd.DataFrame |
         where = " or ".join(p.name for p in (rec_path, img_path if images is not None else None) if p)
         problems.append(f"data.split_column {col!r} is set but {where} has no such column")
         return None
-    side: dict[str, str] = {}
-    if in_img:
+    side: dict[Hashable, str] = {}  # patient id → side
+    if in_img and images is not None:
         per = images.dropna(subset=["patient_id"]).groupby("patient_id")[_SPLIT]
         split_ids = per.nunique()
         split_ids = split_ids.index[split_ids > 1]
@@ -337,7 +338,7 @@ def _check_split(cfg: DataConfig, rec_path: Path | None, records: pd.DataFrame |
                             f"one side of split column {col!r} "
                             f"({_lines(pd.Index(images.loc[rows, 'image_line'], name='line'))})")
         side.update({p: v for p, v in per.first().items() if isinstance(v, str)})
-    if in_rec and rec_path is not None and rec_lines is not None:
+    if in_rec and records is not None and rec_path is not None and rec_lines is not None:
         rec_side = records[_SPLIT]
         clash = pd.Series([isinstance(v, str) and p in side and side[p] != v
                            for p, v in rec_side.items()], index=rec_side.index)
@@ -387,7 +388,7 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
             rec_labels = pd.Series(dtype=object)
         images = (_load_images(img_path, site_dir, data_cfg, classes, rec_labels, problems)
                   if img_path.is_file() else None)
-        if rec_labels is not None and rec_lines is not None:
+        if rec_path is not None and rec_labels is not None and rec_lines is not None:
             _check_unlabelled_patients(rec_path, data_cfg, rec_labels, rec_lines, images, problems)
         sides = _check_split(data_cfg, rec_path, records, rec_lines, img_path, images, problems)
     except RecordError as exc:
@@ -408,12 +409,13 @@ def load_site(site_dir: str | Path, data_cfg: DataConfig, *, name: str | None = 
         counts = site.samples[_SPLIT].value_counts()
         empty = [k for k in ("train", "test") if not counts.get(k, 0)]
         if empty:
+            sizes = ", ".join(f"{k}: {int(counts.get(k, 0))}" for k in SPLIT_NAMES)
             raise SiteDataError(f"site {name!r}: split column {data_cfg.split_column!r} leaves the "
-                                f"{' and '.join(empty)} side(s) empty ({', '.join(f'{k}: {int(counts.get(k, 0))}' for k in SPLIT_NAMES)} samples)")
+                                f"{' and '.join(empty)} side(s) empty ({sizes} samples)")
     return site
 
 
-def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int],
+def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str | None, int],
               records: pd.DataFrame, rec_labels: pd.Series,
               images: pd.DataFrame | None) -> SiteData:
     rec_ids = set(records.index)
@@ -442,7 +444,7 @@ def _assemble(name: str, site_dir: Path, cfg: DataConfig, classes: dict[str, int
         images=0 if images is None else len(images), samples=len(samples),
         both=len(rec_ids & img_ids), image_only=len(img_ids - rec_ids),
         record_only=len(rec_ids - img_ids),
-        label_counts={c: int(n) for c, n in zip(cfg.classes, counts)},
+        label_counts={c: int(n) for c, n in zip(cfg.classes, counts, strict=True)},
         missing_values={c: int(records[c].isna().sum()) for c in features},
         unknown_categories=unknown,
     )

@@ -56,7 +56,7 @@ def pooled_bundle(cfg: FedmedConfig, bundles: dict[str, SiteBundle]) -> SiteBund
     sites = [b.site for b in bundles.values()]
     pooled = combine_sites(sites)
     offsets = np.cumsum([0] + [len(s.samples) for s in sites])[:-1]
-    idx = {k: np.concatenate([off + b.splits.indices[k] for off, b in zip(offsets, bundles.values())])
+    idx = {k: np.concatenate([off + b.splits.indices[k] for off, b in zip(offsets, bundles.values(), strict=True)])
            for k in ("train", "val", "test")}
     samples = pooled.samples
     train_ids = samples.iloc[idx["train"]].query("has_record")["patient_id"].unique()
@@ -122,7 +122,8 @@ def _load(cfg: FedmedConfig, path: Path, device: torch.device) -> torch.nn.Modul
     return model.eval()
 
 
-def _with(cfg: FedmedConfig, **sections: dict[str, Any]) -> FedmedConfig:
+def _with(cfg: FedmedConfig, **sections: Any) -> FedmedConfig:
+    """``cfg`` with sections updated (a dict) or replaced (any other value, e.g. ``name``)."""
     raw = cfg.model_dump(mode="json")
     for sec, values in sections.items():
         if isinstance(values, dict):
@@ -256,7 +257,7 @@ def _aggregate(runs: list[dict[str, Any]], names: list[str]) -> dict[str, dict[s
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured markdown table (first column left-aligned, the rest right)."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) + " |"  # noqa: E731
     rule = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *map(line, rows)])
 
@@ -268,7 +269,7 @@ def _fmt(ms: tuple[float, float]) -> str:
 
 def _order(results: dict[str, Any], strategies: list[str]) -> list[str]:
     head = [m for m in results if m.startswith("local (") and m not in ("local (own site)", "local (mean of centres)")]
-    tail = [m for m in ("local (own site)", "local (mean of centres)") if m in results]
+    tail: list[str] = [m for m in ("local (own site)", "local (mean of centres)") if m in results]
     tail += [m for m in results if m.startswith("best local")] + [m for m in ["pooled", *strategies] if m in results]
     return head + tail
 

@@ -12,8 +12,9 @@ treats them like any hospital's data.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -136,7 +137,7 @@ def dirichlet(samples: pd.DataFrame, *, num_sites: int, alpha: float = 0.5,
             for k, chunk in enumerate(np.split(ids, cuts)):
                 parts[k].extend(str(p) for p in chunk)
         if min(len(p) for p in parts) >= need:
-            return {s: sorted(p) for s, p in zip(names, parts)}
+            return {s: sorted(p) for s, p in zip(names, parts, strict=True)}
     raise UsageError(f"dirichlet(alpha={alpha}) could not give every one of {num_sites} sites "
                      f"{need} patients in {_MAX_TRIES} draws; raise alpha or lower --num-sites")
 
@@ -156,7 +157,7 @@ def quantity(samples: pd.DataFrame, *, num_sites: int, alpha: float = 1.0,
     sizes = need + np.floor(props * spare).astype(int)
     sizes[np.argmax(props)] += len(ids) - int(sizes.sum())  # rounding leftovers
     chunks = np.split(ids, np.cumsum(sizes)[:-1])
-    return {s: sorted(str(p) for p in c) for s, c in zip(names, chunks)}
+    return {s: sorted(str(p) for p in c) for s, c in zip(names, chunks, strict=True)}
 
 
 PARTITIONERS: dict[str, Callable[..., Partition]] = {
@@ -198,7 +199,7 @@ def partition_table(samples: pd.DataFrame, parts: Partition, *, classes: list[st
                  *(f"{c} ({100 * c / n:.0f}%)" for c in total)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
+                              for i, (c, w) in enumerate(zip(r, widths, strict=True)))
     lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows[:-1]),
              fmt(["-" * w for w in widths]), fmt(rows[-1])]
     return "\n".join(lines)

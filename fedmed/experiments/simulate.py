@@ -16,8 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -165,7 +166,7 @@ class _PeakMemory:
             self.peak = max(self.peak, tree_rss_mb())
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> _PeakMemory:
         self._th.start()
         return self
 
@@ -240,8 +241,9 @@ def simulate(
            "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
            "OMP_NUM_THREADS": str(num_cpus_per_site), "MKL_NUM_THREADS": str(num_cpus_per_site),
            "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    backend = {"client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},
-               "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
+    backend: dict[str, dict[str, Any]] = {
+        "client_resources": {"num_cpus": num_cpus_per_site, "num_gpus": float(num_gpus_per_site)},
+        "init_args": {"num_cpus": total_cpus, "include_dashboard": False}}
     log.info("simulating %d sites (%s), %d CPU(s) and %.2f GPU(s) each", n, ", ".join(names),
              num_cpus_per_site, num_gpus_per_site)
     t0 = time.perf_counter()
@@ -305,7 +307,7 @@ def simulate_stats(cfg: FedmedConfig, req: StatsRequest, *, out_dir: Path,
     env = {"FEDMED_SIM_SITES": ",".join(names), "FEDMED_SIM_DATA_ROOT": str(roots.pop()),
            "FEDMED_SIM_STATE_DIR": str(out_dir / "sites"), "FEDMED_SIM_SITE_CONFIG": json.dumps(site_extra),
            "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "FLWR_TELEMETRY_ENABLED": "0"}
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    backend: dict[str, dict[str, Any]] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": total_cpus or os.cpu_count() or 1, "include_dashboard": False}}
     with _environ(env):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),

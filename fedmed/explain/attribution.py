@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedmed.explain._batch import device_of, model_inputs
+from fedmed.models.fusion import FusionModel
 
 __all__ = ["record_attention", "modality_contribution"]
 
 
 @torch.no_grad()
-def record_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
+def record_attention(model: FusionModel, batch: dict[str, torch.Tensor]) -> np.ndarray:
     """Record branch: the last layer's CLS → feature attention, ``(B, F)``, rows sum to 1.
 
     Head-averaged and renormalised over the ``F`` record features (CLS→CLS and notes tokens
@@ -31,7 +31,7 @@ def record_attention(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.nda
 
 
 @torch.no_grad()
-def modality_contribution(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def modality_contribution(model: FusionModel, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """How much each prediction relied on the image and on the record (masking test).
 
     Per sample, for the class predicted with both modalities: ``p_full``, ``p_no_image``

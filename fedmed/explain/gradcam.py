@@ -7,6 +7,7 @@ Grad-CAM (Selvaraju et al. 2017) is hand-rolled on forward/backward hooks (~20 l
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmed.explain._batch import model_inputs
+from fedmed.models.fusion import FusionModel
 
 __all__ = ["grad_cam", "attention_rollout", "central_mass"]
 
@@ -36,6 +38,11 @@ def _token_grid(x: torch.Tensor, prefix: int) -> torch.Tensor:
     return x.reshape(x.shape[0], g, g)
 
 
+def _image_size(inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    h, w = inputs["image"].shape[-2:]
+    return int(h), int(w)
+
+
 def _upsample(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """``(B, h, w)`` ≥ 0 → ``(B, H, W)`` in [0, 1], each map divided by its maximum."""
     cam = F.interpolate(cam[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -45,7 +52,7 @@ def _upsample(cam: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 
 def grad_cam(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, target: int | None = None
+    model: FusionModel, batch: dict[str, torch.Tensor], *, target: int | None = None
 ) -> np.ndarray:
     """Grad-CAM of the image branch: ``(B, H, W)`` in [0, 1] at the input image's size.
 
@@ -85,10 +92,10 @@ def grad_cam(
         raise RuntimeError(f"Grad-CAM needs a feature map or tokens, got shape {tuple(act.shape)}")
     if "has_image" in inputs:
         cam = cam * inputs["has_image"].reshape(-1, 1, 1).to(cam.dtype)
-    return _upsample(cam, tuple(inputs["image"].shape[-2:]))
+    return _upsample(cam, _image_size(inputs))
 
 
-def attention_rollout(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
+def attention_rollout(model: FusionModel, batch: dict[str, torch.Tensor]) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema 2020) for a transformer image backbone.
 
     Head-averaged attention plus identity, row-normalised, multiplied over layers; the map
@@ -97,7 +104,8 @@ def attention_rollout(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.nd
     call). Raises ``RuntimeError`` when the backbone has no attention layers.
     """
     layer = model.gradcam_target()
-    attn_mods = [m for m in layer.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
+    # timm attention modules, found by the attributes this function switches (duck-typed)
+    attn_mods: list[Any] = [m for m in layer.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
     if not attn_mods:
         raise RuntimeError("the image backbone has no attention layers: use grad_cam")
     maps: list[torch.Tensor] = []
@@ -113,7 +121,7 @@ def attention_rollout(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.nd
     finally:
         for h in hooks:
             h.remove()
-        for m, f in zip(attn_mods, fused):
+        for m, f in zip(attn_mods, fused, strict=True):
             m.fused_attn = f
     roll = None
     for a in maps:
@@ -121,12 +129,13 @@ def attention_rollout(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.nd
         a = a + torch.eye(a.shape[-1], device=a.device)
         a = a / a.sum(dim=-1, keepdim=True)
         roll = a if roll is None else a @ roll
+    assert roll is not None  # a map per attention layer, and there is at least one
     prefix = _prefix_tokens(layer, roll.shape[-1])
     row = roll[:, 0] if prefix else roll.mean(dim=1)
     cam = _token_grid(row, prefix)
     if "has_image" in inputs:
         cam = cam * inputs["has_image"].reshape(-1, 1, 1).to(cam.dtype)
-    return _upsample(cam, tuple(inputs["image"].shape[-2:]))
+    return _upsample(cam, _image_size(inputs))
 
 
 def central_mass(cam: np.ndarray, frac: float = 0.5) -> float:

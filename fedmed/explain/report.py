@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.checkpoint import load_checkpoint as read_checkpoint
@@ -26,6 +25,7 @@ from fedmed.explain._batch import model_inputs
 from fedmed.explain.attribution import modality_contribution, record_attention
 from fedmed.explain.gradcam import central_mass, grad_cam
 from fedmed.heldout import site_split, trained_pooled
+from fedmed.models.fusion import FusionModel
 from fedmed.reporting.html import esc, image, images, save_figure, table, write_page
 
 __all__ = ["explain", "summarise_sites", "summary_table", "format_value"]
@@ -90,13 +90,13 @@ def _contrib_png(path: Path, labels: list[str], img: np.ndarray, rec: np.ndarray
 # -- explain --------------------------------------------------------------------------------
 def _feature_labels(cfg: FedmedConfig, cat_row: np.ndarray) -> list[str]:
     names = list(cfg.data.numeric)
-    for (col, vocab), idx in zip(cfg.data.categorical.items(), cat_row):
+    for (col, vocab), idx in zip(cfg.data.categorical.items(), cat_row, strict=True):
         value = vocab[int(idx) - 1] if 0 < int(idx) <= len(vocab) else "missing"
         names.append(f"{col} = {value}")
     return names
 
 
-def _run_all(model: nn.Module, data: Dataset, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+def _run_all(model: FusionModel, data: Dataset, *, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Predictions, contributions and (image models) Grad-CAM central mass for a whole split."""
     keys: dict[str, list[np.ndarray]] = {}
     has_image_branch = getattr(model, "image_branch", None) is not None
@@ -197,7 +197,7 @@ def explain(
             row["images"].append(_record_png(out / f"record_{k}.png", names, w,
                                              f"case {k}: record-field attention").name)
             row["record_attention"] = dict(zip([*cfg.data.numeric, *cfg.data.categorical],
-                                               map(float, w)))
+                                               map(float, w), strict=True))
         cases.append(row)
 
     correct = stats["pred"] == stats["label"]

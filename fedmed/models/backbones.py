@@ -22,9 +22,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from fedmed.errors import UsageError
-from fedmed.models.pretrained import load_pretrained
+from fedmed.models.pretrained import LoadReport, load_pretrained
 
 __all__ = [
+    "Backbone",
     "DEFAULT_CFGS",
     "SmallCNN",
     "backbone_stages",
@@ -37,7 +38,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+class Backbone(nn.Module):
+    """The surface every image backbone shows, whatever builds it (as timm's models share one).
+
+    ``forward`` gives features, ``num_features`` their width, ``output`` "map" ``(B, C, h, w)``
+    or "tokens" ``(B, L, C)``, ``default_cfg`` the preprocessing defaults (input size, mean,
+    std, first conv); :func:`create_backbone` adds ``pretrained_report`` when it loads weights.
+    """
+
+    num_features: int
+    output: str
+    default_cfg: dict[str, Any]
+    pretrained_report: LoadReport
+
+
+_BACKBONES: dict[str, Callable[..., Backbone]] = {}
 
 #: Preprocessing defaults per registered backbone (timm models use their pretrained_cfg).
 DEFAULT_CFGS: dict[str, dict[str, Any]] = {
@@ -48,8 +65,8 @@ DEFAULT_CFGS: dict[str, dict[str, Any]] = {
 }
 
 
-def register_backbone(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a backbone factory ``fn(*, in_chans) -> nn.Module`` under ``fn.__name__``."""
+def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    """Register a backbone factory ``fn(*, in_chans) -> Backbone`` under ``fn.__name__``."""
     name = fn.__name__
     if name in _BACKBONES:
         raise ValueError(f"backbone {name!r} is already registered")
@@ -66,7 +83,7 @@ def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
     """Three [conv-GN-ReLU ×2, maxpool] blocks (w, 2w, 4w channels); DP-safe by design."""
 
     def __init__(self, in_chans: int = 1, width: int = 32) -> None:
@@ -108,7 +125,7 @@ def small_cnn(*, in_chans: int, width: int = 32) -> SmallCNN:
     return SmallCNN(in_chans=in_chans, width=width)
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(Backbone):
     """A headless timm model (``num_classes=0, global_pool=""``) behind the backbone surface.
 
     ``forward`` calls the model itself (so Opacus' module hooks fire) and returns its
@@ -120,7 +137,8 @@ class TimmBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.name = name
-        self.num_features = int(model.num_features)
+        # timm's int; torch types every unregistered Module attribute as Tensor | Module
+        self.num_features = int(model.num_features)  # type: ignore[arg-type]
         self._nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = cfg.get("input_size", (3, 224, 224))
@@ -151,7 +169,8 @@ def backbone_stages(backbone: nn.Module) -> list[list[str]]:
     if not hasattr(root, "group_matcher"):
         raise UsageError(f"backbone {type(root).__name__} defines no group_matcher: it cannot be frozen "
                          "by stages; use model.trainable_stages=0 (all frozen) or null (none)")
-    groups = group_modules(root, root.group_matcher(coarse=True))
+    # a timm method (checked above); torch types unknown Module attributes as Tensor | Module
+    groups = group_modules(root, root.group_matcher(coarse=True))  # type: ignore[operator]
     return [[prefix + n for n in groups[k]] for k in sorted(groups)]
 
 
@@ -225,7 +244,9 @@ def _bn_to_gn(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
         from timm.layers import GroupNormAct
 
         gn = GroupNormAct(c, num_groups=groups, eps=bn.eps, affine=bn.affine)
-        gn.act, gn.drop = bn.act, bn.drop
+        act, drop = bn.act, bn.drop
+        assert isinstance(act, nn.Module) and isinstance(drop, nn.Module)
+        gn.act, gn.drop = act, drop
     else:
         gn = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine)
     if bn.affine:
@@ -254,7 +275,7 @@ def create_backbone(
     dp_compatible: bool = True,
     trainable_stages: int | None = None,
     **kwargs: Any,
-) -> nn.Module:
+) -> Backbone:
     """Build a headless backbone by name: registered names first, else timm (random init).
 
     ``pretrained_path``: a local weights file that must fill every backbone tensor, by name
@@ -266,7 +287,7 @@ def create_backbone(
     """
     if name in _BACKBONES:
         model = _BACKBONES[name](in_chans=in_chans, **kwargs)
-        target = model
+        target: nn.Module = model  # the module whose weights a pretrained file fills
     else:
         import timm
 
@@ -315,7 +336,7 @@ def _probe(model: TimmBackbone, *, in_chans: int) -> None:
         model.train(was_training)
     model.output = "tokens" if f.ndim == 3 else "map"
     model.num_features = int(f.shape[-1] if f.ndim == 3 else f.shape[1])
-    unused = [p for p, g in zip(params, grads) if g is None]
+    unused = [p for p, g in zip(params, grads, strict=True) if g is None]
     for p in unused:
         p.requires_grad_(False)
     if unused:

@@ -10,8 +10,8 @@ replaced per sample by a learned embedding. Everything is Opacus-compatible when
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -50,6 +50,9 @@ class ImageBranch(nn.Module):
     timm heads do; normalising every location before pooling (the earlier design) learned
     more slowly in short HAM10000 runs. Tokens for cross-attention keep their LayerNorm.
     """
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -300,6 +303,7 @@ class FusionModel(nn.Module):
         elif self.variant == "record":
             fused = f_ehr
         else:
+            assert f_img is not None and f_ehr is not None  # the fusion variant has both branches
             a_img, w_img = self.attn_img(
                 f_img.unsqueeze(1), rec_tok, key_padding_mask=rec_pad, return_weights=True
             )
@@ -320,7 +324,9 @@ class FusionModel(nn.Module):
         image: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fill absent record tensors with empty/zero ones of the right batch size."""
-        rt = self.record_branch.transformer  # type: ignore[union-attr]
+        branch = self.record_branch
+        assert branch is not None  # only variants with a record branch get here
+        rt = branch.transformer
         ref = next((t for t in (num, cat, num_missing, image) if t is not None), None)
         if ref is None:
             raise ValueError(f"variant {self.variant!r} needs `num`/`cat` inputs")

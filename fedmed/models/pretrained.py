@@ -144,7 +144,7 @@ def load_pretrained(
     else:
         mode = "order"
         fkeys = list(file)
-        pairs = list(zip(own, fkeys))
+        pairs = list(zip(own, fkeys, strict=False))
         skipped = [(k, "after the backbone's last tensor: the classifier head") for k in fkeys[len(own):]]
     for mk, fk in pairs:
         src, dst = file[fk], own[mk]

@@ -54,10 +54,9 @@ class RecordTransformer(nn.Module):
         self.cat_embeds = nn.ModuleList(nn.Embedding(c + 1, dim) for c in cat_cardinalities)
         self.position = nn.Embedding(1 + self.n_features, dim)
         nn.init.normal_(self.position.weight, std=0.02)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, heads, dropout, mlp_ratio) for _ in range(layers)
-        )
-        self.blocks[-1].keep_attention = True
+        blocks = [TransformerBlock(dim, heads, dropout, mlp_ratio) for _ in range(layers)]
+        blocks[-1].keep_attention = True
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
 
     def embed(
@@ -109,7 +108,9 @@ class RecordTransformer(nn.Module):
 
         Raises ``RuntimeError`` before the first forward pass.
         """
-        w = self.blocks[-1].last_attention
+        last = self.blocks[-1]
+        assert isinstance(last, TransformerBlock)
+        w = last.last_attention
         if w is None:
             raise RuntimeError("no attention stored yet: run a forward pass first")
         return w.mean(dim=1)[:, 0, 1 : 1 + self.n_features]

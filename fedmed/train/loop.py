@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ BACKBONE_PREFIX = "image_branch.backbone."
 def param_groups(model: nn.Module, *, lr: float, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Trainable parameters in (up to) two groups: the image backbone at ``lr × backbone_lr_scale``
     (a pretrained backbone fine-tunes with a lower rate than the fresh head), the rest at ``lr``."""
-    backbone, rest = [], []
+    backbone: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (backbone if name.startswith(BACKBONE_PREFIX) else rest).append(p)
@@ -81,9 +83,9 @@ def memory_format(device: torch.device, channels_last: bool = True) -> torch.mem
     return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
 
 
-def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
-    """FedProx's (mu/2)·||w - w_global||² over trainable parameters."""
-    sq = sum(((p - a) ** 2).sum() for p, a in zip(_trainable(model), anchor))
+def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor | float:
+    """FedProx's (mu/2)·||w - w_global||² over trainable parameters (0.0 when there are none)."""
+    sq = sum(((p - a) ** 2).sum() for p, a in zip(_trainable(model), anchor, strict=True))
     return 0.5 * mu * sq
 
 

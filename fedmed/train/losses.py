@@ -28,6 +28,8 @@ class FocalLoss(nn.Module):
     Hand-rolled: torchvision ships only the sigmoid (binary) variant.
     """
 
+    weight: torch.Tensor | None  # a buffer (moves with .to(device)), not a parameter
+
     def __init__(self, *, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.gamma = gamma
@@ -45,6 +47,8 @@ class FocalLoss(nn.Module):
 
 class _MultiLabelBCE(nn.Module):
     """Sigmoid outputs for multi-label heads; single-label targets become one-hot."""
+
+    pos_weight: torch.Tensor | None  # a buffer
 
     def __init__(self, n_classes: int, weight: torch.Tensor | None) -> None:
         super().__init__()

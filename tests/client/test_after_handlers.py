@@ -12,8 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedmed.client.app import app as client_app
 from fedmed.config import load_config
-from fedmed.messages import (CONFIG_KEY, CROSS_SITE_TYPE, EXTERNAL_EVAL_TYPE, JOB_KEY, PERSONALIZE_TYPE,
-                             encode_job)
+from fedmed.messages import CONFIG_KEY, CROSS_SITE_TYPE, EXTERNAL_EVAL_TYPE, JOB_KEY, PERSONALIZE_TYPE, encode_job
 from fedmed.server.federation import job_for_sites
 from fedmed.task import model_from_config
 from fedmed.transfer import pack

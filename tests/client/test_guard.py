@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from fedmed.client.app import app
 from fedmed.client.guard import privacy_guard
 from fedmed.config import load_config
-from fedmed.messages import ERROR_CODES, JOB_KEY, REPLY_KEYS, encode_job
 from fedmed.job import job_for_sites
+from fedmed.messages import ERROR_CODES, JOB_KEY, REPLY_KEYS, encode_job
 from fedmed.task import model_from_config
 from fedmed.transfer import nbytes, pack
 

@@ -9,9 +9,9 @@ from flwr.app import Context, RecordDict
 from fedmed.client.app import _private_round
 from fedmed.client.site import runtime_for
 from fedmed.config import load_config
+from fedmed.job import job_for_sites
 from fedmed.messages import PublicRefusal
 from fedmed.privacy import BudgetError, PrivacyLedger
-from fedmed.job import job_for_sites
 
 
 def _runtime(synth_config, synth_root, tmp_path, *, site_caps: dict, privacy: dict, rounds: int = 3):
@@ -113,7 +113,7 @@ def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
         model.zero_grad()
         nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         rows.append([p.grad.detach().clone() for p in model.parameters()])
-    return [torch.stack(col) for col in zip(*rows)]
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
 
 
 def test_dp_model_per_sample_grads_are_exact():
@@ -130,7 +130,7 @@ def test_dp_model_per_sample_grads_are_exact():
         use_fast_conv2d(True)
         gsm = GradSampleModule(copy.deepcopy(net), batch_first=True, loss_reduction="mean")
         nn.functional.cross_entropy(gsm(x), y).backward()
-        for p, want in zip(gsm.parameters(), expected):
+        for p, want in zip(gsm.parameters(), expected, strict=True):
             torch.testing.assert_close(p.grad_sample, want, rtol=1e-4, atol=1e-5)
     finally:
         use_fast_conv2d(was)
@@ -139,12 +139,11 @@ def test_dp_model_per_sample_grads_are_exact():
 @pytest.mark.parametrize("backbone", ["small_cnn", "test_resnet"])
 def test_make_private_trains_the_fusion_model(tmp_path, backbone):
     """One DP step on the full fusion model (fedmed CNN or a timm backbone) updates every weight."""
+    from benchmarks.dp_step import _Samples
     from fedmed.config import ModelConfig, PrivacyConfig, TrainConfig
     from fedmed.models import build_model
     from fedmed.privacy import make_private, plan_dp
     from fedmed.train.loop import make_optimizer, train_epochs
-
-    from benchmarks.dp_step import _Samples
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, embed_dim=32), n_classes=2, in_chans=1,

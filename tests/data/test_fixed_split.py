@@ -40,7 +40,7 @@ def test_split_in_records_decides_the_sides(make_site, data_cfg):
 def test_split_in_images_and_explicit_val(make_site, data_cfg):
     records, images = _tables(make_site)
     side = dict(zip(records["patient_id"], ["val" if i % 5 == 1 else s
-                                            for i, s in enumerate(_sides(len(records)))]))
+                                            for i, s in enumerate(_sides(len(records)))], strict=True))
     images["fold"] = [side.get(p, "train") for p in images["patient_id"]]
     keep = records["patient_id"].isin(images["patient_id"])
     cfg = data_cfg.model_copy(update={"split_column": "fold"})

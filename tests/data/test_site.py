@@ -68,9 +68,9 @@ def test_image_labels_are_per_image(make_site, data_cfg):
 
 def test_records_may_omit_label_when_images_carry_it(make_site, data_cfg):
     records, images = _tables(make_site)
-    lookup = dict(zip(records["patient_id"], records["label"]))
+    lookup = dict(zip(records["patient_id"], records["label"], strict=True))
     images["label"] = [lab or lookup[p] for p, lab in zip(images["patient_id"],
-                                                          images["label"].fillna(""))]
+                                                          images["label"].fillna(""), strict=True)]
     keep = records["patient_id"].isin(images["patient_id"])  # drop the 4 record-only patients
     site = load_site(make_site("nolabel", records=records[keep].drop(columns="label"),
                                images=images), data_cfg)

@@ -53,7 +53,7 @@ def test_every_site_on_every_side():
     for pos in idx.values():
         part = df.iloc[pos]
         assert set(part["site"]) == {"s0", "s1", "s2"}
-        assert set(zip(part["site"], part["label"])) == set(zip(df["site"], df["label"]))
+        assert set(zip(part["site"], part["label"], strict=True)) == set(zip(df["site"], df["label"], strict=True))
 
 
 def test_deterministic_for_a_seed():

@@ -9,12 +9,11 @@ test_stats_in_simulation below (slow).
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
-import time
-
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from fedmed.config import FedmedConfig

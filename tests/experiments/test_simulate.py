@@ -14,10 +14,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.client.app import app as client_app
 from fedmed.config import load_config
+from fedmed.experiments.simulate import federation_sites, simulate
 from fedmed.server.central import make_central_eval
 from fedmed.server.checkpoint import load_state
 from fedmed.server.federation import run_federation
-from fedmed.experiments.simulate import federation_sites, simulate
 
 
 def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path: Path,

@@ -98,7 +98,8 @@ def test_local_weights_adapt_input_conv(tmp_path, resnet_source):
 def test_weights_file_that_matches_nothing_is_an_error(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"foo.weight": torch.zeros(3)}, path)
-    with pytest.raises(WeightsMismatch, match=r"'foo\.weight' \[3\] does not fit the backbone's 'blocks\.0\.0\.weight'"):
+    with pytest.raises(WeightsMismatch,
+                       match=r"'foo\.weight' \[3\] does not fit the backbone's 'blocks\.0\.0\.weight'"):
         create_backbone("small_cnn", in_chans=1, pretrained_path=str(path))
     with pytest.raises(FileNotFoundError):
         create_backbone("small_cnn", in_chans=1, pretrained_path=str(tmp_path / "missing.pt"))
@@ -109,7 +110,7 @@ def test_small_cnn_local_weights(tmp_path):
     path = tmp_path / "cnn.pth"
     torch.save(src.state_dict(), path)
     net = create_backbone("small_cnn", in_chans=1, pretrained_path=str(path))
-    for (k, a), b in zip(src.state_dict().items(), net.state_dict().values()):
+    for (k, a), b in zip(src.state_dict().items(), net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 

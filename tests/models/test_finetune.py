@@ -10,8 +10,8 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 from timm.layers import FrozenBatchNormAct2d
-from torchvision.ops.misc import FrozenBatchNorm2d
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fedmed.config import FedmedConfig, ModelConfig, PrivacyConfig, TrainConfig
 from fedmed.models import build_model, local_keys

@@ -49,7 +49,7 @@ def test_shared_lite0_file_loads_as_efficientnet_lite0_from_config_alone(tmp_pat
     assert all("classifier head" in why for _, why in rep.skipped)
     assert "loaded 245 tensors" in caplog.text and "_fc.weight" in caplog.text
     mine = [v for k, v in backbone.model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    for a, b in zip(mine, _file_order(LITE0)[:245]):
+    for a, b in zip(mine, _file_order(LITE0)[:245], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the backbone's own input statistics (ImageNet) are used when model.image_mean/std are unset
     torch.testing.assert_close(model.image_branch.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))

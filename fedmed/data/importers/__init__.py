@@ -68,7 +68,7 @@ class ImportReport:
         self.sites[site] = site_summary(records, images)
         return path
 
-    def verify(self) -> "ImportReport":
+    def verify(self) -> ImportReport:
         """Load every written site with the written config, as training will.
 
         Importers call this last, so an import never leaves a set that loading refuses: the
@@ -103,7 +103,7 @@ class ImportReport:
             counts = info.get("label_counts", {})
             vals = [int(info.get("patients", 0)), int(info.get("records", 0)),
                     int(info.get("images", 0)), *(int(counts.get(c, 0)) for c in classes)]
-            totals = [t + v for t, v in zip(totals, vals)]
+            totals = [t + v for t, v in zip(totals, vals, strict=True)]
             rows.append([name, *map(str, vals)])
         if len(rows) > 1:
             rows.append(["total", *map(str, totals)])
@@ -111,7 +111,7 @@ class ImportReport:
 
         def fmt(r: list[str]) -> str:
             return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths)))
+                             for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
         lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
         return "\n".join(lines)
@@ -142,10 +142,10 @@ def site_summary(records: pd.DataFrame | None, images: pd.DataFrame | None) -> d
     rec_label: dict[str, str] = {}
     if records is not None and "label" in records.columns:
         rec_label = {p: str(lab) for p, lab in zip(records["patient_id"].astype(str),
-                                                   records["label"]) if pd.notna(lab) and lab != ""}
+                                                   records["label"], strict=True) if pd.notna(lab) and lab != ""}
     if images is not None:
         own = images["label"] if "label" in images.columns else pd.Series([None] * len(images))
-        for pid, lab in zip(images["patient_id"].astype(str), own):
+        for pid, lab in zip(images["patient_id"].astype(str), own, strict=True):
             has_own = pd.notna(lab) and str(lab) != ""
             labels.append(str(lab) if has_own else rec_label.get(pid, "None"))
     labels.extend(rec_label[p] for p in rec_label if p not in img_ids)
@@ -239,8 +239,9 @@ def write_dataset_config(
     """Write ``<out_dir>/fedmed-data.yaml``: the ``data:`` section for this dataset.
 
     ``image_roots`` names the folders outside the site folders that ``images.csv`` points
-    into (the loader refuses any other outside path). ``root: "."`` resolves against the file's own folder (``load_config`` does that), so the
-    file is itself a minimal valid config and its ``data:`` block can be pasted into another.
+    into (the loader refuses any other outside path). ``root: "."`` resolves against the file's
+    own folder (``load_config`` does that), so the file is itself a minimal valid config and its
+    ``data:`` block can be pasted into another.
     Category values are written as strings so ``1`` stays ``"1"`` and matches the CSV cells.
     """
     data: dict[str, Any] = {"root": "."}

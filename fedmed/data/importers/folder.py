@@ -3,7 +3,8 @@
 For a hospital's own export: a folder of images and a CSV with one row per image (image path,
 patient id, label, any record columns). The label is each image's own (a patient's follow-up
 images may show different findings), so it goes to ``images.csv`` only; the record columns
-are patient-level and are taken from each patient's first row; an optional site column splits the table into several site folders. The written
+are patient-level and are taken from each patient's first row; an optional site column splits
+the table into several site folders. The written
 ``fedmed-data.yaml`` is a *suggestion* (numeric = columns that parse as numbers, categorical
 = the rest with few distinct values); review it before training.
 """
@@ -16,8 +17,8 @@ import pandas as pd
 
 from fedmed.data.importers import (
     DatasetImportError,
-    check_site_name,
     ImportReport,
+    check_site_name,
     read_source_csv,
     write_dataset_config,
 )
@@ -102,7 +103,7 @@ def import_folder(
 
     base = images_dir.resolve()
     paths = [Path(p) if Path(p).is_absolute() else base / p for p in df[image_column]]
-    absent = [line for line, p in zip(df.index, paths) if not p.is_file()]
+    absent = [line for line, p in zip(df.index, paths, strict=True) if not p.is_file()]
     if absent:
         # The path itself is not echoed: hospital file names can embed patient identifiers.
         raise DatasetImportError(

@@ -56,7 +56,7 @@ def _parse_file(path: Path, site: str) -> pd.DataFrame:
                 f"{path} line {lineno}: {len(fields)} fields, expected {len(HEART_COLUMNS)}"
             )
         values: dict[str, float | None] = {}
-        for col, raw in zip(HEART_COLUMNS, fields):
+        for col, raw in zip(HEART_COLUMNS, fields, strict=True):
             if raw in ("?", ""):
                 values[col] = None
                 continue

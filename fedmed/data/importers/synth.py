@@ -20,16 +20,17 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from statistics import NormalDist
+from typing import overload
 
 import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    UID,
     generate_uid,
 )
 
@@ -98,6 +99,10 @@ def default_site_sizes(sites: int) -> list[int]:
     return [int(round(v, -1)) for v in np.geomspace(400, 100, sites)]
 
 
+@overload
+def _sigmoid(x: float) -> float: ...
+@overload
+def _sigmoid(x: np.ndarray) -> np.ndarray: ...
 def _sigmoid(x: np.ndarray | float) -> np.ndarray | float:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -260,7 +265,7 @@ def synthesize(
     sd_risk = math.sqrt(_W_IMG**2 + _W_REC**2 + _NOISE**2)
     report = ImportReport(out_dir=out, classes=list(SYNTH_CLASSES))
     # (folder, scanner/lab/prevalence profile, patients, id prefix, random stream)
-    parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes))]
+    parts = [(name, i, n, name, i) for i, (name, n) in enumerate(zip(site_names(sites), sizes, strict=True))]
     if central:
         if central < 10:
             raise UsageError("central must be 0 or at least 10 patients")
