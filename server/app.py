@@ -36,11 +36,12 @@ def run(grid: Grid, run_config: dict) -> Path:
     cfg = FedmedConfig.model_validate_json(Path(str(run_config["fedmed-config"])).read_text())
     out = Path(str(run_config["out-dir"]))
     resume = bool(run_config.get("resume", False))
-    tracker: Tracker | BackgroundTracker = Tracker(
+    inline = Tracker(
         uri=str(run_config.get("mlflow-uri") or "") or cfg.tracking.mlflow_uri,
         experiment=cfg.tracking.experiment, run_name=cfg.name, out_dir=out, resume=resume)
+    tracker: Tracker | BackgroundTracker = inline
     if os.environ.get("FEDMED_TRACKING_INLINE") != "1":  # "1": on the rounds' path (benchmarks compare)
-        tracker = BackgroundTracker(tracker)  # MLflow starts and logs while the rounds run
+        tracker = BackgroundTracker(inline)  # MLflow starts and logs while the rounds run
     tracker.start()
     if not resume:
         tracker.log_params(cfg.model_dump(mode="json"))
