@@ -14,8 +14,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.common import ROOT, machine
 
@@ -74,14 +75,16 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     if "trainer" in res:
         r = res["trainer"]["ratio"]
-        rows.append(("Trainer efficiency (fedmed samples/s ÷ minimal loop)", _fmt(r), "≥ 0.95", _mark(r["median"] >= 0.95)))
+        rows.append(("Trainer efficiency (fedmed samples/s ÷ minimal loop)", _fmt(r), "≥ 0.95",
+                     _mark(r["median"] >= 0.95)))
     if "federation" in res:
         from benchmarks import federation
         rows += federation.summary_rows(res["federation"])
     if "dp" in res:
         r = res["dp"]
         s = {"min": r["ratio_min"], "median": r["ratio_median"], "max": r["ratio_max"]}
-        rows.append(("Privacy cost (DP-SGD step ÷ plain step, fusion model)", _fmt(s), "≤ 2.0", _mark(s["median"] <= 2.0)))
+        rows.append(("Privacy cost (DP-SGD step ÷ plain step, fusion model)", _fmt(s), "≤ 2.0",
+                     _mark(s["median"] <= 2.0)))
     if "pretrained" in res:
         r = res["pretrained"]
         rows.append((f"Pretrained EfficientNet-Lite0, {r['size']} px: fine-tuning images/s ({r['device']})",
@@ -118,8 +121,10 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
         lines += ["### Trainer efficiency", "",
                   f"fedmed's `train_epochs` vs a five-line PyTorch loop on the same model, dataset object, batch "
                   f"size ({t['batch_size']}) and optimizer, runs of {t['samples_per_epoch']} samples each, "
-                  f"alternating; {t['threads']} thread(s) on {t['device']}. Samples/s: fedmed {_fmt(t['fedmed_samples_per_s'], 1)}, "
-                  f"minimal {_fmt(t['minimal_samples_per_s'], 1)}; samples per CPU-second ratio {_fmt(t['cpu_ratio'])}.", ""]
+                  f"alternating; {t['threads']} thread(s) on {t['device']}. "
+                  f"Samples/s: fedmed {_fmt(t['fedmed_samples_per_s'], 1)}, "
+                  f"minimal {_fmt(t['minimal_samples_per_s'], 1)}; "
+                  f"samples per CPU-second ratio {_fmt(t['cpu_ratio'])}.", ""]
     if "federation" in res:
         from benchmarks import federation
         lines += federation.doc_lines(res["federation"])
@@ -135,8 +140,8 @@ def write_doc(res: dict[str, Any], mach: dict[str, Any], doc: Path, *, command: 
                   "(`fedmed/dp_conv.py`); clipping, noise and accounting are Opacus'.", ""]
         if "two_threads" in r:
             t = r["two_threads"]
-            lines[-2] += (f" With 2 threads: ratio {t['ratio_min']:.2f} / **{t['ratio_median']:.2f}** / {t['ratio_max']:.2f}, "
-                          f"CPU-time median {t['cpu_ratio_median']:.2f}.")
+            lines[-2] += (f" With 2 threads: ratio {t['ratio_min']:.2f} / **{t['ratio_median']:.2f}** / "
+                          f"{t['ratio_max']:.2f}, CPU-time median {t['cpu_ratio_median']:.2f}.")
     if "scale" in res:
         from benchmarks import scale
         lines += scale.doc_lines(res["scale"])
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in res}
     (a.out / "results.json").write_text(json.dumps({"machine": mach, "results": {**kept, **res}, "total_s": total},
                                                    indent=2, default=float))
-    cmd = "make bench   # = python -m benchmarks" + ("" if set(a.only) == set(BENCHES) else f" --only {' '.join(a.only)}")
+    cmd = "make bench   # = python -m benchmarks" + (
+        "" if set(a.only) == set(BENCHES) else f" --only {' '.join(a.only)}")
     old_doc = a.doc.read_text() if a.doc.exists() else ""
     write_doc(res, mach, a.doc, command=cmd, total_s=total)
     if set(a.only) != set(BENCHES):  # keep the page's rows and sections of the benchmarks not run

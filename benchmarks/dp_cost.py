@@ -227,12 +227,15 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
         rows_dp.append(run(dp_model, opt_dp, dp_store))
     for r in rows_dp:  # the optimizer step's wall includes clip and noise: keep only the rest
         r["update"] -= r["clip"] + r["noise"]
-    ratios = [d["total"] / p["total"] for p, d in zip(rows_plain, rows_dp)]
+    ratios = [d["total"] / p["total"] for p, d in zip(rows_plain, rows_dp, strict=True)]
     layers: dict[str, float] = {}
     with _per_layer(layers):  # one more, separately timed pass: the wrappers cost a little
         run(dp_model, opt_dp, dp_store)
     layers = {k: 1000 * v / steps for k, v in sorted(layers.items(), key=lambda kv: -kv[1])}
-    med = lambda rows, k: statistics.median(r[k] for r in rows)
+
+    def med(rows: list[dict[str, float]], k: str) -> float:
+        return statistics.median(r[k] for r in rows)
+
     return {**info, "grad_sample_mode": grad_sample_mode, "steps": steps, "repeats": repeats,
             "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
             "plain_ms": {k: 1000 * med(rows_plain, k) for k in (*PHASES, "total") if k not in ("clip", "noise")},
@@ -282,23 +285,26 @@ def section(res: dict[str, Any]) -> list[str]:
     lines = ["## DP cost at the sites' batch sizes, and where the time goes", "", "```bash",
              f"make bench-dp   # = python -m benchmarks.dp_cost --repeats {res.get('repeats', 7)}", "```", "",
              (f"{res['threads']} torch thread(s) (each site's process gets one here); load average before "
-             f"{res['load_before']}, after {res.get('load_after', '-')}. Each row: {next(v for k, v in res.items() if '/' in k and 'steps' in v)['steps']} steps "
+             f"{res['load_before']}, after {res.get('load_after', '-')}. "
+             f"Each row: {next(v for k, v in res.items() if '/' in k and 'steps' in v)['steps']} steps "
              "on one fixed batch, plain and DP interleaved, medians over the repeats (ms per step). The DP path "
              "is `fedmed.privacy.make_private` (Opacus GradSampleModule + DPOptimizer, fedmed's Conv2d grad "
              "sampler); *per-sample grads* = DP backward − plain backward."), "",
-             ("| model (config, batch) | mode | plain ms | DP ms | DP ÷ plain (min / median / max) | forward plain → DP | "
-             "backward plain → DP | per-sample grads | clip | noise | update plain → DP |"),
+             ("| model (config, batch) | mode | plain ms | DP ms | DP ÷ plain (min / median / max) | "
+             "forward plain → DP | backward plain → DP | per-sample grads | clip | noise | update plain → DP |"),
              "|---|---|---:|---:|---|---|---|---:|---:|---:|---|"]
     for key, r in res.items():
         if "/" not in key:
             continue
         if "error" in r:
-            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | - | fails: {r['error']} | - | - | - | - | - | - | - |")
+            lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | - | fails: {r['error']} "
+                         "| - | - | - | - | - | - | - |")
             continue
         p, d = r["plain_ms"], r["dp_ms"]
         lines.append(
             f"| {key.split('/')[0]} ({r['config']}{' ' + ' '.join(r['overrides']) if r['overrides'] else ''}, "
-            f"{r['batch']} × {r['channels']}×{r['size']}², {r['trainable_params']:,} trainable) | {r['grad_sample_mode']} | "
+            f"{r['batch']} × {r['channels']}×{r['size']}², {r['trainable_params']:,} trainable) | "
+            f"{r['grad_sample_mode']} | "
             f"{p['total']:.1f} | {d['total']:.1f} | {r['ratio_min']:.2f} / **{r['ratio_median']:.2f}** / "
             f"{r['ratio_max']:.2f} | {p['forward']:.1f} → {d['forward']:.1f} | {p['backward']:.1f} → "
             f"{d['backward']:.1f} | {d['backward'] - p['backward']:.1f} | {d['clip']:.1f} | {d['noise']:.1f} | "
@@ -315,7 +321,8 @@ def section(res: dict[str, Any]) -> list[str]:
         extra = d["total"] - p["total"]
         conv = sum(v for k, v in layers.items() if k.startswith("Conv2d"))
         lines += ["", (f"Where the fusion model's DP step goes: of the {extra:.0f} ms it adds to the plain step, "
-                       f"{d['backward'] - p['backward']:.0f} ms ({(d['backward'] - p['backward']) / extra:.0%}) are the "
+                       f"{d['backward'] - p['backward']:.0f} ms "
+                       f"({(d['backward'] - p['backward']) / extra:.0%}) are the "
                        f"per-sample gradients in the backward (the Conv2d layers {conv:.0f} ms, GroupNorm "
                        f"{layers.get('GroupNorm', 0.0):.0f} ms, Opacus' bookkeeping around them "
                        f"{layers.get('(Opacus: rescale + store per-sample grads)', 0.0):.0f} ms), clipping "

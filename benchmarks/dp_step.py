@@ -68,8 +68,9 @@ def measure(
     Each run times ``steps`` optimizer steps on one fixed batch of ``batch`` samples
     (``size``×``size`` images, default :class:`ModelConfig`). ``threads`` sets torch's intra-op
     threads for the measurement (None: leave as is); ``fast_conv`` is passed to
-    :func:`fedmed.privacy.make_private` (False: Opacus' own Conv2d grad sampler). Returns ``plain_s`` / ``dp_s`` (medians),
-    ``ratio_min`` / ``ratio_median`` / ``ratio_max`` and the settings measured.
+    :func:`fedmed.privacy.make_private` (False: Opacus' own Conv2d grad sampler). Returns
+    ``plain_s`` / ``dp_s`` (medians), ``ratio_min`` / ``ratio_median`` / ``ratio_max`` and the
+    settings measured.
     """
     old_threads, old_conv = torch.get_num_threads(), fast_conv2d_enabled()
     if threads is not None:
@@ -119,7 +120,8 @@ def _measure(*, batch: int, size: int, steps: int, repeats: int, model_cfg: Mode
     # wall-clock ratios are the acceptance number; CPU-time ratios are steadier on a shared machine
     return {"plain_s": statistics.median(t_plain), "dp_s": statistics.median(t_dp),
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
-            "ratios": ratios, "cpu_ratio_median": statistics.median(cpu_ratios), "batch": batch, "size": size, "steps": steps, "repeats": repeats,
+            "ratios": ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+            "batch": batch, "size": size, "steps": steps, "repeats": repeats,
             "threads": torch.get_num_threads(), "fast_conv": fast_conv,
             "noise_multiplier": plan.noise_multiplier}
 
@@ -135,7 +137,8 @@ def main() -> None:
     a = p.parse_args()
     r = measure(batch=a.batch, size=a.size, steps=a.steps, repeats=a.repeats, threads=a.threads,
                 fast_conv=not a.opacus_conv)
-    print(f"batch {r['batch']}, {r['size']}px, {r['threads']} thread(s), {'fedmed' if r['fast_conv'] else 'Opacus'} Conv2d grad sampler: "
+    print(f"batch {r['batch']}, {r['size']}px, {r['threads']} thread(s), "
+          f"{'fedmed' if r['fast_conv'] else 'Opacus'} Conv2d grad sampler: "
           f"plain step {r['plain_s'] * 1000:.1f} ms, DP step {r['dp_s'] * 1000:.1f} ms; DP/plain ratio "
           f"min {r['ratio_min']:.2f} median {r['ratio_median']:.2f} max {r['ratio_max']:.2f} (target ≤ 2.0); "
           f"CPU-time ratio median {r['cpu_ratio_median']:.2f}")

@@ -89,7 +89,7 @@ def _direct(cfg) -> dict[str, Any]:
     for rnd in range(1, cfg.federation.rounds + 1):
         replies, slowest = [], 0.0
         losses.append({})
-        for name, (bundle, loaders, loss_fn) in sites.items():
+        for name, (_bundle, loaders, loss_fn) in sites.items():
             model.load_state_dict({k: torch.from_numpy(v) for k, v in glob.items()}, strict=True)
             seed = cfg.train.seed + 1000 * rnd + zlib.crc32(name.encode()) % 997  # as client/app.py
             seed_everything(seed)
@@ -110,7 +110,7 @@ def _direct(cfg) -> dict[str, Any]:
             central_auc = central(glob)["test"]["auc"]
     model.load_state_dict({k: torch.from_numpy(v) for k, v in glob.items()}, strict=True)
     aucs = {}
-    for name, (bundle, loaders, loss_fn) in sites.items():
+    for name, (bundle, loaders, _loss_fn) in sites.items():
         aucs[name] = evaluate(model, loaders["test"], device=device, n_classes=bundle.n_classes)["auc"]
     return {"wall_s": time.perf_counter() - t0, "train_s": train_s, "slowest_site_s": per_round, "train_loss": losses,
             "site_auc": aucs, "central_test_auc": central_auc if central is not None else None,
@@ -343,11 +343,13 @@ def run(work: Path, *, rounds: int = 4, local_epochs: int = 3, image_size: int =
         long_job = job_of(long_rounds)
         res["long_job"] = long_job
         res["deployment_long"] = deployment(conf, base + long_job, work / f"deploy-{long_rounds}")
-        res["simulation_long"] = simulation(bench_config(root, long_job + [f"federation.central_test={root / 'central'}"]),
-                                            work / f"sim-{long_rounds}")
+        res["simulation_long"] = simulation(
+            bench_config(root, long_job + [f"federation.central_test={root / 'central'}"]),
+            work / f"sim-{long_rounds}")
     res["load_after"] = _load()
     aucs = {k: res[k]["central_test_auc"] for k in ("direct", "deployment", "simulation")}
-    ok = abs(aucs["direct"] - aucs["deployment"]) <= AUC_TOLERANCE and abs(aucs["simulation"] - aucs["deployment"]) <= AUC_TOLERANCE
+    ok = (abs(aucs["direct"] - aucs["deployment"]) <= AUC_TOLERANCE
+          and abs(aucs["simulation"] - aucs["deployment"]) <= AUC_TOLERANCE)
     if long_rounds:
         aucs.update({k: res[k]["central_test_auc"] for k in ("deployment_long", "simulation_long")})
         ok = ok and abs(aucs["deployment_long"] - aucs["simulation_long"]) <= AUC_TOLERANCE
@@ -410,7 +412,8 @@ def summary_rows(f: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                               ("network_fp16", "Network, fp16 updates (same ratio)", 0.51)):
         if key in f:
             r = sorted(f[key]["ratios"])
-            rows.append((label, f"{r[0]:.3f} / **{r[len(r) // 2]:.3f}** / {r[-1]:.3f}", f"≤ {limit}", mark(r[-1] <= limit)))
+            rows.append((label, f"{r[0]:.3f} / **{r[len(r) // 2]:.3f}** / {r[-1]:.3f}", f"≤ {limit}",
+                         mark(r[-1] <= limit)))
     if "deployment_fp16" in f:
         a32, a16 = f["deployment"]["central_test_auc"], f["deployment_fp16"]["central_test_auc"]
         rows.append(("fp16 updates: loss of central test AUC vs fp32", f"**{a32 - a16:+.4f}** ({a32:.4f} → {a16:.4f})",
@@ -433,17 +436,22 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
              "(`benchmarks.federation.direct`: the server's initial model and learning-rate schedule, the ClientApp's "
              "per-round reseed, fedmed's `train_epochs`, Flower's FedAvg, replies in the same order); its critical "
              "path is the slowest site's training per round there. *Deployment* = `fedmed demo` (a real "
-             "`fedmed-server` and one `fedmed-client` process per site, loopback; launched as `fedmed.experiments.demo.demo` in a "
-             "fresh interpreter, i.e. without the `fedmed` CLI importing every sub-command first, torch and Ray, "
-             "which no deployment runs), wall time from launch until `summary.json` is written; its sites share the "
-             "machine's 2 cores, so each trains slower than alone (the critical path includes that). *Simulation* = `fedmed simulate`, one Ray CPU per site so the sites train "
-             "side by side as in the deployment. Load average (1/5/15 min) before the runs "
-             f"{'/'.join(map(str, f.get('load_before', [])))}, after {'/'.join(map(str, f.get('load_after', [])))}.", "",
-             "| run | rounds | wall s | critical s | wall ÷ critical | " + " | ".join(_PARTS) + " | central test AUC | load |",
+             "`fedmed-server` and one `fedmed-client` process per site, loopback; launched as "
+             "`fedmed.experiments.demo.demo` in a fresh interpreter, i.e. without the `fedmed` CLI importing "
+             "every sub-command first, torch and Ray, which no deployment runs), wall time from launch until "
+             "`summary.json` is written; its sites share the "
+             "machine's 2 cores, so each trains slower than alone (the critical path includes that). "
+             "*Simulation* = `fedmed simulate`, one Ray CPU per site so the sites train side by side as in the "
+             "deployment. Load average (1/5/15 min) before the runs "
+             f"{'/'.join(map(str, f.get('load_before', [])))}, "
+             f"after {'/'.join(map(str, f.get('load_after', [])))}.", "",
+             "| run | rounds | wall s | critical s | wall ÷ critical | " + " | ".join(_PARTS)
+             + " | central test AUC | load |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(_PARTS) + "---:|---|"]
     crit_direct = sum(d.get("slowest_site_s", []))
     lines.append(f"| {_RUNS[0][1]} | {n} | {d['wall_s']:.1f} | {crit_direct:.1f} | "
-                 f"{d['wall_s'] / crit_direct if crit_direct else float('nan'):.2f} | " + " | ".join("-" for _ in _PARTS)
+                 f"{d['wall_s'] / crit_direct if crit_direct else float('nan'):.2f} | "
+                 + " | ".join("-" for _ in _PARTS)
                  + f" | {d['central_test_auc']:.4f} | {_loads(d)} |")
     for key, label in _RUNS[1:]:
         if key in f:
@@ -468,7 +476,8 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
             fixed = b["split_s"]["startup"] + b["split_s"]["site_setup"] + b["split_s"]["after"]
             lines += ["", f"{key.capitalize()}, fixed against per-round cost: a round beyond the {n}th added "
                       f"{per_wall:.1f} s of wall for {per_crit:.1f} s of critical path (marginal ratio "
-                      f"{per_wall / per_crit if per_crit else float('nan'):.2f}); start-up, the sites' set-up and the work after the "
+                      f"{per_wall / per_crit if per_crit else float('nan'):.2f}); "
+                      "start-up, the sites' set-up and the work after the "
                       f"rounds cost {fixed:.1f} s once ({fixed / b['wall_s']:.0%} of the {long}-round wall)."]
     if "deployment_uncut" in f:
         u, c = f["deployment_uncut"]["split_s"], f["deployment"]["split_s"]
@@ -487,16 +496,21 @@ def doc_lines(f: dict[str, Any]) -> list[str]:
         if key in f and _ratio(f[key]) > target:
             r, sp = f[key], f[key]["split_s"]
             over, allowed = r["wall_s"] - r["critical_train_s"], (target - 1) * r["critical_train_s"]
+            per_round_s = (sp["wait_transfer"] + sp["evaluation"] + sp["reporting"] + sp["aggregation"]) / r["rounds"]
             lines += ["", f"**Missed:** {key.split('_')[0]}, {r['rounds']} rounds: {_ratio(r):.2f} > {target}. "
-                      f"Overhead {over:.1f} s where {allowed:.1f} s would meet it: fixed {sp['startup'] + sp['site_setup'] + sp['after']:.1f} s "
-                      f"(start-up {sp['startup']:.1f}, site set-up {sp['site_setup']:.1f}, after the rounds {sp['after']:.1f}), "
-                      f"per round {(sp['wait_transfer'] + sp['evaluation'] + sp['reporting'] + sp['aggregation']) / r['rounds']:.2f} s "
-                      f"(delivery {sp['wait_transfer'] / r['rounds']:.2f}, evaluation {sp['evaluation'] / r['rounds']:.2f}) on a "
-                      f"{r['critical_train_s'] / r['rounds']:.1f} s critical round. What is left per round is the message path "
-                      "(the server's, the node's and the runner's polls, each at most 0.2-0.25 s, and each update crossing "
-                      "gateway, SuperLink, SuperNode and runner over HTTP) and central evaluation (about 0.3 s a round); "
-                      "not cut here: central evaluation overlapped with the next round (on this machine it would share "
-                      "the sites' two cores) and shorter polls (each poll is an HTTP request that also costs the sites CPU)."]
+                      f"Overhead {over:.1f} s where {allowed:.1f} s would meet it: "
+                      f"fixed {sp['startup'] + sp['site_setup'] + sp['after']:.1f} s "
+                      f"(start-up {sp['startup']:.1f}, site set-up {sp['site_setup']:.1f}, "
+                      f"after the rounds {sp['after']:.1f}), per round {per_round_s:.2f} s "
+                      f"(delivery {sp['wait_transfer'] / r['rounds']:.2f}, "
+                      f"evaluation {sp['evaluation'] / r['rounds']:.2f}) on a "
+                      f"{r['critical_train_s'] / r['rounds']:.1f} s critical round. "
+                      "What is left per round is the message path "
+                      "(the server's, the node's and the runner's polls, each at most 0.2-0.25 s, and each update "
+                      "crossing gateway, SuperLink, SuperNode and runner over HTTP) and central evaluation "
+                      "(about 0.3 s a round); not cut here: central evaluation overlapped with the next round "
+                      "(on this machine it would share the sites' two cores) and shorter polls "
+                      "(each poll is an HTTP request that also costs the sites CPU)."]
     marks = f["deployment"].get("startup_marks_s")
     if marks:
         lines += ["", "Deployment start-up, seconds after launch (from the SuperLink's log): " +

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from benchmarks.dp_step import _Samples, measure as dp_measure
+from benchmarks.dp_step import _Samples
+from benchmarks.dp_step import measure as dp_measure
 from fedmed.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedmed.models import build_model
 from fedmed.train.loop import make_optimizer, train_epochs

@@ -185,15 +185,18 @@ def summary_rows(sc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def doc_lines(sc: dict[str, Any]) -> list[str]:
     """The scale section of docs/benchmarks.md."""
     lines = ["### Scale", "",
-             "Command: `flock /tmp/fedmed-bench.lock python -m benchmarks --only scale` (part of `make bench`).", "",
+             "Command: `flock /tmp/fedmed-bench.lock python -m benchmarks --only scale` "
+             "(part of `make bench`).", "",
              f"`fedmed simulate` over N synthetic sites of {sc['patients_per_site']} patients each "
              f"({sc['image_size']}px, 1 local epoch, batch 16), {sc['rounds']} rounds; {sc['ray_cpus']} Ray CPUs, "
              "1 per site (so 2 sites train at a time); peak memory = resident memory of the whole process tree "
              "(benchmark process, Ray and its workers), sampled every second.", "",
-             "| sites | total s | start-up s | steady round s | steady round s per site | peak memory MiB | load before |",
+             "| sites | total s | start-up s | steady round s | steady round s per site | peak memory MiB "
+             "| load before |",
              "|---:|---:|---:|---:|---:|---:|---|"]
     lines += [f"| {r['sites']} | {r['total_s']:.1f} | {r['startup_s']:.1f} | {r['steady_round_s']:.1f} | "
-              f"{r['steady_round_s'] / r['sites']:.2f} | {r['peak_rss_mb']:.0f} | {'/'.join(map(str, r['load_before']))} |"
+              f"{r['steady_round_s'] / r['sites']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{'/'.join(map(str, r['load_before']))} |"
               for r in sc["rows"]]
     lines += ["", f"Memory fit: {sc['mem_intercept_mb']:.0f} MiB + {sc['mem_slope_mb_per_site']:.1f} MiB per site; "
               f"growth from {sc['rows'][0]['sites']} to {sc['rows'][-1]['sites']} sites "
@@ -209,6 +212,7 @@ def doc_lines(sc: dict[str, Any]) -> list[str]:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['model']} | {r['params']:,} | {r['up_bytes']:,} | {r['up_bytes'] / r['fp32_bytes']:.4f} | "
                   f"{r['down_bytes']:,} | {r['bytes_per_round_3_sites']:,} | {r['aggregate_3_s'] * 1e3:.1f} | "
-                  f"{r['aggregate_10_s'] * 1e3:.1f} | {r['aggregate_10_s'] / (10 * r['params']) * 1e9:.2f} |" for r in m]
+                  f"{r['aggregate_10_s'] * 1e3:.1f} | {r['aggregate_10_s'] / (10 * r['params']) * 1e9:.2f} |"
+                  for r in m]
         lines.append("")
     return lines

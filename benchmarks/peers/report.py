@@ -37,35 +37,42 @@ def update_doc(doc: Path, *, peers: dict[str, Any] | None = None, dp: dict[str, 
             continue
         block = _block(name, fn(res))
         pat = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", flags=re.DOTALL)
-        text = pat.sub(lambda _, b=block: b, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+        text = (pat.sub(lambda _, b=block: b, text) if pat.search(text)
+                else text.rstrip("\n") + "\n\n" + block + "\n")
     doc.write_text(text)
 
 
 def peers_section(res: dict[str, Any]) -> list[str]:
     s, job = res["summary"], res["job"]
     lines = ["## fedmed and its peers on the same job", "",
-             "```bash", "make bench-peers-setup   # once: .venv-peers (torch, flwr 1.42, nvflare 2.9, fedmed --no-deps)",
+             "```bash",
+             "make bench-peers-setup   # once: .venv-peers (torch, flwr 1.42, nvflare 2.9, fedmed --no-deps)",
              f"make bench-peers         # = python -m benchmarks.peers.run --repeats {res['repeats']}", "```", "",
              (f"Job: fedmed's federation benchmark: sites {', '.join(res['sites'])} of the synthetic cohort, "
              f"{job['rounds']} rounds × {job['local_epochs']} local epochs, {job['image_size']} px, seed 0, the fusion "
              "model, class-weighted CE, AdamW with the cosine-over-rounds rate, FedAvg weighted by training "
              "examples; final central test AUC on the coordinator's held-out set. The peers import fedmed's model, "
              "data and loss and its training loop (`benchmarks/peers/flower_app/fedmedpeer/task.py`; see the notes), "
-             "the rest of each peer is its framework's stock parts; fedmed also scores the central set every round and the sites' test splits in the last round, "
+             "the rest of each peer is its framework's stock parts; fedmed also scores the central set every "
+             "round and the sites' test splits in the last round, "
              "the Flower app the central set every round, FLARE the final model only. One torch thread per "
              f"process everywhere; each run a fresh process tree; {res['repeats']} repeat(s) in rotating order "
              "under one lock; wall = launch to exit (median), memory = peak summed RSS of the run's processes."), "",
-             ("| run | wall s (median) | all walls s | in rounds s / rest s | peak memory MiB | bytes per site per round "
-              "| final central test AUC | load before |"),
+             ("| run | wall s (median) | all walls s | in rounds s / rest s | peak memory MiB | "
+              "bytes per site per round | final central test AUC | load before |"),
              "|---|---:|---|---|---:|---:|---|---|"]
     for name, r in s.items():
         sent = "- (in-process)" if r["bytes_per_reply"] is None else f"{r['bytes_per_reply']:,.0f}"
+        # one rounds time (or None) per run, beside its wall: equal lengths (benchmarks/peers/run.py)
         split = ", ".join("-" if x is None else f"{x:.1f} / {w - x:.1f}"
-                          for x, w in zip(r.get("rounds_all") or [None] * len(r["wall_all"]), r["wall_all"]))
-        lines.append(f"| {LABELS.get(name, name)} | **{r['wall_s']:.1f}** | {', '.join(f'{w:.1f}' for w in r['wall_all'])} | "
+                          for x, w in zip(r.get("rounds_all") or [None] * len(r["wall_all"]), r["wall_all"],
+                                          strict=True))
+        lines.append(f"| {LABELS.get(name, name)} | **{r['wall_s']:.1f}** | "
+                     f"{', '.join(f'{w:.1f}' for w in r['wall_all'])} | "
                      f"{split} | "
                      f"{r['peak_rss_mb']:.0f} | {sent} | "
-                     f"{', '.join(f'{a:.4f}' for a in r['central_test_auc'])} | {', '.join(map(str, r['load_before']))} |")
+                     f"{', '.join(f'{a:.4f}' for a in r['central_test_auc'])} | "
+                     f"{', '.join(map(str, r['load_before']))} |")
     loads = [x for r in s.values() for x in r["load_before"]]
     lines += ["", (f"Load average before the runs: {min(loads):.2f}–{max(loads):.2f} on "
               f"{os.cpu_count()} cores (work outside the benchmark lock shares the machine), so single walls "
@@ -85,7 +92,7 @@ def peers_section(res: dict[str, Any]) -> list[str]:
             lines.append(f"- {LABELS[mine].split(' (')[0]} vs {LABELS[peer].split(' (')[0]}: wall ratio "
                          f"**{ratio:.2f}**, |ΔAUC| {d_auc:.4f} → {'met' if ok else '**missed**'}")
     med = {n: (statistics.median(x for x in r["rounds_all"] if x is not None),
-               statistics.median(w - x for x, w in zip(r["rounds_all"], r["wall_all"]) if x is not None))
+               statistics.median(w - x for x, w in zip(r["rounds_all"], r["wall_all"], strict=True) if x is not None))
            for n, r in s.items() if any(x is not None for x in r.get("rounds_all") or [])}
     if med:
         lines += ["", "Where the wall goes (medians, s in rounds / s outside them): " + "; ".join(

@@ -30,9 +30,8 @@ def _peer_task():
 
 @pytest.mark.parametrize("rounds", [1, 4, 20])
 def test_peer_learning_rate_is_fedmeds_schedule(rounds):
-    from fedmed.server.federation import round_lr
-
     from fedmed.config import load_config
+    from fedmed.server.federation import round_lr
 
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"federation.rounds={rounds}"])
     task = _peer_task()
@@ -77,7 +76,8 @@ def test_benchmark_rewrite_keeps_marked_blocks(tmp_path):
     from benchmarks.__main__ import write_doc
 
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# old\n\n<!-- peers:begin -->\nP\n<!-- peers:end -->\n\n<!-- dp_cost:begin -->\nD\n<!-- dp_cost:end -->\n")
+    doc.write_text("# old\n\n<!-- peers:begin -->\nP\n<!-- peers:end -->\n\n"
+                   "<!-- dp_cost:begin -->\nD\n<!-- dp_cost:end -->\n")
     mach = dict.fromkeys(("cpu", "cores", "memory_gb", "gpu", "os", "python", "torch", "flwr", "commit",
                           "load_before"), "x")
     write_doc({}, mach, doc, command="make bench", total_s=1.0)

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # nvflare_model, as the recipe's model path names it, here and in
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))  # FLARE's workers
 
-from nvflare_model import FedmedNet
+from nvflare_model import FedmedNet  # noqa: E402 (found through the sys.path entry above)
 
 
 def main() -> None:
