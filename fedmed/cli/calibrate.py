@@ -6,15 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
-
-from fedmed.calibration import calibrate
 from fedmed.errors import UsageError
 
 __all__ = ["register"]
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from fedmed.calibration import calibrate
     from fedmed.checkpoint import load_checkpoint
     from fedmed.device import select_device
     from fedmed.heldout import site_split, trained_pooled

@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedmed.experiments.compare import compare
-
 __all__ = ["register"]
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
+    from fedmed.experiments.compare import compare
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import UsageError
-from fedmed.explain.report import explain, format_value, summarise_sites, summary_table
 
 __all__ = ["register"]
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from fedmed.explain.report import explain, format_value, summarise_sites, summary_table
     ckpt = Path(args.checkpoint)
     site_dirs = [Path(d) for d in args.site_dir]
     names = [d.name for d in site_dirs]

@@ -6,13 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedmed.checkpoint import load_checkpoint
-from fedmed.predict import predict
-
 __all__ = ["register"]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from fedmed.checkpoint import load_checkpoint
+    from fedmed.predict import predict
     ckpt = load_checkpoint(args.model, config_path=args.config)
     table, info = predict(ckpt, args.input, reference=args.reference)
     out = Path(args.out)

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import UsageError
-from fedmed.experiments.simulate import prepare_sites, simulate
 
 __all__ = ["register"]
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from fedmed.config import load_config
+    from fedmed.experiments.simulate import prepare_sites, simulate
 
     cfg = load_config(args.config, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
