@@ -15,7 +15,8 @@ def test_fusion_phases_and_per_layer_timing_restore_opacus():
     dp, plain = r["dp_ms"], r["plain_ms"]
     assert all(dp[k] > 0 for k in ("forward", "backward", "clip", "noise"))
     assert sum(dp[k] for k in dp_cost.PHASES) <= dp["total"] * 1.05
-    assert dp["backward"] > plain["backward"]  # the per-sample gradients are computed in the backward
+    # no timing comparison here (one step on a shared machine says nothing): the benchmark reports ratios
+    assert set(plain) >= {"forward", "backward", "total"} and plain["total"] > 0
     assert any(k.startswith("Conv2d") for k in r["per_sample_grad_ms_by_layer"])
     # the timing wrappers are gone again: Opacus' samplers are process-wide
     assert all(fn.__name__ != "timed" for fn in GradSampleModule.GRAD_SAMPLERS.values())
