@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import ROOT, cohort
+from fedmed.experiments.simulate import rss_mb
 
 __all__ = ["PEER_VENV", "RUNS", "main", "measure"]
 
@@ -90,19 +91,6 @@ def _tree(root: int, procs: dict[int, tuple[int, str]], marker: str | None) -> s
     return seen
 
 
-def _rss_mb(pids: set[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            continue
-    return total / 1024
-
-
 def _timed(cmd: list[str], *, log: Path, env: dict[str, str], marker: str | None = None,
            timeout: float = 1200) -> dict[str, float]:
     """Run ``cmd`` to exit; wall seconds and the peak summed RSS (MiB) of its process tree."""
@@ -113,7 +101,7 @@ def _timed(cmd: list[str], *, log: Path, env: dict[str, str], marker: str | None
 
         def sample() -> None:
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss_mb(_tree(proc.pid, _procs(), marker)))
+                peak[0] = max(peak[0], rss_mb(_tree(proc.pid, _procs(), marker)))
                 stop.wait(0.25)
 
         th = threading.Thread(target=sample, daemon=True)

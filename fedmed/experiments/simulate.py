@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from fedmed.errors import RunError, UsageError
 from fedmed.server.checkpoint import FederationState
 from fedmed.stats import StatsRequest
 
-__all__ = ["simulate", "simulate_stats", "federation_sites", "prepare_sites", "tree_rss_mb"]
+__all__ = ["simulate", "simulate_stats", "federation_sites", "prepare_sites", "tree_rss_mb", "rss_mb"]
 
 log = logging.getLogger("fedmed.simulate")
 
@@ -139,12 +139,20 @@ def tree_rss_mb(pid: int | None = None) -> float:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
+        tree.append(p)
         todo += children.get(p, [])
+    return rss_mb(tree)
+
+
+def rss_mb(pids: Iterable[int]) -> float:
+    """Summed resident memory (MiB) of these processes (Linux ``/proc``; gone ones count 0)."""
+    total = 0
+    for p in pids:
         try:
-            for line in (proc / str(p) / "status").read_text().splitlines():
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
                     break

@@ -48,7 +48,7 @@ def test_sampler_sees_children_and_marked_daemons():
         assert daemon.pid in peers_run._tree(os.getpid(), procs, marker)
         assert daemon.pid in peers_run._tree(os.getpid(), procs, None)  # still our child here
         assert daemon.pid not in peers_run._tree(1 << 22, procs, None)  # an unknown root finds nothing
-        assert peers_run._rss_mb({os.getpid()}) > 10
+        assert peers_run.rss_mb({os.getpid()}) > 10
     finally:
         daemon.kill()
         daemon.wait()
