@@ -25,3 +25,8 @@ def test_parser_builds_without_torch_or_flower() -> None:
             "print(sorted(m for m in ('torch', 'flwr', 'ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"heavy libraries imported by the parser alone: {out.strip()}"
+
+
+def test_python_dash_m_fedmed_cli_is_the_fedmed_command() -> None:
+    res = subprocess.run([sys.executable, "-m", "fedmed.cli", "--help"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and res.stdout.startswith("usage: fedmed"), res.stdout + res.stderr
