@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-__all__ = ["FedmedError", "UsageError", "RunError", "RunTimeout", "USER_ERRORS", "run_command"]
+__all__ = ["FedmedError", "UsageError", "RunError", "RunTimeout", "TrainingDiverged", "MissingExtra", "USER_ERRORS",
+           "run_command"]
 
 
 class FedmedError(Exception):
@@ -32,6 +33,14 @@ class RunError(FedmedError, RuntimeError):
 
 class RunTimeout(FedmedError, TimeoutError):
     """A run waited too long: sites did not connect, a server did not become healthy."""
+
+
+class TrainingDiverged(FedmedError, FloatingPointError):
+    """The training loss became NaN or infinite: a setting to change (the learning rate), not a bug."""
+
+
+class MissingExtra(FedmedError, ModuleNotFoundError):
+    """An optional package a command needs is not installed; the message names the pip extra."""
 
 
 # What a command reports in one line; anything else is a bug and keeps its traceback.

@@ -25,7 +25,7 @@ from torch import nn
 
 import fedmed
 from fedmed.checkpoint import Checkpoint
-from fedmed.errors import UsageError
+from fedmed.errors import MissingExtra, UsageError
 
 __all__ = ["CalibratedModel", "export_model", "sidecar", "example_inputs", "input_names"]
 
@@ -129,7 +129,7 @@ def sidecar(ckpt: Checkpoint, model: nn.Module, *, model_file: str, fmt: str) ->
 def export_model(ckpt: Checkpoint, out: str | Path, *, fmt: str = "onnx") -> tuple[Path, Path]:
     """Write the model file and ``<model file>.json`` (the sidecar); returns both paths.
 
-    Raises ``ValueError`` for an unknown format or a notes model, ``ModuleNotFoundError``
+    Raises ``ValueError`` for an unknown format or a notes model, ``MissingExtra`` (a ``ModuleNotFoundError``)
     (with the install hint) when ONNX export's packages are missing.
     """
     if fmt not in FORMATS:
@@ -161,8 +161,8 @@ def _export_onnx(wrapped: nn.Module, args: tuple[torch.Tensor, ...], names: list
         try:
             __import__(mod)
         except ModuleNotFoundError:
-            raise ModuleNotFoundError(f"ONNX export needs the {mod!r} package: pip install 'fedmed[export]'",
-                                      name=mod) from None
+            raise MissingExtra(f"ONNX export needs the {mod!r} package: pip install 'fedmed[export]'",
+                               name=mod) from None
     batch = torch.export.Dim("batch", min=1)
     shapes = (tuple({0: batch} for _ in names),)  # forward(*inputs): one var-positional argument
     program = torch.onnx.export(wrapped, args, input_names=names, output_names=list(OUTPUTS),

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from fedmed.cli import main as fedmed_main
-from fedmed.errors import FedmedError, RunError, RunTimeout, UsageError
+from fedmed.errors import FedmedError, MissingExtra, RunError, RunTimeout, TrainingDiverged, UsageError
 
-_RUN = ("import sys\nfrom fedmed.errors import RunError, RunTimeout, UsageError, run_command\n"
+_RUN = ("import sys\nfrom fedmed.errors import MissingExtra, RunError, RunTimeout, TrainingDiverged, UsageError, "
+        "run_command\n"
         "def boom():\n    raise {exc}\nsys.exit(run_command('fedmed', boom))\n")
 
 
@@ -20,6 +21,8 @@ _RUN = ("import sys\nfrom fedmed.errors import RunError, RunTimeout, UsageError,
     ("RunError('the simulated federation did not complete')", True),
     ("RunTimeout('only 1 of the 2 required sites connected within 5s')", True),
     ("FileNotFoundError('config file not found: x.yaml')", True),
+    ("TrainingDiverged('hospital_a: training loss is nan; lower the learning rate')", True),
+    ("MissingExtra('ONNX export needs the onnx package: pip install fedmed[export]')", True),
     ("RuntimeError('mat1 and mat2 shapes cannot be multiplied (4x8 and 16x2)')", False),
     ("ValueError('a bare ValueError from a bug')", False),
     ("TimeoutError('a bare TimeoutError from a library')", False),
@@ -38,8 +41,9 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(exc, user_error)
 
 def test_fedmed_errors_keep_the_builtin_base_callers_catch():
     assert issubclass(UsageError, ValueError) and issubclass(RunError, RuntimeError)
-    assert issubclass(RunTimeout, TimeoutError)
-    assert all(issubclass(c, FedmedError) for c in (UsageError, RunError, RunTimeout))
+    assert issubclass(RunTimeout, TimeoutError) and issubclass(TrainingDiverged, FloatingPointError)
+    assert issubclass(MissingExtra, ModuleNotFoundError)
+    assert all(issubclass(c, FedmedError) for c in (UsageError, RunError, RunTimeout, TrainingDiverged, MissingExtra))
 
 
 def test_a_bug_inside_a_command_is_not_hidden(tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fedmed.config import TrainConfig
 from fedmed.device import amp_enabled, autocast
+from fedmed.errors import TrainingDiverged
 from fedmed.metrics import compute_metrics
 from fedmed.train.schedule import lr_factor
 
@@ -165,7 +166,7 @@ def train_epochs(
     seconds = time.perf_counter() - start
     mean_loss = float(total_loss) / max(samples, 1)
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"{desc}: training loss is {mean_loss}; lower the learning rate")
+        raise TrainingDiverged(f"{desc}: training loss is {mean_loss}; lower the learning rate")
     return {"loss": mean_loss, "samples": samples, "steps": steps, "seconds": seconds,
             "images_per_s": samples / seconds if seconds > 0 else 0.0}
 
