@@ -273,3 +273,19 @@ def test_a_public_key_reply_is_audited(tmp_path, synth_root):
     assert not reply.has_error()
     entry = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert entry[SECAGG_KEY]["enc-key"]["bytes"] == 32 and entry[SECAGG_KEY]["signature"]["bytes"] == 104
+
+
+@pytest.mark.parametrize("swap", ["config", "arrays"])
+def test_a_record_of_the_wrong_kind_is_refused_in_words(synth_config, synth_root, tmp_path, swap):
+    """A hostile coordinator puts a MetricRecord where the config or the weights belong."""
+    _, path = synth_config()
+    cfg = load_config(path)
+    config = ConfigRecord({JOB_KEY: encode_job(job_for_sites(cfg)), "lr": 1e-3, "federation-id": "t",
+                           "server-round": 1})
+    content = RecordDict({"arrays": pack(model_from_config(cfg).state_dict()), "config": config})
+    content[swap] = MetricRecord({"x": 1.0})
+    reply = app(_message("train", content), _site(tmp_path, synth_root / "hospital_a"))
+    assert reply.has_error() and reply.error.code == ERROR_CODES["policy"], reply.error.reason
+    expected = "is not a ConfigRecord" if swap == "config" else "arrays are not an ArrayRecord"
+    assert expected in reply.error.reason
+    _assert_clean(reply.error.reason, str(tmp_path))
