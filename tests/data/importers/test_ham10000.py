@@ -11,9 +11,11 @@ from PIL import Image
 from fedmed.config import load_config
 from fedmed.data.importers import DatasetImportError, import_ham10000
 from fedmed.data.importers.ham10000 import HAM_CLASSES, METADATA_FILE
+from fedmed.data.site import load_site
 
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 HAM = SHARED / "ham10000"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 needs_shared = [
     pytest.mark.shared_data,
     pytest.mark.skipif(not HAM.is_dir(), reason="needs ../shared/data (absent on a fresh clone)"),
@@ -69,6 +71,15 @@ class TestRealData:
         assert "unknown" not in cfg.data.categorical["localization"]
         assert Path(cfg.data.root) == out.resolve()
         assert "vienna_dias" in report.table()
+
+    @pytest.mark.parametrize("config", ["ham10000.yaml", "ham10000_pretrained.yaml"])
+    def test_shipped_configs_reach_the_imported_images(self, ham_out, config: str) -> None:
+        """The recipes' configs list the shared image folder in ``image_roots``: without it the
+        site's path confinement refuses every image the import left in place."""
+        out, _ = ham_out
+        cfg = load_config(CONFIGS / config, [f"data.root={out}"])
+        site = load_site(out / "vienna_dias", cfg.data)
+        assert site.summary.images == README_IMAGES["vienna_dias"]
 
 
 # ---------------------------------------------------------------- tiny fake sources
