@@ -79,9 +79,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, lr: float | None = Non
 
 
 def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
-    """NHWC (``channels_last``) on CUDA, where convolutions run faster in it; NCHW elsewhere
-    (CPU and MPS kernels gain nothing and some lose)."""
-    return torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    """NHWC (``channels_last``) on CUDA and CPU, where convolutions run faster in it; NCHW on MPS.
+
+    On CPU (oneDNN, torch 2.14, measured on the 2-core benchmark machine) NHWC trains
+    EfficientNet-Lite0 at 128 px 2.1x faster (its depthwise convolutions are slow in NCHW) and
+    the default fusion CNN's step ~1.1x faster, DP-SGD steps included.
+    """
+    return torch.channels_last if channels_last and device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
 def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor | float:
@@ -115,7 +119,7 @@ def train_epochs(
 
     ``proximal_mu > 0`` adds FedProx's proximal term anchored at the weights the model
     had on entry (the global model of the round). ``scheduler`` steps once per epoch.
-    AMP and ``channels_last`` apply on CUDA only. ``progress`` shows one bar per epoch
+    AMP applies on CUDA only, ``channels_last`` on CUDA and CPU. ``progress`` shows one bar per epoch
     with the loss and images/s.
     """
     model.train()

@@ -175,12 +175,37 @@ def test_fit_and_federation_warm_up(synth_config):
     assert lrs[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01]) and lrs[3] < lrs[2] and lrs[-1] > 0
 
 
-@pytest.mark.parametrize("device,flag,fmt", [("cpu", True, torch.contiguous_format),
+@pytest.mark.parametrize("device,flag,fmt", [("cpu", True, torch.channels_last),
+                                             ("cpu", False, torch.contiguous_format),
                                              ("cuda", True, torch.channels_last),
                                              ("cuda", False, torch.contiguous_format),
                                              ("mps", True, torch.contiguous_format)])
-def test_channels_last_only_on_cuda(device, flag, fmt):
+def test_channels_last_on_cuda_and_cpu(device, flag, fmt):
     assert memory_format(torch.device(device), flag) is fmt
+
+
+def test_cpu_step_in_channels_last_ships_the_same_weights():
+    """NHWC parameters must reach the wire in their logical order: pack → unpack gives the
+    state dict's values, and a fresh NCHW model loads them unchanged."""
+    from torch.utils.data import DataLoader
+
+    from benchmarks.dp_step import _Samples
+    from fedmed.train.loop import train_epochs
+    from fedmed.transfer import pack, unpack
+
+    model = _image_model(in_chans=1)
+    loader = DataLoader(_Samples(16, 32), batch_size=8)
+    stats = train_epochs(model, loader, loss_fn=nn.CrossEntropyLoss(), optimizer=make_optimizer(model, TrainConfig()),
+                         device=torch.device("cpu"), channels_last=True)
+    assert stats["steps"] == 2 and math.isfinite(stats["loss"])
+    conv = next(m.weight for m in model.modules()
+                if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1))
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fresh = _image_model(in_chans=1)
+    back = unpack(pack(model.state_dict()), fresh.state_dict())
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
