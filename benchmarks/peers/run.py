@@ -48,6 +48,10 @@ PEER_VENV = ROOT / ".venv-peers"
 HERE = Path(__file__).resolve().parent
 RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare")
 JOB = {"rounds": 4, "local_epochs": 3, "image_size": 64}
+#: The cohort's sites (hospital_a, _b, _c). Every framework trains them all at once: Ray is
+#: given one logical CPU per site (its default is the machine's 2 cores, which would run two
+#: sites and then the third), FLARE one thread per client.
+N_SITES = 3
 
 
 @contextmanager
@@ -145,7 +149,10 @@ def _fedmed(kind: str, root: Path, out: Path) -> dict[str, Any]:
     if kind == "deployment":
         cmd = [str(bin_), "demo", "-c", cfg, "--out", str(out), *_fedmed_job(root)]
     else:
-        cmd = [str(bin_), "simulate", "-c", cfg, "--out", str(out), "--cpus-per-site", "1", *_fedmed_job(root)]
+        # one Ray CPU per site and as many as there are sites: all three train side by side, as in
+        # the deployment, FLARE's simulator (one thread per client) and the Flower app below
+        cmd = [str(bin_), "simulate", "-c", cfg, "--out", str(out), "--cpus-per-site", "1",
+               "--cpus", str(N_SITES), *_fedmed_job(root)]
     if kind == "deployment":
         with _lock("/tmp/fedmed-deploy.lock"):
             t = _timed(cmd, log=out.parent / f"{out.name}.log", env=_env())
@@ -171,7 +178,9 @@ def _flower(root: Path, out: Path) -> dict[str, Any]:
            # into a fresh runtime environment on every run (Flower 1.42's default)
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     cmd = [str(PEER_VENV / "bin" / "flwr"), "run", str(HERE / "flower_app"), "--stream",
-           "--federation-config", "num_supernodes=3 client_resources_num_cpus=1", "--run-config", run_config]
+           "--federation-config",
+           f"num_supernodes={N_SITES} client_resources_num_cpus=1 init_args_num_cpus={N_SITES}",
+           "--run-config", run_config]
     try:
         t = _timed(cmd, log=out / "flwr-run.log", env=env, marker=str(home))
     finally:
