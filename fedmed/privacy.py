@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.config import PrivacyConfig, SiteConfig
 from fedmed.data.dataset import dataset_size
-from fedmed.dp_conv import use_fast_conv2d
+from fedmed.dp_conv import skip_batch_param_grads, use_fast_conv2d
 from fedmed.errors import UsageError
 from fedmed.messages import PublicRefusal
 
@@ -188,4 +188,6 @@ def make_private(
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=False)
+    if fast_conv:
+        skip_batch_param_grads(model)
     return model, optimizer, loader, engine
