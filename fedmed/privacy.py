@@ -164,10 +164,12 @@ def make_private(
 ) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and a Poisson loader for DP-SGD; the accountant resumes the ledger.
 
-    ``fast_conv`` routes ``nn.Conv2d`` per-sample gradients through
-    :func:`fedmed.dp_conv.conv2d_grad_sample` (same values, no im2col copy: the CNN's
-    per-sample gradients were most of DP's extra step time); False uses Opacus' own. The
-    choice is process-wide (Opacus keeps one grad sampler per layer type).
+    ``fast_conv`` routes ``nn.Conv2d`` and ``nn.GroupNorm`` per-sample gradients through
+    :mod:`fedmed.dp_conv` (the same values as Opacus' samplers, faster: the CNN's per-sample
+    gradients were most of DP's extra step time) and lets the model's convolutions skip the
+    batch weight gradients the DP optimizer replaces anyway
+    (:func:`fedmed.dp_conv.skip_batch_param_grads`); False uses Opacus' samplers alone. The
+    sampler choice is process-wide (Opacus keeps one grad sampler per layer type).
 
     Raises :class:`ValueError` when the model has layers Opacus cannot handle (build it with
     ``model.dp_compatible=true``).
