@@ -30,9 +30,15 @@ def _owner(text: str) -> str | None:
     return owner
 
 
+def _blocks(page: str) -> tuple[str, str]:
+    """(page, its trailing ``<!-- name:begin -->`` blocks): write_doc appends those after the sections."""
+    at = page.find("\n<!-- ")
+    return (page, "") if at < 0 else (page[:at], page[at:])
+
+
 def _parts(page: str) -> tuple[list[str], list[str], list[str]]:
     """(table rows, sections, everything before the table) of a page write_doc made."""
-    head, _, rest = page.partition("| benchmark | measured | target | verdict |\n|---|---|---|---|\n")
+    head, _, rest = _blocks(page)[0].partition("| benchmark | measured | target | verdict |\n|---|---|---|---|\n")
     table, _, details = rest.partition("\n## Details\n")
     rows = [ln for ln in table.splitlines() if ln.startswith("| ")]
     sections = ["### " + s.strip("\n") for s in ("\n" + details.lstrip("\n")).split("\n### ")[1:]]
@@ -54,5 +60,6 @@ def merge(old: str, new: str, *, ran: set[str]) -> str:
             "page (their numbers come from that run; see the page's git history).\n\n")
     table = "\n".join(new_rows + keep_rows) + "\n"
     details = "\n\n".join(new_sections + keep_sections) + "\n"
+    # the marked blocks are new's own (write_doc carried them over): once, after the sections
     return (head + note + "| benchmark | measured | target | verdict |\n|---|---|---|---|\n" + table
-            + "\n## Details\n\n" + details)
+            + "\n## Details\n\n" + details + _blocks(new)[1])

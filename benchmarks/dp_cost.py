@@ -185,11 +185,15 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
                    local_epochs=1)
     work = copy.deepcopy(base)
     dp_loss = loss_fn
-    if grad_sample_mode in ("hooks", "opacus_conv"):  # the production path (fedmed's or Opacus' Conv2d sampler)
+    if grad_sample_mode in ("hooks", "samplers_only", "opacus_conv"):  # the production path, or parts of it
         with tempfile.TemporaryDirectory() as tmp:
             ledger = PrivacyLedger(Path(tmp) / "ledger.json", accountant=plan.accountant)
             dp_model, opt_dp, _, _ = make_private(work, make_optimizer(work, cfg.train), data, plan=plan,
                                                   ledger=ledger, fast_conv=grad_sample_mode == "hooks")
+        if grad_sample_mode == "samplers_only":  # fedmed's samplers, the convs' batch gradients kept
+            from fedmed.dp_conv import use_fast_conv2d
+
+            use_fast_conv2d(True)
     else:  # Opacus' other modes, straight from its engine with the same noise and clipping
         from opacus import PrivacyEngine
 
@@ -212,11 +216,12 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
     def run(model: nn.Module, opt: torch.optim.Optimizer, store: dict[str, float]) -> dict[str, float]:
         for k in store:
             store[k] = 0.0
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             _step_phases(model, opt, batch, labels, dp_loss if model is dp_model else loss_fn, store)
         out = {k: v / steps for k, v in store.items()}
         out["total"] = (time.perf_counter() - t) / steps
+        out["cpu"] = (time.process_time() - c) / steps  # steadier than wall time on a shared machine
         return out
 
     plain_store = dict.fromkeys(PHASES, 0.0)
@@ -228,6 +233,7 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
     for r in rows_dp:  # the optimizer step's wall includes clip and noise: keep only the rest
         r["update"] -= r["clip"] + r["noise"]
     ratios = [d["total"] / p["total"] for p, d in zip(rows_plain, rows_dp, strict=True)]
+    cpu_ratios = [d["cpu"] / p["cpu"] for p, d in zip(rows_plain, rows_dp, strict=True)]
     layers: dict[str, float] = {}
     with _per_layer(layers):  # one more, separately timed pass: the wrappers cost a little
         run(dp_model, opt_dp, dp_store)
@@ -238,17 +244,20 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
 
     return {**info, "grad_sample_mode": grad_sample_mode, "steps": steps, "repeats": repeats,
             "noise_multiplier": plan.noise_multiplier, "max_grad_norm": plan.max_grad_norm,
-            "plain_ms": {k: 1000 * med(rows_plain, k) for k in (*PHASES, "total") if k not in ("clip", "noise")},
-            "dp_ms": {k: 1000 * med(rows_dp, k) for k in (*PHASES, "total")},
+            "plain_ms": {k: 1000 * med(rows_plain, k) for k in (*PHASES, "total", "cpu") if k not in ("clip", "noise")},
+            "dp_ms": {k: 1000 * med(rows_dp, k) for k in (*PHASES, "total", "cpu")},
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
-            "ratios": ratios, "per_sample_grad_ms_by_layer": layers}
+            "ratios": ratios, "cpu_ratio_min": min(cpu_ratios), "cpu_ratio_median": statistics.median(cpu_ratios),
+            "cpu_ratio_max": max(cpu_ratios), "per_sample_grad_ms_by_layer": layers}
 
 
-#: Opacus' ways to the per-sample gradients, tried on the fusion model: ``hooks`` is fedmed's
-#: production path (hooks + fedmed's Conv2d sampler), ``opacus_conv`` the same with Opacus'
-#: own Conv2d sampler, ``functorch`` / ``ghost`` (fast gradient clipping) / ``ew`` Opacus' others;
-#: ``ghost_contiguous`` is ghost past an Opacus limitation (:func:`_contiguous_embedding_norms`).
-MODES = ("hooks", "opacus_conv", "functorch", "ghost", "ghost_contiguous", "ew")
+#: Ways to the per-sample gradients, tried on the fusion model: ``hooks`` is fedmed's production
+#: path (Opacus' hooks + fedmed's Conv2d / GroupNorm samplers + the convs' batch gradients
+#: skipped), ``samplers_only`` the same with the batch gradients kept, ``opacus_conv`` Opacus'
+#: hooks with its own samplers (fedmed's path before any of this), ``functorch`` / ``ghost``
+#: (fast gradient clipping) / ``ew`` Opacus' other modes; ``ghost_contiguous`` is ghost past an
+#: Opacus limitation (:func:`_contiguous_embedding_norms`).
+MODES = ("hooks", "samplers_only", "opacus_conv", "functorch", "ghost", "ghost_contiguous", "ew")
 
 
 def measure(*, steps: int = 3, repeats: int = 7, threads: int | None = 1,
@@ -288,17 +297,20 @@ def section(res: dict[str, Any]) -> list[str]:
              f"{res['load_before']}, after {res.get('load_after', '-')}. "
              f"Each row: {next(v for k, v in res.items() if '/' in k and 'steps' in v)['steps']} steps "
              "on one fixed batch, plain and DP interleaved, medians over the repeats (ms per step). The DP path "
-             "is `fedmed.privacy.make_private` (Opacus GradSampleModule + DPOptimizer, fedmed's Conv2d grad "
-             "sampler); *per-sample grads* = DP backward − plain backward."), "",
+             "is `fedmed.privacy.make_private` (Opacus GradSampleModule + DPOptimizer; fedmed's Conv2d and "
+             "GroupNorm grad samplers, and the convolutions' batch-summed weight gradients, which DP replaces, "
+             "not computed: `fedmed/dp_conv.py`); *per-sample grads* = DP backward − plain backward (the "
+             "per-sample gradients computed, net of the batch gradients skipped)."), "",
              ("| model (config, batch) | mode | plain ms | DP ms | DP ÷ plain (min / median / max) | "
+             "CPU time DP ÷ plain (min / median / max) | "
              "forward plain → DP | backward plain → DP | per-sample grads | clip | noise | update plain → DP |"),
-             "|---|---|---:|---:|---|---|---|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---|---|---|---|---:|---:|---:|---|"]
     for key, r in res.items():
         if "/" not in key:
             continue
         if "error" in r:
             lines.append(f"| {key.split('/')[0]} | {key.split('/')[1]} | - | fails: {r['error']} "
-                         "| - | - | - | - | - | - | - |")
+                         "| - | - | - | - | - | - | - | - |")
             continue
         p, d = r["plain_ms"], r["dp_ms"]
         lines.append(
@@ -306,7 +318,8 @@ def section(res: dict[str, Any]) -> list[str]:
             f"{r['batch']} × {r['channels']}×{r['size']}², {r['trainable_params']:,} trainable) | "
             f"{r['grad_sample_mode']} | "
             f"{p['total']:.1f} | {d['total']:.1f} | {r['ratio_min']:.2f} / **{r['ratio_median']:.2f}** / "
-            f"{r['ratio_max']:.2f} | {p['forward']:.1f} → {d['forward']:.1f} | {p['backward']:.1f} → "
+            f"{r['ratio_max']:.2f} | {r['cpu_ratio_min']:.2f} / {r['cpu_ratio_median']:.2f} / "
+            f"{r['cpu_ratio_max']:.2f} | {p['forward']:.1f} → {d['forward']:.1f} | {p['backward']:.1f} → "
             f"{d['backward']:.1f} | {d['backward'] - p['backward']:.1f} | {d['clip']:.1f} | {d['noise']:.1f} | "
             f"{p['update']:.1f} → {d['update']:.1f} |")
     for key, r in res.items():
@@ -318,39 +331,49 @@ def section(res: dict[str, Any]) -> list[str]:
     fusion = res.get("fusion/hooks")
     if fusion and "dp_ms" in fusion:
         p, d, layers = fusion["plain_ms"], fusion["dp_ms"], fusion["per_sample_grad_ms_by_layer"]
-        extra = d["total"] - p["total"]
+        extra, bwd = d["total"] - p["total"], d["backward"] - p["backward"]
         conv = sum(v for k, v in layers.items() if k.startswith("Conv2d"))
-        lines += ["", (f"Where the fusion model's DP step goes: of the {extra:.0f} ms it adds to the plain step, "
-                       f"{d['backward'] - p['backward']:.0f} ms "
-                       f"({(d['backward'] - p['backward']) / extra:.0%}) are the "
-                       f"per-sample gradients in the backward (the Conv2d layers {conv:.0f} ms, GroupNorm "
-                       f"{layers.get('GroupNorm', 0.0):.0f} ms, Opacus' bookkeeping around them "
-                       f"{layers.get('(Opacus: rescale + store per-sample grads)', 0.0):.0f} ms), clipping "
-                       f"{d['clip']:.1f} ms, noise {d['noise']:.1f} ms, the activations kept in the forward "
-                       f"{d['forward'] - p['forward']:.0f} ms. The per-sample weight gradients take as many "
-                       "multiply-adds as the plain weight gradient, but as one small matrix product per sample "
-                       "(and per kernel offset) instead of one large one, and they are written out "
-                       "(batch × weights floats) before clipping reads them again.")]
+        book = layers.get("(Opacus: rescale + store per-sample grads)", 0.0)
+        rest = sum(layers.values()) - conv - layers.get("GroupNorm", 0.0) - book
+        kept = res.get("fusion/samplers_only", {})
+        skipped = (f" Skipping the convolutions' batch weight gradients is worth "
+                   f"{kept['ratio_median'] - fusion['ratio_median']:.2f}× of the plain step (CPU time "
+                   f"{kept['cpu_ratio_median'] - fusion['cpu_ratio_median']:.2f}×): `samplers_only` keeps them."
+                   if "dp_ms" in kept else "")
+        lines += ["", (f"Where the fusion model's DP step goes: it adds {extra:.0f} ms to the plain step. The "
+                       f"backward adds {bwd:.0f} ms ({bwd / extra:.0%}): the per-sample gradient functions take "
+                       f"{sum(layers.values()):.0f} ms (the Conv2d layers {conv:.0f} ms, GroupNorm "
+                       f"{layers.get('GroupNorm', 0.0):.0f} ms, the record and fusion layers {rest:.0f} ms, "
+                       f"Opacus' bookkeeping around them {book:.0f} ms: rescaling each layer's output gradient by "
+                       f"the batch size and copying the results into its own buffers), less the batch weight "
+                       f"gradients of the convolutions, which DP skips. Then clipping {d['clip']:.1f} ms, noise "
+                       f"{d['noise']:.1f} ms, the activations kept in the forward "
+                       f"{d['forward'] - p['forward']:.0f} ms. A convolution's per-sample weight gradients are one "
+                       "grouped convolution-backward call (the batch folded into the groups), the oneDNN kernel "
+                       "that computes the plain batch weight gradient, at about its speed; they are written out "
+                       "(batch × weights floats) before clipping reads them again." + skipped)]
         alts = {k.split("/")[1]: v for k, v in res.items() if k.startswith("fusion/") and k != "fusion/hooks"}
         if alts:
-            lines += ["", "Cuts tried (Opacus' own options, same noise and clipping): " + "; ".join(
+            lines += ["", "Other paths, same noise and clipping (`samplers_only`: fedmed's samplers with the "
+                      "convolutions' batch gradients kept; `opacus_conv`: Opacus' hooks with its own samplers, "
+                      "fedmed's path before issue 18; the rest Opacus' other modes): " + "; ".join(
                 f"`{m}` " + (f"fails ({v['error'].split(':')[0]})" if "error" in v else
                              f"{v['ratio_median']:.2f}× (vs {fusion['ratio_median']:.2f}× for fedmed's path)")
                 for m, v in alts.items()) + ". " + (
                 f"Cheaper than the production path here: {', '.join(cheaper)}. " if (cheaper := [
                     m for m, v in alts.items() if v.get("ratio_median", 1e9) < fusion["ratio_median"]]) else
-                "None is cheaper than the production path, so fedmed keeps it: its privacy accounting is "
-                "unchanged. ") + "`ghost` (fast gradient clipping) stops in Opacus' "
+                "None is cheaper than the production path, so fedmed keeps it; clipping, noise and "
+                "accounting are Opacus' on every path. ") + "`ghost` (fast gradient clipping) stops in Opacus' "
                 "Embedding norm sampler (a `.view` of the record model's column-sliced category indices). Opacus "
                 "1.6 has norm samplers only for Linear and Embedding, so even past that (`ghost_contiguous`) the "
                 "Conv2d layers, where the time is, still materialise per-sample gradients, and ghost clipping "
                 "adds a second backward (its backward column holds the norms, the clipping and both backward "
                 "passes). `ew` (expanded weights) wraps a model of one positional input and "
                 "fedmed's takes keyword tensors."]
-    if fusion:
+    if fusion and "ratio_median" in fusion:
         ok = fusion["ratio_median"] <= 1.5
-        lines += ["", (f"Target DP step ≤ 1.5× plain for the fusion model: median **{fusion['ratio_median']:.2f}** → "
-                  f"{'met' if ok else '**missed**'}.")]
+        lines += ["", (f"Target DP step ≤ 1.5× plain for the fusion model: median **{fusion['ratio_median']:.2f}** "
+                       f"(CPU time {fusion['cpu_ratio_median']:.2f}) → {'met' if ok else '**missed**'}.")]
     lines.append("")
     return lines
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.config import PrivacyConfig, SiteConfig
 from fedmed.data.dataset import dataset_size
-from fedmed.dp_conv import use_fast_conv2d
+from fedmed.dp_conv import skip_batch_param_grads, use_fast_conv2d
 from fedmed.errors import UsageError
 from fedmed.messages import PublicRefusal
 
@@ -164,10 +164,12 @@ def make_private(
 ) -> tuple[GradSampleModule, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Wrap model, optimizer and a Poisson loader for DP-SGD; the accountant resumes the ledger.
 
-    ``fast_conv`` routes ``nn.Conv2d`` per-sample gradients through
-    :func:`fedmed.dp_conv.conv2d_grad_sample` (same values, no im2col copy: the CNN's
-    per-sample gradients were most of DP's extra step time); False uses Opacus' own. The
-    choice is process-wide (Opacus keeps one grad sampler per layer type).
+    ``fast_conv`` routes ``nn.Conv2d`` and ``nn.GroupNorm`` per-sample gradients through
+    :mod:`fedmed.dp_conv` (the same values as Opacus' samplers, faster: the CNN's per-sample
+    gradients were most of DP's extra step time) and lets the model's convolutions skip the
+    batch weight gradients the DP optimizer replaces anyway
+    (:func:`fedmed.dp_conv.skip_batch_param_grads`); False uses Opacus' samplers alone. The
+    sampler choice is process-wide (Opacus keeps one grad sampler per layer type).
 
     Raises :class:`ValueError` when the model has layers Opacus cannot handle (build it with
     ``model.dp_compatible=true``).
@@ -188,4 +190,6 @@ def make_private(
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=False)
+    if fast_conv:
+        skip_batch_param_grads(model)
     return model, optimizer, loader, engine

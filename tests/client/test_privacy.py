@@ -75,35 +75,117 @@ import copy  # noqa: E402
 import torch  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
 from opacus.grad_sample.conv import compute_conv_grad_sample  # noqa: E402
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 
-from fedmed.dp_conv import conv2d_grad_sample, fast_conv2d_enabled, use_fast_conv2d  # noqa: E402
+from fedmed.dp_conv import (  # noqa: E402
+    conv2d_grad_sample,
+    fast_conv2d_enabled,
+    group_norm_grad_sample,
+    skip_batch_param_grads,
+    skips_batch_param_grads,
+    use_fast_conv2d,
+)
 
 
-@pytest.mark.parametrize("kernel,padding,bias,hw", [
-    (3, 1, True, (32, 32)), (3, 0, False, (34, 40)), (5, 2, True, (32, 36)), (1, 0, True, (32, 32)),
-    ((3, 5), (1, 2), True, (33, 32)),
-])
-def test_fast_conv_grad_sample_matches_opacus(kernel, padding, bias, hw):
+def _layer_inputs(backbone: str, in_chans: int, types: tuple[type, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """Every distinct (layer, input shape) of ``types`` in a real backbone at 64 px (DP-compatible)."""
+    from fedmed.models.backbones import create_backbone
+
     torch.manual_seed(0)
-    layer = nn.Conv2d(8, 5, kernel, padding=padding, bias=bias)
-    x = torch.randn(3, 8, *hw)
+    net, seen = create_backbone(backbone, in_chans=in_chans, dp_compatible=True), {}
+
+    def hook(mod, inp, _out):
+        seen.setdefault((repr(mod), tuple(inp[0].shape[1:])), (mod, tuple(inp[0].shape[1:])))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if type(m) in types]
+    net(torch.randn(2, in_chans, 64, 64))
+    for h in handles:
+        h.remove()
+    return list(seen.values())
+
+
+def _assert_grad_samples_close(ours, ref, *, rtol=1e-4):
+    """Same keys; each per-sample gradient equal up to float32 rounding of a different summation
+    order (tolerance relative to the tensor's largest entry)."""
+    assert ours.keys() == ref.keys()
+    for p in ref:
+        assert ours[p].shape == ref[p].shape and ours[p].dtype == ref[p].dtype
+        torch.testing.assert_close(ours[p], ref[p], rtol=rtol, atol=rtol * float(ref[p].abs().max()))
+
+
+CONV_CASES = [  # (layer, input h×w): every branch of conv2d_grad_sample (grouped call, 1×1 product)
+    (nn.Conv2d(8, 5, 3, padding=1), (32, 32)), (nn.Conv2d(8, 5, 3, bias=False), (34, 40)),
+    (nn.Conv2d(8, 5, 5, padding=2), (32, 36)), (nn.Conv2d(8, 5, 1), (32, 32)),
+    (nn.Conv2d(8, 5, (3, 5), padding=(1, 2)), (33, 32)), (nn.Conv2d(8, 4, 3, stride=2, padding=1), (32, 31)),
+    (nn.Conv2d(8, 8, 3, groups=2), (16, 16)), (nn.Conv2d(8, 8, 5, groups=8, padding=2, stride=2), (15, 16)),
+    (nn.Conv2d(8, 4, 3, dilation=2), (20, 20)), (nn.Conv2d(3, 4, 3, padding=1), (32, 32)),
+    (nn.Conv2d(1, 4, 3, padding=1), (16, 16)), (nn.Conv2d(8, 4, 1, stride=2), (16, 16)),
+    (nn.Conv2d(8, 4, 1, padding=1, bias=False), (8, 8)),
+]
+
+
+@pytest.mark.parametrize("layer,hw", CONV_CASES, ids=lambda v: repr(v) if isinstance(v, nn.Module) else None)
+def test_fast_conv_grad_sample_matches_opacus(layer, hw):
+    torch.manual_seed(0)
+    x = torch.randn(3, layer.in_channels, *hw)
+    g = torch.randn_like(layer(x))
+    _assert_grad_samples_close(conv2d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g))
+    # in float64 the two agree to 1e-10: the differences above are rounding, not a formula
+    l64 = copy.deepcopy(layer).double()
+    _assert_grad_samples_close(conv2d_grad_sample(l64, [x.double()], g.double()),
+                               compute_conv_grad_sample(l64, [x.double()], g.double()), rtol=1e-10)
+
+
+@pytest.mark.parametrize("backbone,in_chans,batch", [("small_cnn", 1, 32), ("efficientnet_lite0", 3, 4)])
+def test_fast_grad_samplers_match_opacus_on_every_layer_of_the_models(backbone, in_chans, batch):
+    """Each Conv2d / GroupNorm shape of the fusion CNN (at its site batch, 32) and of the
+    pretrained EfficientNet-Lite0 (strided, depthwise, 1×1, 5×5; DP-compatible) at 64 px."""
+    cases = _layer_inputs(backbone, in_chans, (nn.Conv2d, nn.GroupNorm))
+    assert sum(isinstance(m, nn.Conv2d) for m, _ in cases) >= (6 if backbone == "small_cnn" else 30)
+    g_gen = torch.Generator().manual_seed(1)
+    for layer, shape in cases:
+        x = torch.randn(batch, *shape, generator=g_gen)
+        with torch.no_grad():
+            g = torch.randn(layer(x).shape, generator=g_gen)
+        if isinstance(layer, nn.Conv2d):
+            ours, ref = conv2d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+        else:
+            ours, ref = group_norm_grad_sample(layer, [x], g), compute_group_norm_grad_sample(layer, [x], g)
+        _assert_grad_samples_close(ours, ref)
+
+
+@pytest.mark.parametrize("layer,n", [(nn.Conv2d(8, 4, 3, padding="same"), 2), (nn.Conv2d(8, 4, 3, padding="valid"), 2),
+                                     (nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"), 2),
+                                     (nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular"), 2),
+                                     (nn.Conv2d(8, 4, 3, padding=1), 0)])
+def test_fast_conv_grad_sample_falls_back_to_opacus(layer, n):
+    x = torch.randn(n, layer.in_channels, 12, 12)
     g = torch.randn_like(layer(x))
     ours, ref = conv2d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
     assert ours.keys() == ref.keys()
     for p in ref:
-        torch.testing.assert_close(ours[p], ref[p], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[p], ref[p], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layer", [nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, groups=2),
-                                   nn.Conv2d(8, 4, 3, dilation=2), nn.Conv2d(8, 4, 3, padding="same"),
-                                   nn.Conv2d(2, 4, 3, padding=1)])
-def test_fast_conv_grad_sample_falls_back_to_opacus(layer):
-    x = torch.randn(2, layer.in_channels, 32, 32)
-    g = torch.randn_like(layer(x))
-    ours, ref = conv2d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
-    for p in ref:
-        torch.testing.assert_close(ours[p], ref[p])
+@pytest.mark.parametrize("layer,shape", [
+    (nn.GroupNorm(8, 32), (32, 64, 64)), (nn.GroupNorm(4, 16), (16, 5, 7)), (nn.GroupNorm(2, 6), (6,)),
+    (nn.GroupNorm(3, 6), (6, 4, 4, 4)), (nn.GroupNorm(1, 4), (4, 8, 8)),
+])
+def test_fast_group_norm_grad_sample_matches_opacus(layer, shape):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight.normal_(), layer.bias.normal_()
+    x = torch.randn(5, *shape) * 3 + 2  # an offset mean: the normalisation must remove it
+    g = torch.randn_like(x)
+    _assert_grad_samples_close(group_norm_grad_sample(layer, [x], g), compute_group_norm_grad_sample(layer, [x], g))
+
+
+def test_fast_group_norm_grad_sample_falls_back_on_empty_batches():
+    layer, x = nn.GroupNorm(2, 4), torch.randn(0, 4, 3, 3)
+    ours, ref = group_norm_grad_sample(layer, [x], x), compute_group_norm_grad_sample(layer, [x], x)
+    assert ours.keys() == ref.keys() and all(ours[p].shape == ref[p].shape == (0, 4) for p in ref)
 
 
 def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -117,23 +199,103 @@ def _per_sample_by_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) 
 
 
 def test_dp_model_per_sample_grads_are_exact():
-    """The CNN Opacus wraps gets the per-sample gradients autograd gives, sample by sample."""
+    """The CNN Opacus wraps gets the per-sample gradients autograd gives, sample by sample, with
+    fedmed's samplers and the batch gradients of its convolutions skipped (3-channel input,
+    a strided and a 1×1 conv after the CNN)."""
     from fedmed.models.backbones import SmallCNN
 
     torch.manual_seed(0)
-    net = nn.Sequential(SmallCNN(in_chans=1, width=8), nn.Flatten(), nn.LazyLinear(2))
-    x, y = torch.randn(4, 1, 64, 64), torch.tensor([0, 1, 1, 0])
+    net = nn.Sequential(SmallCNN(in_chans=3, width=8), nn.Conv2d(32, 8, 3, stride=2, padding=1), nn.Conv2d(8, 4, 1),
+                        nn.Flatten(), nn.LazyLinear(2))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
     net(x)  # materialise the lazy layer
     expected = _per_sample_by_autograd(copy.deepcopy(net), x, y)
     was = fast_conv2d_enabled()
     try:
         use_fast_conv2d(True)
         gsm = GradSampleModule(copy.deepcopy(net), batch_first=True, loss_reduction="mean")
+        assert skip_batch_param_grads(gsm) == 8
         nn.functional.cross_entropy(gsm(x), y).backward()
-        for p, want in zip(gsm.parameters(), expected, strict=True):
-            torch.testing.assert_close(p.grad_sample, want, rtol=1e-4, atol=1e-5)
+        for (name, p), want in zip(gsm.named_parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad_sample, want, rtol=1e-4, atol=1e-5, msg=name)
+            conv = isinstance(gsm.get_submodule(name.rsplit(".", 1)[0]), nn.Conv2d)
+            assert (p.grad is None) == conv, name  # the DP optimizer sets the convs' .grad from grad_sample
     finally:
         use_fast_conv2d(was)
+
+
+def _fusion_dp(fast: bool, tmp_path, *, batch: int = 8):
+    """(DP model, optimizer, engine, batch dict, labels, unwrapped copy) for the fusion model at ``batch``."""
+    from benchmarks.dp_step import _Samples
+    from fedmed.config import ModelConfig, PrivacyConfig, TrainConfig
+    from fedmed.models import build_model
+    from fedmed.privacy import make_private, plan_dp
+    from fedmed.train.loop import make_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32), n_classes=2, in_chans=1, n_numeric=6, cat_cardinalities=[2])
+    data = _Samples(4 * batch, 32)
+    plan = plan_dp(privacy=PrivacyConfig(enabled=True), n_train=len(data), batch_size=batch, rounds=1,
+                   local_epochs=1)
+    opt, before = make_optimizer(model, TrainConfig(lr=1e-2)), copy.deepcopy(model)
+    dp_model, dp_opt, _, engine = make_private(model, opt, data, plan=plan, fast_conv=fast,
+                                               ledger=PrivacyLedger(tmp_path / f"{fast}.json", accountant="rdp"))
+    one = default_collate([data[i] for i in range(batch)])
+    return dp_model, dp_opt, engine, {k: v for k, v in one.items() if k != "label"}, one["label"], before
+
+
+def test_dp_step_with_fedmed_samplers_is_opacus_step(tmp_path):
+    """A whole DP step on the fusion model, fedmed's path (grouped-conv and chunked GroupNorm
+    samplers, convolutions' batch gradients skipped) against Opacus alone, same dropout and
+    noise draws: same per-sample gradients, same noised gradient, same update, same ε."""
+    runs = {}
+    was = fast_conv2d_enabled()
+    try:
+        for fast in (True, False):
+            dp_model, dp_opt, engine, inputs, labels, _ = _fusion_dp(fast, tmp_path)
+            skipped = sum(skips_batch_param_grads(m) for m in dp_model.modules())
+            assert skipped == (6 if fast else 0)
+            dp_opt.zero_grad(set_to_none=True)
+            torch.manual_seed(1)  # dropout
+            nn.functional.cross_entropy(dp_model(**inputs), labels).backward()
+            samples = {n: p.grad_sample.clone() for n, p in dp_model.named_parameters() if p.requires_grad}
+            no_grad = {n for n, p in dp_model.named_parameters() if p.requires_grad and p.grad is None}
+            torch.manual_seed(2)  # noise
+            dp_opt.step()
+            runs[fast] = (samples, no_grad, {n: p.grad.clone() for n, p in dp_model.named_parameters()},
+                          {n: p.detach().clone() for n, p in dp_model.named_parameters()},
+                          engine.get_epsilon(1e-5), list(engine.accountant.history))
+    finally:
+        use_fast_conv2d(was)
+    (fs, fng, fg, fp, feps, fh), (os_, ong, og, op, oeps, oh) = runs[True], runs[False]
+    assert len(fng) == 12 and all("backbone" in n for n in fng) and not ong  # 6 convs: weight + bias
+    _assert_grad_samples_close(fs, os_)
+    for n in op:
+        torch.testing.assert_close(fg[n], og[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(fp[n], op[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert fh == oh and feps == oeps > 0
+
+
+def test_skipped_conv_grads_come_back_when_opacus_hooks_are_off(tmp_path):
+    """Outside a live DP backward (hooks disabled, eval, no_grad) a wrapped conv is plain
+    nn.Conv2d again: its batch gradients are autograd's, its outputs unchanged."""
+    dp_model, _, _, inputs, labels, plain = _fusion_dp(True, tmp_path)
+    convs = [(n, m) for n, m in dp_model._module.named_modules() if skips_batch_param_grads(m)]
+    assert len(convs) == 6
+    dp_model.disable_hooks()
+    for model in (dp_model, plain):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(**inputs), labels).backward()
+    for n, m in convs:
+        want = plain.get_submodule(n)
+        assert m.weight.grad is not None and m.weight.grad_sample is None
+        torch.testing.assert_close(m.weight.grad, want.weight.grad)
+        torch.testing.assert_close(m.bias.grad, want.bias.grad)
+    dp_model.enable_hooks()
+    dp_model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dp_model(**inputs), plain(**inputs))
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "test_resnet"])
