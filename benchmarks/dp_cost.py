@@ -173,17 +173,24 @@ def _step_phases(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, 
 
 def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str = "hooks") -> dict[str, Any]:
     from fedmed.config import PrivacyConfig
-    from fedmed.privacy import PrivacyLedger, make_private, plan_dp
-    from fedmed.train.loop import make_optimizer
+    from fedmed.privacy import DP_CHANNELS_LAST, PrivacyLedger, make_private, plan_dp
+    from fedmed.train.loop import make_optimizer, memory_format
 
     base, batch, labels, loss_fn, cfg, info = _setup(name)
     plain = copy.deepcopy(base)
+    # each side in the memory format a site trains it in: plain per train.channels_last (NHWC on
+    # CPU), DP in NCHW (fedmed.privacy.DP_CHANNELS_LAST, the format make_private's model gets)
+    fmt = memory_format(torch.device("cpu"), cfg.train.channels_last)
+    plain.to(memory_format=fmt)
+    plain_batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}
+    dp_fmt = memory_format(torch.device("cpu"), DP_CHANNELS_LAST)
+    batch = {**batch, "image": batch["image"].contiguous(memory_format=dp_fmt)}
     opt_plain = make_optimizer(plain, cfg.train)
     # sample dicts as a site's dataset yields them; its size only sets the sampling rate
     data = [{**{k: v[i] for k, v in batch.items()}, "label": labels[i]} for i in range(info["batch"])] * 8
     plan = plan_dp(privacy=PrivacyConfig(enabled=True), n_train=len(data), batch_size=info["batch"], rounds=1,
                    local_epochs=1)
-    work = copy.deepcopy(base)
+    work = copy.deepcopy(base).to(memory_format=dp_fmt)
     dp_loss = loss_fn
     if grad_sample_mode in ("hooks", "samplers_only", "opacus_conv"):  # the production path, or parts of it
         with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +225,8 @@ def _measure_one(name: str, *, steps: int, repeats: int, grad_sample_mode: str =
             store[k] = 0.0
         t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            _step_phases(model, opt, batch, labels, dp_loss if model is dp_model else loss_fn, store)
+            _step_phases(model, opt, batch if model is dp_model else plain_batch, labels,
+                         dp_loss if model is dp_model else loss_fn, store)
         out = {k: v / steps for k, v in store.items()}
         out["total"] = (time.perf_counter() - t) / steps
         out["cpu"] = (time.process_time() - c) / steps  # steadier than wall time on a shared machine

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, default_collate
 from fedmed.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedmed.dp_conv import fast_conv2d_enabled, use_fast_conv2d
 from fedmed.models import build_model
-from fedmed.privacy import PrivacyLedger, make_private, plan_dp
+from fedmed.privacy import DP_CHANNELS_LAST, PrivacyLedger, make_private, plan_dp
 from fedmed.train.loop import make_optimizer, train_epochs
 
 __all__ = ["measure", "main"]
@@ -108,7 +108,9 @@ def _measure(*, batch: int, size: int, steps: int, repeats: int, model_cfg: Mode
     def run(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
         """(wall, process CPU) seconds per step."""
         t, c = time.perf_counter(), time.process_time()
-        train_epochs(model, loader, loss_fn=loss_fn, optimizer=opt, device=cpu, amp=False)
+        # each side in the memory format a site trains it in: plain per train.channels_last, DP in NCHW
+        train_epochs(model, loader, loss_fn=loss_fn, optimizer=opt, device=cpu, amp=False,
+                     channels_last=DP_CHANNELS_LAST if model is dp_model else train_cfg.channels_last)
         return (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
 
     run(plain, opt_plain), run(dp_model, opt_dp)  # warm-up (allocator, kernels, hooks)

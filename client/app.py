@@ -197,7 +197,15 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
 
     import torch
 
-    from fedmed.privacy import BudgetError, PrivacyLedger, check_caps, make_private, plan_dp, total_epsilon
+    from fedmed.privacy import (
+        DP_CHANNELS_LAST,
+        BudgetError,
+        PrivacyLedger,
+        check_caps,
+        make_private,
+        plan_dp,
+        total_epsilon,
+    )
 
     p, site = rt.cfg.privacy, rt.site_cfg
     if mu > 0:
@@ -229,7 +237,8 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
     dp_model, dp_opt, loader, engine = make_private(work, optimizer, train_ds, plan=plan, ledger=ledger,
                                                     generator=gen)
     stats = train_epochs(dp_model, loader, loss_fn=rt.loss_fn, optimizer=dp_opt, device=rt.device,
-                         epochs=rt.cfg.federation.local_epochs, amp=False, desc=f"{rt.site} round {rnd} (DP)")
+                         epochs=rt.cfg.federation.local_epochs, amp=False, channels_last=DP_CHANNELS_LAST,
+                         desc=f"{rt.site} round {rnd} (DP)")
     ledger.record(engine.accountant.history)
     rt.model.load_state_dict(dp_model._module.state_dict())
     return stats, ledger.epsilon(p.target_delta)
