@@ -45,6 +45,7 @@ __all__ = [
     "wire_bytes",
     "check_node_poll",
     "run_supernode",
+    "LOCAL_WAIT",
 ]
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # what Flower's SuperExec launches per task, found on PATH
@@ -201,21 +202,31 @@ def check_node_poll() -> str | None:
     return None
 
 
-class _CappedSleep:
-    """The ``time`` module with every ``sleep`` capped at ``cap`` seconds."""
+LOCAL_WAIT = 0.02  # the node's waits on its own in-memory state (no request): look every 20 ms
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+
+class _CappedSleep:
+    """The ``time`` module with every ``sleep`` capped: at ``cap`` s, and at ``local`` s below 1 s.
+
+    Flower's node sleeps 3 s when idle, before asking the SuperLink again (a request: capped
+    at ``cap``), and 0.5 s while it waits for a reply, or an object's content, to appear in
+    its own in-memory state (a look at a dict: capped at ``local``). The reply wait sits
+    between a site's finished training and its upload, so every round waited it out.
+    """
+
+    def __init__(self, cap: float, *, local: float = LOCAL_WAIT) -> None:
+        self.cap, self.local = cap, min(local, cap)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        time.sleep(min(seconds, self.cap if seconds >= 1.0 else self.local))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
 def run_supernode(argv: list[str], *, poll: float) -> None:
-    """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds.
+    """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds
+    and its waits on its own state at :data:`LOCAL_WAIT` (:class:`_CappedSleep`).
 
     Only the waits change (Flower's loop asks again sooner); what it pulls, stores and
     pushes is Flower's own. When :func:`check_node_poll` finds the loop moved, the node
@@ -270,13 +281,14 @@ class RuntimeConnection:
         res = self._client.AcquireTask(req)
         return res.token if res.HasField("task") and res.token else None
 
-    def pull_task_input(self, *, backoff: float = 0.05, cap: float = 0.5) -> TaskInput:
+    def pull_task_input(self, *, backoff: float = 0.05, cap: float = 0.1) -> TaskInput:
         """Flower's ``pull_task_input`` with a short retry backoff.
 
         The node announces a task before it has fetched the message's objects from the
         SuperLink; Flower's default backoff (1 s doubling to 10 s) then idles the site for
         tens of seconds per message on a loopback link. Objects on the node's own port are
-        cheap to re-ask for, so poll them quickly instead.
+        cheap to re-ask for, so poll them quickly instead (at most 0.1 s apart: on a busy
+        machine that fetch took ~1 s a round, and a 0.5 s cap left the site idle half of it).
         """
         serde = importlib.import_module("flwr.common.serde")
         pb = importlib.import_module("flwr.proto.runtime_pb2")

@@ -111,14 +111,19 @@ def test_node_poll_check_passes_on_the_pinned_flower_and_fails_when_a_piece_is_g
     assert "flwr.supernode.gone.Thing is missing" in flower_compat.check_node_poll()
 
 
-def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_through():
+def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_through(monkeypatch):
     import time
 
-    capped = flower_compat._CappedSleep(0.05)
-    t = time.perf_counter()
-    capped.sleep(3)   # Flower's idle wait
-    capped.sleep(0.01)
-    assert 0.055 <= time.perf_counter() - t < 0.5
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    capped = flower_compat._CappedSleep(0.25)
+    capped.sleep(3)     # Flower's idle wait before its next request: at most the poll
+    capped.sleep(0.5)   # its wait for a reply in its own state: the local look
+    capped.sleep(0.01)  # shorter ones as they are
+    assert slept == [0.25, flower_compat.LOCAL_WAIT, 0.01]
+    slept.clear()
+    flower_compat._CappedSleep(0.01).sleep(0.5)  # a poll below the local look caps both
+    assert slept == [0.01]
     assert capped.time is time.time and capped.monotonic is time.monotonic
 
 
