@@ -106,3 +106,48 @@ def test_a_failed_next_round_still_saves_the_scored_round(synth_config, synth_ro
     assert saved.round == 1 and reported == [1] and saved.best_round == 1
     assert "central_val_auc" in saved.history[0]
     assert torch.load(out / "best_model.pt", weights_only=True)["round"] == 1
+
+
+class _Clock:
+    """time.monotonic/sleep for collect_replies: sleeping advances the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(round(s, 3))
+        self.now += s
+
+
+class _LateGrid:
+    """Two replies: one at once, the last after ``at`` seconds of the clock."""
+
+    def __init__(self, clock: _Clock, at: float) -> None:
+        self.clock, self.at, self.pulls = clock, at, 0
+
+    def pull_messages(self, ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        ready = {"a"} | ({"b"} if self.clock.now >= self.at else set())
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ready & set(ids))]
+
+
+@pytest.mark.parametrize(("expect", "first_sleeps", "pulls"), [
+    (None, [0.2] * 5, 11),                       # no estimate: every 0.2 s (round 1)
+    (1.0, [0.5, 0.5] + [0.05] * 3, 3 + 20),      # slow until the expected time, then fast
+])
+def test_collect_replies_pulls_slowly_until_the_last_reply_is_expected(monkeypatch, expect, first_sleeps, pulls):
+    from fedmed.server import federation
+
+    clock = _Clock()
+    monkeypatch.setattr(federation.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(federation.time, "sleep", clock.sleep)
+    grid = _LateGrid(clock, at=1.99)
+    got = federation.collect_replies(grid, {"a", "b"}, timeout=60, expect=expect)
+    assert sorted(m.metadata.reply_to_message_id for m in got) == ["a", "b"]
+    assert clock.sleeps[:5] == first_sleeps and grid.pulls == pulls
+    assert clock.now == pytest.approx(2.0, abs=0.06)  # the last reply is taken within one fast pull
