@@ -464,7 +464,7 @@ def run_federation(
             t1 = time.perf_counter()
             if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
                 ev_msgs = strategy.configure_evaluate(rnd, pack(arrays), ConfigRecord({JOB_KEY: job}), grid)
-                ev_replies = send_and_receive(grid, ev_msgs, timeout=fed.round_timeout)
+                ev_replies = send_and_receive(grid, ev_msgs, timeout=fed.round_timeout, poll=FAST_POLL)  # ~1 s
                 per_site, failed = _evaluate_sites(ev_replies)
                 for site, m in row.get("train_per_site", {}).items():
                     if "epsilon" in m and site in per_site:
@@ -568,7 +568,8 @@ def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *
         log.warning("calibration goes on with the sites that are connected: %s", exc)
     try:
         result = calibrate_federation(
-            lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout), sorted(grid.get_node_ids()),
+            lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout, poll=FAST_POLL),  # no training
+            sorted(grid.get_node_ids()),
             method=fed.calibration, arrays=arrays, job=job, central_logits=central_logits)
     except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
         log.exception("calibration failed on the server")
