@@ -10,7 +10,8 @@ ClientApp process: its "warm executors" are one-task Kubernetes pods):
   subprocess``) with fedmed's FAB check run before it installs the FAB;
 * the **node's idle poll** (:func:`run_supernode`): an idle SuperNode sleeps a hard-coded 3 s
   between asks for messages (and 0.5 s between looks for a reply), with no setting for it,
-  so every message of every round waited 1.5 s on average before a site saw it.
+  so every message of every round waited 1.5 s on average before a site saw it; and it
+  fetches a message's objects with a 1 s first backoff.
 
 :func:`check_warm` / :func:`check_gate` / :func:`check_node_poll` import and exercise what
 each needs and return a reason when a Flower release has moved it; the site then falls back
@@ -22,6 +23,7 @@ Nothing else in fedmed imports ``flwr.supercore``, ``flwr.proto``, ``flwr.supern
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -46,6 +48,7 @@ __all__ = [
     "check_node_poll",
     "run_supernode",
     "LOCAL_WAIT",
+    "OBJECT_BACKOFF",
 ]
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # what Flower's SuperExec launches per task, found on PATH
@@ -197,6 +200,9 @@ def check_node_poll() -> str | None:
             return f"{_NODE_LOOP} no longer sleeps through the time module"
         if "time.sleep(3)" not in inspect.getsource(mod.start_client_internal):
             return "the SuperNode no longer sleeps 3 s when idle"
+        pull = getattr(mod, "pull_objects", None)
+        if pull is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull).parameters):
+            return f"{_NODE_LOOP}.pull_objects no longer takes initial_backoff/backoff_cap"
     except Exception as exc:  # noqa: BLE001 - any surprise: run Flower's node as it is
         return f"self-check raised {type(exc).__name__}: {exc}"
     return None
@@ -224,6 +230,23 @@ class _CappedSleep:
         return getattr(time, name)
 
 
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 0.5  # the node's object pulls (Flower's: 1 s doubling to 10 s)
+
+
+def _patch_node_loop(poll: float) -> None:
+    """Cap the node loop's sleeps (:class:`_CappedSleep`) and shorten its object-pull backoff.
+
+    The server uploads a message, then its objects; a node that asks in between waited
+    Flower's first 1 s backoff for objects that arrive milliseconds later.
+    """
+    mod = importlib.import_module(_NODE_LOOP)
+    mod.time = _CappedSleep(poll)  # type: ignore[attr-defined]
+    pull = mod.pull_objects
+    if not isinstance(pull, functools.partial):
+        mod.pull_objects = functools.partial(  # type: ignore[attr-defined]
+            pull, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+
+
 def run_supernode(argv: list[str], *, poll: float) -> None:
     """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds
     and its waits on its own state at :data:`LOCAL_WAIT` (:class:`_CappedSleep`).
@@ -233,7 +256,7 @@ def run_supernode(argv: list[str], *, poll: float) -> None:
     runs unchanged (slower, still correct).
     """
     if check_node_poll() is None:
-        importlib.import_module(_NODE_LOOP).time = _CappedSleep(poll)  # type: ignore[attr-defined]
+        _patch_node_loop(poll)
     sys.argv = ["flower-supernode", *argv]
     _get(*_NODE_CLI)()
 

@@ -21,6 +21,7 @@ from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.crosssite import cross_site_html
 from fedmed.server.federation import run_federation
+from fedmed.server.flower_compat import shorten_reply_pulls
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import site_problems, summary_table, write_report
 from fedmed.server.tracking import BackgroundTracker, Tracker
@@ -108,6 +109,9 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    problem = shorten_reply_pulls()  # Flower's HttpGrid waited ~1 s for most replies (server/flower_compat.py)
+    if problem is not None:
+        log.warning("replies are pulled with Flower's own backoff (%s)", problem)
     run_config = dict(context.run_config)
     if run_config.get("evaluate-model"):
         run_evaluation(grid, run_config)
