@@ -356,9 +356,10 @@ def run_federation(
     meta = {"config": cfg.model_dump(mode="json")}
 
     first = fed.rounds + 1 if state.stopped_early else state.round + 1  # an early stop is final
-    # Central evaluation runs on its own thread; a round's scoring may finish while the next
-    # round trains (federation.central_overlap), closed right after that round's messages
-    # are out. Early stopping needs the score before the next round, so it keeps it inline.
+    # With federation.central_overlap a round is scored centrally (and closed) right after the
+    # next round's messages are out, while the sites train it; the last round, and every round
+    # with early stopping (its decision must come first), is scored on a thread beside the
+    # sites' evaluation.
     overlap = fed.central_overlap and fed.early_stopping_rounds == 0 and central_eval is not None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmed-central") if central_eval else None
     pending: _OpenRound | None = None
@@ -368,8 +369,13 @@ def run_federation(
         """Merge a round's central scores into its row, then checkpoint, log and report it."""
         row = p.row
         t1 = time.perf_counter()
-        if p.central is not None:
-            central, seconds = p.central.result()
+        scored: tuple[dict[str, dict[str, Any]], float] | None = None
+        if p.overlapped and central_eval is not None:  # here the sites train the next round meanwhile
+            scored = _timed(central_eval, p.arrays)
+        elif p.central is not None:  # on its thread beside the sites' evaluation
+            scored = p.central.result()
+        if scored is not None:
+            central, seconds = scored
             for split, metrics in central.items():
                 row.update({f"central_{split}_{k}": v for k, v in metrics.items()
                             if isinstance(v, (int, float))})
@@ -460,7 +466,12 @@ def run_federation(
                             rnd, len(rejected))
             timing["aggregate"] = time.perf_counter() - t1
             arrays = state.arrays  # this round's model: never changed in place, only replaced
-            central = pool.submit(_timed, central_eval, arrays) if pool is not None and central_eval else None
+            last = rnd == fed.rounds or (stop_after is not None and rnd >= stop_after)
+            deferred = overlap and not last and not fed.secure_aggregation
+            # a deferred round is scored once the next round's messages are out (not beside their
+            # sending, which it would slow); else on a thread beside the sites' evaluation
+            central = (pool.submit(_timed, central_eval, arrays) if pool is not None and central_eval
+                       and not deferred else None)
             t1 = time.perf_counter()
             if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
                 ev_msgs = strategy.configure_evaluate(rnd, pack(arrays), ConfigRecord({JOB_KEY: job}), grid)
@@ -475,8 +486,6 @@ def run_federation(
             timing["site_eval"] = time.perf_counter() - t1
             row["timing"] = timing
             row["clock"] = {"start": started}  # wall clock: the benchmarks place start-up and reporting by it
-            last = rnd == fed.rounds or (stop_after is not None and rnd >= stop_after)
-            deferred = overlap and not last and not fed.secure_aggregation
             row["seconds"] = time.perf_counter() - t0  # a deferred round: its time on the rounds' path
             pending = _OpenRound(row=row, arrays=arrays, central=central, t0=t0, overlapped=deferred)
             if not deferred:
