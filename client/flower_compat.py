@@ -10,7 +10,8 @@ ClientApp process: its "warm executors" are one-task Kubernetes pods):
   subprocess``) with fedmed's FAB check run before it installs the FAB;
 * the **node's idle poll** (:func:`run_supernode`): an idle SuperNode sleeps a hard-coded 3 s
   between asks for messages (and 0.5 s between looks for a reply), with no setting for it,
-  so every message of every round waited 1.5 s on average before a site saw it.
+  so every message of every round waited 1.5 s on average before a site saw it; and it
+  fetches a message's objects with a 1 s first backoff.
 
 :func:`check_warm` / :func:`check_gate` / :func:`check_node_poll` import and exercise what
 each needs and return a reason when a Flower release has moved it; the site then falls back
@@ -22,6 +23,7 @@ Nothing else in fedmed imports ``flwr.supercore``, ``flwr.proto``, ``flwr.supern
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
@@ -45,6 +47,8 @@ __all__ = [
     "wire_bytes",
     "check_node_poll",
     "run_supernode",
+    "LOCAL_WAIT",
+    "OBJECT_BACKOFF",
 ]
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # what Flower's SuperExec launches per task, found on PATH
@@ -196,33 +200,63 @@ def check_node_poll() -> str | None:
             return f"{_NODE_LOOP} no longer sleeps through the time module"
         if "time.sleep(3)" not in inspect.getsource(mod.start_client_internal):
             return "the SuperNode no longer sleeps 3 s when idle"
+        pull = getattr(mod, "pull_objects", None)
+        if pull is None or not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull).parameters):
+            return f"{_NODE_LOOP}.pull_objects no longer takes initial_backoff/backoff_cap"
     except Exception as exc:  # noqa: BLE001 - any surprise: run Flower's node as it is
         return f"self-check raised {type(exc).__name__}: {exc}"
     return None
 
 
-class _CappedSleep:
-    """The ``time`` module with every ``sleep`` capped at ``cap`` seconds."""
+LOCAL_WAIT = 0.02  # the node's waits on its own in-memory state (no request): look every 20 ms
 
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
+
+class _CappedSleep:
+    """The ``time`` module with every ``sleep`` capped: at ``cap`` s, and at ``local`` s below 1 s.
+
+    Flower's node sleeps 3 s when idle, before asking the SuperLink again (a request: capped
+    at ``cap``), and 0.5 s while it waits for a reply, or an object's content, to appear in
+    its own in-memory state (a look at a dict: capped at ``local``). The reply wait sits
+    between a site's finished training and its upload, so every round waited it out.
+    """
+
+    def __init__(self, cap: float, *, local: float = LOCAL_WAIT) -> None:
+        self.cap, self.local = cap, min(local, cap)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
+        time.sleep(min(seconds, self.cap if seconds >= 1.0 else self.local))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
+OBJECT_BACKOFF, OBJECT_BACKOFF_CAP = 0.05, 0.5  # the node's object pulls (Flower's: 1 s doubling to 10 s)
+
+
+def _patch_node_loop(poll: float) -> None:
+    """Cap the node loop's sleeps (:class:`_CappedSleep`) and shorten its object-pull backoff.
+
+    The server uploads a message, then its objects; a node that asks in between waited
+    Flower's first 1 s backoff for objects that arrive milliseconds later.
+    """
+    mod = importlib.import_module(_NODE_LOOP)
+    mod.time = _CappedSleep(poll)  # type: ignore[attr-defined]
+    pull = mod.pull_objects
+    if not isinstance(pull, functools.partial):
+        mod.pull_objects = functools.partial(  # type: ignore[attr-defined]
+            pull, initial_backoff=OBJECT_BACKOFF, backoff_cap=OBJECT_BACKOFF_CAP)
+
+
 def run_supernode(argv: list[str], *, poll: float) -> None:
-    """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds.
+    """``flower-supernode ARGV`` in this process, its idle sleeps capped at ``poll`` seconds
+    and its waits on its own state at :data:`LOCAL_WAIT` (:class:`_CappedSleep`).
 
     Only the waits change (Flower's loop asks again sooner); what it pulls, stores and
     pushes is Flower's own. When :func:`check_node_poll` finds the loop moved, the node
     runs unchanged (slower, still correct).
     """
     if check_node_poll() is None:
-        importlib.import_module(_NODE_LOOP).time = _CappedSleep(poll)  # type: ignore[attr-defined]
+        _patch_node_loop(poll)
     sys.argv = ["flower-supernode", *argv]
     _get(*_NODE_CLI)()
 
@@ -270,13 +304,14 @@ class RuntimeConnection:
         res = self._client.AcquireTask(req)
         return res.token if res.HasField("task") and res.token else None
 
-    def pull_task_input(self, *, backoff: float = 0.05, cap: float = 0.5) -> TaskInput:
+    def pull_task_input(self, *, backoff: float = 0.05, cap: float = 0.1) -> TaskInput:
         """Flower's ``pull_task_input`` with a short retry backoff.
 
         The node announces a task before it has fetched the message's objects from the
         SuperLink; Flower's default backoff (1 s doubling to 10 s) then idles the site for
         tens of seconds per message on a loopback link. Objects on the node's own port are
-        cheap to re-ask for, so poll them quickly instead.
+        cheap to re-ask for, so poll them quickly instead (at most 0.1 s apart: on a busy
+        machine that fetch took ~1 s a round, and a 0.5 s cap left the site idle half of it).
         """
         serde = importlib.import_module("flwr.common.serde")
         pb = importlib.import_module("flwr.proto.runtime_pb2")

@@ -1,9 +1,10 @@
 """``python -m fedmed.client.node --poll S -- ARGS``: Flower's SuperNode, asking sooner when idle.
 
 ``fedmed-client`` starts the node this way instead of as ``flower-supernode ARGS``: the
-node is Flower's own, only its hard-coded 3 s idle sleep (and 0.5 s reply wait) is capped
-at ``--poll`` seconds (:func:`fedmed.client.flower_compat.run_supernode`), so a site picks
-up each round's message within ``--poll`` instead of 1.5 s later on average.
+node is Flower's own, only its hard-coded 3 s idle sleep is capped at ``--poll`` seconds and
+its 0.5 s waits on its own state (a reply to upload) at 20 ms
+(:func:`fedmed.client.flower_compat.run_supernode`), so a site picks up each round's message
+within ``--poll`` instead of 1.5 s later on average, and uploads its reply at once.
 """
 
 from __future__ import annotations

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmed warm runner: this Flower lacks what it needs ({problem})", file=sys.stderr)
         return 2
     # Everything the ClientApp needs is imported before the first task, not during a round.
+    import torchvision.transforms.v2  # noqa: F401  (training's augmentation; fedmed.data loads it lazily)
+
     import fedmed.client.app  # noqa: F401  (pyflakes: imported for its side effect)
 
     deadline = time.monotonic() + 60

@@ -204,6 +204,9 @@ class FederationConfig(_Strict):
     server_lr: float = Field(0.01, gt=0.0)
     round_timeout: float = Field(600.0, gt=0.0)
     central_test: str | None = Field(None, description="site folder held out for central eval")
+    central_overlap: bool = Field(
+        True, description="score round N on central_test while round N+1 trains (same numbers, off the "
+        "rounds' path); off with early_stopping_rounds, whose decision must come before the next round")
     update_precision: Literal["fp32", "fp16"] = Field(
         "fp32", description="precision of the weights a site sends back (fp16 halves the upload)")
     strategy_args: dict[str, Any] = Field(default_factory=dict)

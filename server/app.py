@@ -21,6 +21,7 @@ from fedmed.server.calibration import calibration_summary
 from fedmed.server.central import make_central_eval
 from fedmed.server.crosssite import cross_site_html
 from fedmed.server.federation import run_federation
+from fedmed.server.flower_compat import shorten_reply_pulls
 from fedmed.server.personalize import personalization_html, personalization_summary
 from fedmed.server.report import site_problems, summary_table, write_report
 from fedmed.server.tracking import BackgroundTracker, Tracker
@@ -41,8 +42,9 @@ def run(grid: Grid, run_config: dict) -> Path:
         experiment=cfg.tracking.experiment, run_name=cfg.name, out_dir=out, resume=resume)
     tracker: Tracker | BackgroundTracker = inline
     if os.environ.get("FEDMED_TRACKING_INLINE") != "1":  # "1": on the rounds' path (benchmarks compare)
-        tracker = BackgroundTracker(inline)  # MLflow starts and logs while the rounds run
+        tracker = BackgroundTracker(inline, hold=True)  # MLflow starts once round 1 is out, logs meanwhile
     tracker.start()
+    release = tracker.release if isinstance(tracker, BackgroundTracker) else None
     if not resume:
         tracker.log_params(cfg.model_dump(mode="json"))
     status: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"  # as Tracker.end takes it
@@ -50,7 +52,8 @@ def run(grid: Grid, run_config: dict) -> Path:
         central = make_central_eval(cfg)
         state = run_federation(grid, cfg, out_dir=out, resume=resume, central_eval=central,
                                central_logits=central.logits if central is not None else None,
-                               on_round=lambda row, _state: tracker.log_round(row))
+                               on_round=lambda row, _state: tracker.log_round(row),
+                               on_pushed=lambda _rnd: release() if release is not None else None)
         tracker.log_calibration(state.calibration, step=state.round)
         personal = state.personalization if state.personalization and "sites" in state.personalization else None
         report = write_report(state.history, out_dir=out, title=f"fedmed: {cfg.name}",
@@ -106,6 +109,9 @@ def main(grid: Grid, context: Context) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    problem = shorten_reply_pulls()  # Flower's HttpGrid waited ~1 s for most replies (server/flower_compat.py)
+    if problem is not None:
+        log.warning("replies are pulled with Flower's own backoff (%s)", problem)
     run_config = dict(context.run_config)
     if run_config.get("evaluate-model"):
         run_evaluation(grid, run_config)

@@ -27,11 +27,15 @@ class CentralSet:
     """The coordinator's held-out site, loaded once; call it with arrays for val/test metrics."""
 
     def __init__(self, cfg: FedmedConfig, path: Path, *, progress: bool = False) -> None:
-        bundle = load_site_bundle(cfg, site_dir=path, progress=progress)
+        # Only its val/test splits are scored: no training augmentation (nor torchvision) here.
+        plain = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": False})})
+        bundle = load_site_bundle(plain, site_dir=path, progress=progress)
         self.cfg, self.n_classes = cfg, bundle.n_classes
         self.device = select_device(cfg.train.device)
         self.model = model_from_config(cfg).to(self.device)
         self.loaders = make_loaders(bundle.splits, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        for split in ("val", "test"):  # scoring never draws from the process's global RNG: it may run
+            self.loaders[split].generator = torch.Generator()  # beside a site's training (one process)
         self.loss_fn = make_loss(kind="ce", n_classes=bundle.n_classes, use_class_weights=False,
                                  multilabel=cfg.model.multilabel).to(self.device)
 

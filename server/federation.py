@@ -16,6 +16,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +48,8 @@ from fedmed.server.strategies import make_strategy
 from fedmed.task import model_from_config, seed_everything
 from fedmed.transfer import pack, unpack, widen
 
-__all__ = ["run_federation", "aggregate_site_metrics", "round_lr"]
+__all__ = ["run_federation", "aggregate_site_metrics", "round_lr", "send_and_receive", "push_messages",
+           "collect_replies"]
 
 log = logging.getLogger("fedmed.server")
 
@@ -63,16 +66,59 @@ def send_and_receive(grid: GridLike, messages: Any, *, timeout: float, poll: flo
     """``Grid.send_and_receive`` with a short poll: Flower's sleeps 3 s between pulls, which a
     site's reply then waits out on every message (the benchmarks measured it per round).
     Uses the Grid's public push/pull API; returns the replies that came within ``timeout``."""
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    return collect_replies(grid, push_messages(grid, messages), timeout=timeout, poll=poll)
+
+
+def push_messages(grid: GridLike, messages: Any) -> set[str]:
+    """Send ``messages``; the ids whose replies :func:`collect_replies` waits for."""
+    return set(grid.push_messages(messages))
+
+
+def collect_replies(grid: GridLike, pending: set[str], *, timeout: float, poll: float = 0.2,
+                    expect: float | None = None) -> list[Message]:
+    """The replies to ``pending`` that come within ``timeout`` s, pulled every ``poll`` s.
+
+    ``expect``: seconds after which the last reply is likely (a training round's own earlier
+    length). Until then the pulls are ``SLOW_POLL`` apart (only the last reply ends the
+    round), after it ``FAST_POLL``: the round ends sooner and the SuperLink, which shares the
+    sites' CPU on one machine, answers fewer pulls.
+    """
+    pending = set(pending)
+    start = time.monotonic()
+    deadline = start + timeout
     replies: list[Message] = []
     while pending and time.monotonic() < deadline:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if pending:
-            time.sleep(poll)
+            if expect is None:
+                time.sleep(poll)
+            else:
+                early = start + expect - time.monotonic()
+                time.sleep(min(early, SLOW_POLL) if early > 0 else FAST_POLL)
     return replies
+
+
+SLOW_POLL, FAST_POLL = 0.5, 0.05  # collect_replies' pulls before and after the expected last reply
+EXPECT_SHARE = 0.7  # a round's last reply is expected after this share of the shortest round so far
+
+
+@dataclass
+class _OpenRound:
+    """A trained and aggregated round whose central scores may still be computing."""
+
+    row: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    central: Future[tuple[dict[str, dict[str, Any]], float]] | None
+    t0: float
+    overlapped: bool
+
+
+def _timed(fn: Callable[[dict[str, np.ndarray]], dict[str, dict[str, Any]]],
+           arrays: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], float]:
+    t = time.perf_counter()
+    return fn(arrays), time.perf_counter() - t
 
 
 def _local_keys(cfg: FedmedConfig) -> list[str]:
@@ -99,7 +145,7 @@ def config_hash(cfg: FedmedConfig) -> str:
     job = job_for_sites(cfg)
     job["federation"] = {k: v for k, v in cfg.federation.model_dump(mode="json").items()
                          if k not in ("rounds", "calibration", "early_stopping_rounds", "personalize",
-                                      "cross_site")}
+                                      "cross_site", "central_overlap")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -274,6 +320,7 @@ def run_federation(
     on_round: Callable[[dict[str, Any], FederationState], None] | None = None,
     stop_after: int | None = None,
     central_logits: CentralLogits | None = None,
+    on_pushed: Callable[[int], None] | None = None,
 ) -> FederationState:
     """Run (or resume) ``cfg.federation.rounds`` rounds; returns the final state.
 
@@ -282,8 +329,9 @@ def run_federation(
     the sites' weighted AUC). ``stop_after`` ends the run early after that round (tests).
     Once every round is done (also on resuming a finished run) the best model is
     calibrated as ``federation.calibration`` says; ``central_logits(arrays, split)`` lets
-    that use the held-out set too. Raises ``ValueError`` when calibration is "central"
-    without ``central_logits``.
+    that use the held-out set too. ``on_pushed(round)`` runs once a round's training
+    messages are out (the coordinator's own work can start while the sites train). Raises
+    ``ValueError`` when calibration is "central" without ``central_logits``.
     """
     fed = cfg.federation
     if fed.calibration == "central" and central_logits is None:
@@ -308,75 +356,48 @@ def run_federation(
     meta = {"config": cfg.model_dump(mode="json")}
 
     first = fed.rounds + 1 if state.stopped_early else state.round + 1  # an early stop is final
-    for rnd in range(first, fed.rounds + 1):
-        t0, started = time.perf_counter(), time.time()
-        timing: dict[str, float] = {}  # where the round's wall time goes (benchmarks read it)
-        connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
-        timing["wait_sites"] = time.perf_counter() - t0
-        current = pack(state.arrays)
-        config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd), "federation-id": chash,
-                               "half-updates": fed.update_precision == "fp16"})
-        if fed.secure_aggregation:
-            ok, rejected, agg, train_metrics = _secure_round(grid, rnd, current, config, fed)
-        else:
-            replies = _widen_replies(send_and_receive(
-                grid, strategy.configure_train(rnd, current, config, grid), timeout=fed.round_timeout), current)
-            ok, rejected = screen_train_replies(replies, current)
-            # Replies in site order, not arrival order: the float sum of FedAvg depends on its
-            # order, so a rerun (or the direct baseline) repeats the federation exactly.
-            ok.sort(key=lambda m: (reply_site(m), int(m.metadata.src_node_id)))
-            agg = train_metrics = None
-        timing["train"] = time.perf_counter() - t0 - timing["wait_sites"]
+    # With federation.central_overlap a round is scored centrally (and closed) right after the
+    # next round's messages are out, while the sites train it; the last round, and every round
+    # with early stopping (its decision must come first), is scored on a thread beside the
+    # sites' evaluation.
+    overlap = fed.central_overlap and fed.early_stopping_rounds == 0 and central_eval is not None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmed-central") if central_eval else None
+    pending: _OpenRound | None = None
+    shortest, expect = math.inf, None  # the shortest complete training exchange so far; when to pull fast
+
+    def close(p: _OpenRound) -> None:
+        """Merge a round's central scores into its row, then checkpoint, log and report it."""
+        row = p.row
         t1 = time.perf_counter()
-        row: dict[str, Any] = {"round": rnd, "sites_connected": connected,
-                               "sites_trained": [reply_site(m) for m in ok],
-                               "sites_rejected": {r.site: r.reason for r in rejected}}
-        if ok:
-            if not fed.secure_aggregation:
-                agg, train_metrics = strategy.aggregate_train(rnd, ok)
-            if agg is not None:  # FedBN: the sites' own BatchNorm is never averaged into the global model
-                state.arrays = {**unpack(agg, state.arrays), **{k: state.arrays[k] for k in local}}
-            if train_metrics is not None:
-                row.update({f"train_{k}": float(v) for k, v in train_metrics.items()
-                            if isinstance(v, (int, float))})
-            row["train_per_site"] = {reply_site(m): {k: v for k, v in m.content["metrics"].items()}
-                                     for m in ok}
-        else:
-            log.warning("round %d: no usable update (%d rejected); the global model is unchanged",
-                        rnd, len(rejected))
-        timing["aggregate"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
-            ev_msgs = strategy.configure_evaluate(rnd, pack(state.arrays),
-                                                  ConfigRecord({JOB_KEY: job}), grid)
-            ev_replies = send_and_receive(grid, ev_msgs, timeout=fed.round_timeout)
-            per_site, failed = _evaluate_sites(ev_replies)
-            for site, m in row.get("train_per_site", {}).items():
-                if "epsilon" in m and site in per_site:
-                    per_site[site]["epsilon"] = m["epsilon"]
-            row["per_site"] = per_site
-            row["sites_eval_failed"] = failed
-            row.update(aggregate_site_metrics(per_site))
-        timing["site_eval"] = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        if central_eval is not None:
-            central = central_eval(state.arrays)
+        scored: tuple[dict[str, dict[str, Any]], float] | None = None
+        if p.overlapped and central_eval is not None:  # here the sites train the next round meanwhile
+            scored = _timed(central_eval, p.arrays)
+        elif p.central is not None:  # on its thread beside the sites' evaluation
+            scored = p.central.result()
+        if scored is not None:
+            central, seconds = scored
             for split, metrics in central.items():
                 row.update({f"central_{split}_{k}": v for k, v in metrics.items()
                             if isinstance(v, (int, float))})
                 if "confusion_matrix" in metrics:
                     row[f"central_{split}_confusion_matrix"] = metrics["confusion_matrix"]
-        timing["central_eval"] = time.perf_counter() - t1
+            if p.overlapped:  # it ran while the next round trained: no time on the rounds' path
+                row["timing"]["central_eval"] = 0.0
+                row["timing"]["central_eval_overlapped"] = seconds
+            else:
+                row["timing"]["central_eval"] = time.perf_counter() - t1
+        else:
+            row["timing"]["central_eval"] = 0.0
+        if not p.overlapped:
+            row["seconds"] = time.perf_counter() - p.t0
         score = row.get("central_val_auc", row.get("fed_auc", float("nan")))
-        row["seconds"] = time.perf_counter() - t0
-        row["timing"] = timing
-        row["clock"] = {"start": started}  # wall clock: the benchmarks place start-up and reporting by it
+        rnd = row["round"]
         state.round = rnd
         state.history.append(row)
-        save_model(out_dir / "last_model.pt", state.arrays, meta={**meta, "round": rnd})
+        save_model(out_dir / "last_model.pt", p.arrays, meta={**meta, "round": rnd})
         if score is not None and math.isfinite(score) and score > state.best_score:
             state.best_score, state.best_round = float(score), rnd
-            save_model(out_dir / "best_model.pt", state.arrays, meta={**meta, "round": rnd, "score": score})
+            save_model(out_dir / "best_model.pt", p.arrays, meta={**meta, "round": rnd, "score": score})
         stop = _early_stop(fed.early_stopping_rounds, rnd, state, "central_val_auc" in row)
         if stop is not None:
             state.stopped_early = stop
@@ -385,11 +406,96 @@ def run_federation(
             log.info("early stopping %s", row["early_stop"])
         save_state(out_dir, state)
         log.info("round %d/%d: %d sites trained, %d rejected, central val AUC %s, %.1fs", rnd,
-                 fed.rounds, len(ok), len(rejected), _fmt(row.get("central_val_auc")), row["seconds"])
+                 fed.rounds, len(row["sites_trained"]), len(row["sites_rejected"]),
+                 _fmt(row.get("central_val_auc")), row["seconds"])
         if on_round is not None:
             on_round(row, state)
-        if stop_after is not None and rnd >= stop_after or state.stopped_early:
-            break
+
+    def close_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            p, pending = pending, None
+            close(p)
+
+    try:
+        for rnd in range(first, fed.rounds + 1):
+            t0, started = time.perf_counter(), time.time()
+            timing: dict[str, float] = {}  # where the round's wall time goes (benchmarks read it)
+            connected = _wait_for_sites(grid, fed.min_sites, fed.round_timeout)
+            timing["wait_sites"] = time.perf_counter() - t0
+            current = pack(state.arrays)
+            config = ConfigRecord({JOB_KEY: job, "lr": round_lr(cfg, rnd), "federation-id": chash,
+                                   "half-updates": fed.update_precision == "fp16"})
+            if fed.secure_aggregation:
+                close_pending()
+                if on_pushed is not None:
+                    on_pushed(rnd)
+                ok, rejected, agg, train_metrics = _secure_round(grid, rnd, current, config, fed)
+            else:
+                ids = push_messages(grid, strategy.configure_train(rnd, current, config, grid))
+                if on_pushed is not None:
+                    on_pushed(rnd)
+                close_pending()  # the previous round's scores, while the sites train this one
+                replies = _widen_replies(collect_replies(grid, ids, timeout=fed.round_timeout, expect=expect),
+                                         current)
+                ok, rejected = screen_train_replies(replies, current)
+                # Replies in site order, not arrival order: the float sum of FedAvg depends on its
+                # order, so a rerun (or the direct baseline) repeats the federation exactly.
+                ok.sort(key=lambda m: (reply_site(m), int(m.metadata.src_node_id)))
+                agg = train_metrics = None
+                if len(ok) == len(ids):  # every site answered: this round's length predicts the next's
+                    shortest = min(shortest, time.perf_counter() - t0 - timing["wait_sites"])
+                    expect = EXPECT_SHARE * shortest
+            timing["train"] = time.perf_counter() - t0 - timing["wait_sites"]
+            t1 = time.perf_counter()
+            row: dict[str, Any] = {"round": rnd, "sites_connected": connected,
+                                   "sites_trained": [reply_site(m) for m in ok],
+                                   "sites_rejected": {r.site: r.reason for r in rejected}}
+            if ok:
+                if not fed.secure_aggregation:
+                    agg, train_metrics = strategy.aggregate_train(rnd, ok)
+                if agg is not None:  # FedBN: the sites' own BatchNorm is never averaged into the global model
+                    state.arrays = {**unpack(agg, state.arrays), **{k: state.arrays[k] for k in local}}
+                if train_metrics is not None:
+                    row.update({f"train_{k}": float(v) for k, v in train_metrics.items()
+                                if isinstance(v, (int, float))})
+                row["train_per_site"] = {reply_site(m): {k: v for k, v in m.content["metrics"].items()}
+                                         for m in ok}
+            else:
+                log.warning("round %d: no usable update (%d rejected); the global model is unchanged",
+                            rnd, len(rejected))
+            timing["aggregate"] = time.perf_counter() - t1
+            arrays = state.arrays  # this round's model: never changed in place, only replaced
+            last = rnd == fed.rounds or (stop_after is not None and rnd >= stop_after)
+            deferred = overlap and not last and not fed.secure_aggregation
+            # a deferred round is scored once the next round's messages are out (not beside their
+            # sending, which it would slow); else on a thread beside the sites' evaluation
+            central = (pool.submit(_timed, central_eval, arrays) if pool is not None and central_eval
+                       and not deferred else None)
+            t1 = time.perf_counter()
+            if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
+                ev_msgs = strategy.configure_evaluate(rnd, pack(arrays), ConfigRecord({JOB_KEY: job}), grid)
+                ev_replies = send_and_receive(grid, ev_msgs, timeout=fed.round_timeout, poll=FAST_POLL)  # ~1 s
+                per_site, failed = _evaluate_sites(ev_replies)
+                for site, m in row.get("train_per_site", {}).items():
+                    if "epsilon" in m and site in per_site:
+                        per_site[site]["epsilon"] = m["epsilon"]
+                row["per_site"] = per_site
+                row["sites_eval_failed"] = failed
+                row.update(aggregate_site_metrics(per_site))
+            timing["site_eval"] = time.perf_counter() - t1
+            row["timing"] = timing
+            row["clock"] = {"start": started}  # wall clock: the benchmarks place start-up and reporting by it
+            row["seconds"] = time.perf_counter() - t0  # a deferred round: its time on the rounds' path
+            pending = _OpenRound(row=row, arrays=arrays, central=central, t0=t0, overlapped=deferred)
+            if not deferred:
+                close_pending()
+            if stop_after is not None and rnd >= stop_after or state.stopped_early:
+                break
+    finally:
+        close_pending()  # a later round failed or was interrupted: the finished one is still saved
+        if pool is not None:
+            pool.shutdown(wait=True)
     finished = state.round >= fed.rounds or bool(state.stopped_early)
     if finished and fed.calibration != "off":
         state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
@@ -471,7 +577,8 @@ def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *
         log.warning("calibration goes on with the sites that are connected: %s", exc)
     try:
         result = calibrate_federation(
-            lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout), sorted(grid.get_node_ids()),
+            lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout, poll=FAST_POLL),  # no training
+            sorted(grid.get_node_ids()),
             method=fed.calibration, arrays=arrays, job=job, central_logits=central_logits)
     except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
         log.exception("calibration failed on the server")

@@ -3,7 +3,8 @@
 Built from ``FederationState.history`` (and its ``calibration``) alone, so it can be re-made
 from a checkpoint after the run. Every key of a round may be missing (no central test set, evaluation off, a
 round where every site failed); what is missing is left out, never an error. Figures use
-matplotlib's object API (``Figure``, Agg canvas), so no GUI backend or pyplot state.
+matplotlib's object API (``Figure``, Agg canvas), so no GUI backend or pyplot state; it is
+imported where a figure is drawn, so the coordinator does not load it before round 1.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedmed.calibration import BIN_KEYS, MEASURE_KEYS, plot_reliability
 from fedmed.reporting.html import esc, image, images, save_figure, table, write_page
@@ -87,12 +86,16 @@ def _plot_lines(ax: Any, history: list[dict[str, Any]], lines: Sequence[tuple[st
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     return drawn
 
 
 def _curves(history: list[dict[str, Any]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4))
     ax_auc, ax_bacc = fig.subplots(1, 2)
     _plot_lines(ax_auc, history, [(name, lambda r, k=key: r.get(k)) for name, key in (
@@ -111,6 +114,8 @@ def _site_metric(site: str, metric: str) -> Any:
 
 
 def _sites_plot(history: list[dict[str, Any]], sites: list[str], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4))
     ax_auc, ax_bacc = fig.subplots(1, 2)
     _plot_lines(ax_auc, history, [(s, _site_metric(s, "auc")) for s in sites])
@@ -152,6 +157,8 @@ def _confusion(history: list[dict[str, Any]]) -> tuple[np.ndarray | None, str]:
 def _confusion_plot(cm: np.ndarray, classes: list[str], where: str, path: Path) -> Path:
     k = cm.shape[0]
     names = list(classes) if len(classes) == k else [str(i) for i in range(k)]
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(max(4.0, 0.9 * k + 2.5), max(3.5, 0.9 * k + 2)))
     ax = fig.subplots()
     im = ax.imshow(cm, cmap="Blues")
@@ -170,6 +177,8 @@ def _confusion_plot(cm: np.ndarray, classes: list[str], where: str, path: Path) 
 
 
 def _epsilon_plot(history: list[dict[str, Any]], sites: list[str], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     _plot_lines(ax, history, [(s, _site_metric(s, "epsilon")) for s in sites])

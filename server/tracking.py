@@ -253,13 +253,25 @@ class BackgroundTracker:
     :meth:`end` waits until everything queued is logged.
     """
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, *, hold: bool = False) -> None:
         self.tracker = tracker
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="fedmed-tracking", daemon=True)
+        self._go = threading.Event()
+        if not hold:
+            self._go.set()
+
+    def release(self) -> None:
+        """Let a ``hold=True`` tracker begin: the calls queued so far, then each as it comes.
+
+        ``hold``: MLflow's start (its import, the database) competes for the coordinator's
+        CPU; held, it waits until round 1's messages are out instead of delaying them.
+        """
+        self._go.set()
 
     def _work(self) -> None:
+        self._go.wait()
         while (job := self._jobs.get()) is not None:
             if self._error is None:  # after a failed start nothing else is sent
                 try:
@@ -294,6 +306,7 @@ class BackgroundTracker:
 
     def end(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
         """Log the end and wait for the worker; a start that failed is not raised again here."""
+        self._go.set()  # held and never released (the federation failed first): log it now
         if self._thread.is_alive():
             self._jobs.put(lambda: self.tracker.end(status))
             self._jobs.put(None)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from fedmed.config import DataConfig
 from fedmed.data.images import ImageCache, Preprocess
@@ -24,6 +23,9 @@ from fedmed.data.records import RecordEncoder
 from fedmed.data.site import LoadSummary, SiteData
 from fedmed.data.splits import fixed_splits, split_patients
 from fedmed.errors import UsageError
+
+if TYPE_CHECKING:  # torchvision (with torch._dynamo, ~1.5 s of CPU) loads only where a site augments
+    from torchvision.transforms import v2
 
 __all__ = ["SiteDataset", "SiteSplits", "train_augment", "train_transform", "build_splits",
            "class_counts", "dataset_size"]
@@ -43,6 +45,8 @@ def train_augment(size: int, channels: int = 3, *, any_orientation: bool = False
     quarter turns — exact on square images, so still no painted corners — and takes away
     fixed-position cues such as a lighting gradient along one edge.
     """
+    from torchvision.transforms import v2
+
     jitter = (v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
               if channels == 3 else v2.ColorJitter(brightness=0.2, contrast=0.2))
     turns: list[v2.Transform] = []

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from fedmed.errors import UsageError
@@ -55,6 +55,12 @@ class Backbone(nn.Module):
 
 
 _BACKBONES: dict[str, Callable[..., Backbone]] = {}
+
+# timm.data's IMAGENET_DEFAULT_MEAN / _STD, written out: importing any part of timm loads all
+# of it and torchvision (~2 s of CPU in every process), which a fedmed CNN never uses.
+# tests/models/test_backbones.py checks they equal timm's.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 #: Preprocessing defaults per registered backbone (timm models use their pretrained_cfg).
 DEFAULT_CFGS: dict[str, dict[str, Any]] = {
@@ -226,11 +232,10 @@ def _break_inplace_residual(block: nn.Module) -> None:
     Opacus' backward hooks make that output a view that must not be modified in place,
     so the (unused) ``drop_path`` slot gets a parameter-free clone; state-dict keys stay.
     """
-    try:
-        from timm.models.resnet import BasicBlock, Bottleneck
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return
-    if isinstance(block, (BasicBlock, Bottleneck)) and block.se is None:
+    resnet = sys.modules.get("timm.models.resnet")
+    if resnet is None:  # no timm ResNet block can exist before timm's resnet module is loaded
+        return  # (and a fedmed CNN then never loads timm at all)
+    if isinstance(block, (resnet.BasicBlock, resnet.Bottleneck)) and block.se is None:
         if block.drop_path is None or isinstance(block.drop_path, nn.Identity):
             block.drop_path = _Clone()
 

@@ -111,14 +111,19 @@ def test_node_poll_check_passes_on_the_pinned_flower_and_fails_when_a_piece_is_g
     assert "flwr.supernode.gone.Thing is missing" in flower_compat.check_node_poll()
 
 
-def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_through():
+def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_through(monkeypatch):
     import time
 
-    capped = flower_compat._CappedSleep(0.05)
-    t = time.perf_counter()
-    capped.sleep(3)   # Flower's idle wait
-    capped.sleep(0.01)
-    assert 0.055 <= time.perf_counter() - t < 0.5
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    capped = flower_compat._CappedSleep(0.25)
+    capped.sleep(3)     # Flower's idle wait before its next request: at most the poll
+    capped.sleep(0.5)   # its wait for a reply in its own state: the local look
+    capped.sleep(0.01)  # shorter ones as they are
+    assert slept == [0.25, flower_compat.LOCAL_WAIT, 0.01]
+    slept.clear()
+    flower_compat._CappedSleep(0.01).sleep(0.5)  # a poll below the local look caps both
+    assert slept == [0.01]
     assert capped.time is time.time and capped.monotonic is time.monotonic
 
 
@@ -129,3 +134,26 @@ def test_site_node_command_caps_the_idle_poll_unless_told_flowers(monkeypatch):
     assert _node_command(3.0) == ["flower-supernode"]
     monkeypatch.setenv("FEDMED_COMPAT_REQUIRE_POLL", "flwr.supernode.gone:Thing")
     assert _node_command(0.25) == ["flower-supernode"]  # the loop moved: Flower's node as it is
+
+
+def test_node_loop_gets_capped_sleeps_and_a_short_object_backoff(monkeypatch):
+    import functools
+    import importlib
+
+    mod = importlib.import_module(flower_compat._NODE_LOOP)
+    monkeypatch.setattr(mod, "time", mod.time)  # both restored after the test
+    monkeypatch.setattr(mod, "pull_objects", mod.pull_objects)
+    original = mod.pull_objects
+    flower_compat._patch_node_loop(0.25)
+    assert isinstance(mod.time, flower_compat._CappedSleep) and mod.time.cap == 0.25
+    assert isinstance(mod.pull_objects, functools.partial) and mod.pull_objects.func is original
+    assert mod.pull_objects.keywords == {"initial_backoff": flower_compat.OBJECT_BACKOFF,
+                                         "backoff_cap": flower_compat.OBJECT_BACKOFF_CAP}
+
+
+def test_node_poll_check_fails_when_the_object_pull_lost_its_backoff(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module(flower_compat._NODE_LOOP)
+    monkeypatch.setattr(mod, "pull_objects", lambda object_ids, pull_object_fn: {})
+    assert "pull_objects no longer takes initial_backoff" in flower_compat.check_node_poll()

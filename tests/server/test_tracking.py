@@ -153,3 +153,30 @@ def test_background_tracker_logs_the_same_rows_in_order_and_raises_a_failed_star
     with pytest.raises(ValueError, match="nosuchscheme://nowhere"):
         bad.log_round(_row(1))
     bad.end("FAILED")  # does not raise again
+
+
+def test_a_held_background_tracker_starts_mlflow_only_once_released(tmp_path: Path) -> None:
+    """``hold=True``: MLflow's start waits for ``release()`` (round 1's messages are out); then the
+    calls queued meanwhile reach MLflow in order. Never released (a failed federation): ``end`` logs all."""
+    from mlflow.tracking import MlflowClient
+
+    from fedmed.server.tracking import BackgroundTracker
+
+    for released in (True, False):
+        out = tmp_path / f"released-{released}"
+        out.mkdir()
+        tr = BackgroundTracker(_tracker(out, uri=f"sqlite:///{out}/mlflow.db"), hold=True)
+        tr.start()
+        tr.log_params(CONFIG)
+        tr.log_round(_row(1))
+        time.sleep(0.5)  # a worker that ignored the hold would have begun by now
+        assert tr.tracker.run_id is None and not (out / "mlflow.db").exists()
+        if released:
+            tr.release()
+        tr.log_round(_row(2))
+        tr.end("FINISHED" if released else "FAILED")
+        client = MlflowClient(tracking_uri=tr.tracker.uri)
+        run = client.get_run(tr.tracker.run_id)
+        assert run.info.status == ("FINISHED" if released else "FAILED")
+        assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id, "fed_auc")] \
+            == [(1, 0.6), (2, 0.7)]
