@@ -23,12 +23,18 @@ __all__ = ["site_split", "trained_pooled"]
 
 
 def trained_pooled(checkpoint: Path) -> bool:
-    """True when ``metrics.json`` beside a local checkpoint says it was trained pooled."""
+    """True when ``metrics.json`` beside a local checkpoint says it was trained on a pool that
+    was split afresh (``fedmed train-local --pooled``), so its held-out rows are the pooled split's.
+
+    A pool made of each site's own splits (``fedmed compare``, ``simulations/pooled.py``:
+    ``"pool": "site-splits"``) held out exactly each site's own test patients: False.
+    """
     meta = checkpoint.parent / "metrics.json"
     try:
-        return json.loads(meta.read_text()).get("site") == "pooled"
+        info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
+    return info.get("site") == "pooled" and info.get("pool") != "site-splits"
 
 
 

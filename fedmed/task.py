@@ -91,6 +91,9 @@ class SiteBundle:
     site: SiteData
     splits: SiteSplits
     n_classes: int
+    #: how a pool's splits were made: ``"site-splits"`` = the union of each site's own splits
+    #: (:func:`fedmed.experiments.compare.pooled_bundle`), None = split afresh (or one site)
+    pool: str | None = None
 
     def class_counts(self) -> np.ndarray:
         return class_counts(self.splits.train, self.n_classes)

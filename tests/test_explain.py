@@ -176,3 +176,38 @@ def test_cli_explain_several_sites_writes_a_weighted_summary(trained, synth_root
     code = fedmed_main(["explain", str(trained["image"]), "--site-dir", str(sites[0]),
                         "--site-dir", str(sites[0])])
     assert code != 0 and "names a site twice" in capsys.readouterr().err
+
+
+def _patients(ds) -> set[str]:
+    if isinstance(ds, torch.utils.data.Subset):
+        return set(ds.dataset.samples.iloc[list(ds.indices)]["patient_id"])
+    return set(ds.samples["patient_id"])
+
+
+def test_a_pool_of_site_splits_is_explained_on_each_sites_own_test_split(synth_config, tmp_path):
+    """``fedmed compare``'s pooled model held out each site's own test patients: explaining (or
+    calibrating) it on a freshly split pool would score some of its training patients as test."""
+    from pathlib import Path
+
+    from fedmed.experiments.compare import pooled_bundle
+    from fedmed.heldout import trained_pooled
+    from fedmed.task import load_site_bundle
+
+    _, path = synth_config(model={"variant": "image"}, train={"epochs": 1, "patience": 0},
+                           data={"sites": ["hospital_a", "hospital_b"]})
+    cfg = load_config(path)
+    dirs = {s: Path(cfg.data.root) / s for s in cfg.data.sites or []}
+    bundles = {s: load_site_bundle(cfg, site_dir=d, progress=False) for s, d in dirs.items()}
+    pool = pooled_bundle(cfg, bundles)
+    ckpt = train_local(cfg, bundle=pool, out_dir=tmp_path / "site-splits")["out_dir"] / "model.pt"
+    assert json.loads((ckpt.parent / "metrics.json").read_text())["pool"] == "site-splits"
+    assert not trained_pooled(ckpt)
+    trained_on = _patients(pool.splits.train)
+    own_test = _patients(bundles["hospital_a"].splits.test)
+    held_out = _patients(site_split(cfg, dirs["hospital_a"], split="test", pooled=trained_pooled(ckpt)))
+    assert held_out == own_test and not held_out & trained_on
+    # a pool split afresh (fedmed train-local --pooled) is still explained on its own split, and
+    # that split's test rows are not the site-splits pool's: they hold some of its training patients
+    fresh = train_local(cfg, sites=list(dirs), out_dir=tmp_path / "fresh")["out_dir"] / "model.pt"
+    assert trained_pooled(fresh)
+    assert _patients(site_split(cfg, dirs["hospital_a"], split="test", pooled=True)) & trained_on

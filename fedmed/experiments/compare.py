@@ -70,7 +70,8 @@ def pooled_bundle(cfg: FedmedConfig, bundles: dict[str, SiteBundle]) -> SiteBund
             for k, pos in idx.items()}
     splits = SiteSplits(train=sets["train"], val=sets["val"], test=sets["test"], encoder=encoder,
                         indices=idx, summary=pooled.summary)
-    return SiteBundle(name="pooled", site=pooled, splits=splits, n_classes=len(cfg.data.classes))
+    return SiteBundle(name="pooled", site=pooled, splits=splits, n_classes=len(cfg.data.classes),
+                      pool="site-splits")
 
 
 def _test_set(bundle: SiteBundle, encoder: RecordEncoder | None, cfg: FedmedConfig) -> SiteDataset:

@@ -60,6 +60,7 @@ def train_local(
     }
     summary = {
         "site": label,
+        "pool": bundle.pool,  # how a pooled model's splits were made (fedmed.heldout reads it)
         "variant": cfg.model.variant,
         "backbone": cfg.model.backbone,
         "device": str(device),
