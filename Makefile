@@ -54,7 +54,7 @@ $(PEERS)/.installed: benchmarks/peers/requirements.txt
 bench-peers-setup: $(PEERS)/.installed
 
 bench-peers: setup bench-peers-setup
-	$(BIN)/python -m benchmarks.peers.run --repeats 2
+	$(BIN)/python -m benchmarks.peers.run --repeats 3
 
 bench-dp: setup
 	$(BIN)/python -m benchmarks.dp_cost --repeats 7 --doc docs/benchmarks.md
