@@ -25,11 +25,16 @@ def cohort(root: Path, *, sites: int = 3, central: int = 200, image_size: int = 
     return root
 
 
+def cohort_sites(root: Path) -> list[str]:
+    """The site folders of a benchmark cohort (every folder with records but the central set)."""
+    return sorted(p.name for p in root.iterdir() if (p / "records.csv").exists() and p.name != "central")
+
+
 def bench_config(root: Path, overrides: list[str] | None = None):
     """configs/default.yaml pointed at a benchmark cohort, with ``key=value`` overrides."""
     from fedmed.config import load_config
 
-    sites = sorted(p.name for p in root.iterdir() if (p / "records.csv").exists() and p.name != "central")
+    sites = cohort_sites(root)
     base = [f"data.root={root}", f"data.sites=[{','.join(sites)}]", "data.notes_column=null",
             "federation.central_test=null", f"federation.min_sites={len(sites)}", "train.progress=false"]
     return load_config(ROOT / "configs" / "default.yaml", base + list(overrides or []))

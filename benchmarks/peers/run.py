@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, cohort
+from benchmarks.common import ROOT, cohort, cohort_sites
 from fedmed.experiments.simulate import rss_mb
 
 __all__ = ["PEER_VENV", "RUNS", "main", "measure"]
@@ -48,10 +48,9 @@ PEER_VENV = ROOT / ".venv-peers"
 HERE = Path(__file__).resolve().parent
 RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare")
 JOB = {"rounds": 4, "local_epochs": 3, "image_size": 64}
-#: The cohort's sites (hospital_a, _b, _c). Every framework trains them all at once: Ray is
-#: given one logical CPU per site (its default is the machine's 2 cores, which would run two
-#: sites and then the third), FLARE one thread per client.
-N_SITES = 3
+# Every framework trains all the cohort's sites at once: Ray is given one logical CPU per site
+# (its default is the machine's 2 cores, which would run two of three sites and then the
+# third), FLARE one thread per client.
 
 
 @contextmanager
@@ -152,7 +151,7 @@ def _fedmed(kind: str, root: Path, out: Path) -> dict[str, Any]:
         # one Ray CPU per site and as many as there are sites: all three train side by side, as in
         # the deployment, FLARE's simulator (one thread per client) and the Flower app below
         cmd = [str(bin_), "simulate", "-c", cfg, "--out", str(out), "--cpus-per-site", "1",
-               "--cpus", str(N_SITES), *_fedmed_job(root)]
+               "--cpus", str(len(cohort_sites(root))), *_fedmed_job(root)]
     if kind == "deployment":
         with _lock("/tmp/fedmed-deploy.lock"):
             t = _timed(cmd, log=out.parent / f"{out.name}.log", env=_env())
@@ -169,7 +168,7 @@ def _fedmed(kind: str, root: Path, out: Path) -> dict[str, Any]:
 def _flower(root: Path, out: Path) -> dict[str, Any]:
     home = out / "flwr-home"
     home.mkdir(parents=True)
-    result = out / "result.json"
+    result, n = out / "result.json", len(cohort_sites(root))
     run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
                   f"image-size={JOB['image_size']} cohort='{root}' "
                   f"fedmed-config='{ROOT / 'configs' / 'default.yaml'}' result='{result}'")
@@ -179,7 +178,7 @@ def _flower(root: Path, out: Path) -> dict[str, Any]:
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     cmd = [str(PEER_VENV / "bin" / "flwr"), "run", str(HERE / "flower_app"), "--stream",
            "--federation-config",
-           f"num_supernodes={N_SITES} client_resources_num_cpus=1 init_args_num_cpus={N_SITES}",
+           f"num_supernodes={n} client_resources_num_cpus=1 init_args_num_cpus={n}",
            "--run-config", run_config]
     try:
         t = _timed(cmd, log=out / "flwr-run.log", env=env, marker=str(home))
