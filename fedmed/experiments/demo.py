@@ -58,6 +58,9 @@ def demo(*, config: Path, rounds: int | None, out: Path | None, overrides: list[
     try:
         code = server.wait()
         for c in clients:
+            if code == 0:  # the federation is over: the sites need not wait out their grace period
+                c.terminate()
+        for c in clients:
             try:
                 c.wait(60)
             except subprocess.TimeoutExpired:

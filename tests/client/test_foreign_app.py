@@ -106,7 +106,9 @@ def _logs(tmp_path: Path) -> str:
                      for p in sorted(tmp_path.rglob("*.log")) if p.is_file())
 
 
-@pytest.mark.parametrize("mode", ["warm", "subprocess-fallback"])
+# The fallback (a Flower without what the warm runner needs) runs Flower's own per-task process:
+# the same refusal, three times the start-ups; `make test-slow` runs it.
+@pytest.mark.parametrize("mode", ["warm", pytest.param("subprocess-fallback", marks=pytest.mark.slow)])
 def test_foreign_app_never_runs_at_the_site(mode, synth_config, synth_root, cache_dir, tmp_path):
     _, cfg_path = synth_config(federation={"rounds": 2, "min_sites": 1, "evaluate_every": 2,
                                            "calibration": "off"},

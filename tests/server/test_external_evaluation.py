@@ -28,6 +28,9 @@ def _load(name: str, path: Path):
     return mod
 
 
+# Real SuperNodes end to end (about 85 s on a 2-core AMD EPYC); evaluating a saved model at sites
+# and their intervals are tested in-process in tests/test_evaluate.py. `make test-slow` runs it.
+@pytest.mark.slow
 def test_server_evaluates_a_saved_model_at_three_sites(synth_root, cache_dir, tmp_path):
     deploy = _load("deploy_tests", TESTS / "server" / "test_deployment.py")
     ckpt_path = _load("export_tests", TESTS / "test_export.py").trained_checkpoint(synth_root, tmp_path / "model")

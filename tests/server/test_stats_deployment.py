@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from fedmed.flower import free_port
 from fedmed.stats import SUPPRESSED
@@ -31,6 +32,9 @@ def _counts(stats: dict) -> list[float]:
             for x in (v if isinstance(v, list) else [v])]
 
 
+# Real SuperNodes end to end (about 85 s on a 2-core AMD EPYC); the statistics and their privacy
+# rules are tested in-process in tests/data/test_stats.py. `make test-slow` runs it.
+@pytest.mark.slow
 def test_stats_over_real_supernodes(synth_config, synth_root, cache_dir, tmp_path):
     _, cfg_path = synth_config(data={"ranges": RANGES}, federation={"round_timeout": 240})
     out, port = tmp_path / "run", free_port()
