@@ -1,6 +1,6 @@
 # fedmed: the two commands of the README, plus a few helpers.
 #   make demo   set everything up and run a complete federation on the embedded synthetic cohort
-#   make test   set everything up and run the default test suite (< 10 min on 2 CPU cores)
+#   make test   set everything up and run the default test suite (8-14 min on 2 CPU cores)
 #   make lint   ruff (lint + import order) on the repo and mypy on the fedmed package
 PYTHON ?= python3
 VENV   ?= .venv
