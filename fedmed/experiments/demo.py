@@ -57,8 +57,8 @@ def demo(*, config: Path, rounds: int | None, out: Path | None, overrides: list[
                                         stderr=subprocess.STDOUT))
     try:
         code = server.wait()
-        for c in clients:
-            if code == 0:  # the federation is over: the sites need not wait out their grace period
+        if code == 0:  # the federation is over: the sites need not wait out their grace period
+            for c in clients:
                 c.terminate()
         for c in clients:
             try:
