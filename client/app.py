@@ -246,12 +246,16 @@ def _private_round(rt: SiteRuntime, *, lr: float, mu: float, rnd: int, federatio
 
 @app.evaluate()
 def evaluate_fn(msg: Message, context: Context) -> Message:
-    """Metrics of the global model on the site's own test split; numbers only."""
+    """Metrics of the global model on the site's own test split, and on its val split under ``val_``
+    names (what the coordinator selects rounds by when it holds no validation set: never the test
+    split); numbers only."""
     rt, _ = _prepare(msg, context)
-    m = evaluate(rt.model, rt.loaders["test"], device=rt.device, n_classes=rt.n_classes,
-                 amp=rt.cfg.train.amp, loss_fn=rt.loss_fn, multilabel=rt.cfg.model.multilabel)
-    metrics = {k: v for k, v in m.items() if k not in ("confusion_matrix", "n")}
-    metrics["num-examples"] = int(m.get("n", 0))
+    metrics: dict[str, Any] = {}
+    for split, prefix in (("val", "val_"), ("test", "")):  # test last: its confusion matrix is sent
+        m = evaluate(rt.model, rt.loaders[split], device=rt.device, n_classes=rt.n_classes,
+                     amp=rt.cfg.train.amp, loss_fn=rt.loss_fn, multilabel=rt.cfg.model.multilabel)
+        metrics.update({prefix + k: v for k, v in m.items() if k not in ("confusion_matrix", "n")})
+        metrics[prefix + "num-examples"] = int(m.get("n", 0))
     if "confusion_matrix" in m:
         metrics["confusion_matrix"] = [float(x) for row in m["confusion_matrix"] for x in row]
     return make_reply(msg, site=rt.site, metrics=metrics)

@@ -149,7 +149,11 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (optimizer: sgd)")
     weight_decay: float = Field(1e-5, ge=0.0, le=1.0)
     scheduler: Literal["cosine", "none"] = "cosine"
-    patience: int = Field(5, ge=0, le=10_000, description="early stopping on val AUC; 0 = off")
+    patience: int = Field(5, ge=0, le=10_000, description="early stopping on the monitored validation metric; "
+                          "0 = off")
+    monitor: Literal["auc", "balanced_accuracy", "loss"] = Field(
+        "auc", description="the validation metric that picks the best epoch (local and pooled runs) and the best "
+        "round of a federation (central val, else the sites' val splits), and drives early stopping")
     loss: Literal["ce", "focal"] = "ce"
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
     class_weights: bool = True
@@ -188,8 +192,8 @@ class FederationConfig(_Strict):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds (and the last)")
     early_stopping_rounds: int = Field(
-        0, ge=0, description="stop when the selection score (central val AUC, else the sites' weighted "
-        "AUC) has not improved for N rounds; the best round is kept; 0 = off")
+        0, ge=0, description="stop when the selection score (train.monitor on the central val set, else on the "
+        "sites' val splits, weighted) has not improved for N rounds; the best round is kept; 0 = off")
     secure_aggregation: bool = Field(False, description="pairwise-masked sums: the server sees only the total")
     client_dp: Literal["off", "server-fixed", "server-adaptive"] = Field(
         "off", description="client-level DP with Flower's DP strategy wrappers (clipping + noise at the server)")

@@ -19,11 +19,38 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-__all__ = ["compute_metrics", "expected_calibration_error", "format_metrics", "SCALAR_METRICS"]
+__all__ = ["compute_metrics", "expected_calibration_error", "format_metrics", "selection_score", "MONITORS",
+           "SCALAR_METRICS"]
 
 SCALAR_METRICS = (
     "accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece", "loss",
 )
+
+#: The validation metrics a run may select its best epoch / round by (``train.monitor``).
+MONITORS = ("auc", "balanced_accuracy", "loss")
+
+
+def selection_score(metrics: dict[str, Any], monitor: str = "auc", *, prefix: str = "") -> float:
+    """Higher-is-better score of ``metrics[prefix + monitor]`` (loss negated); NaN when undefined.
+
+    ``auc`` falls back to ``-loss`` where AUC is undefined (one class in the validation split),
+    so a run can still keep its best epoch.
+    """
+    if monitor not in MONITORS:
+        raise ValueError(f"unknown monitor {monitor!r}; valid: {list(MONITORS)}")
+
+    def finite(key: str) -> float | None:
+        v = metrics.get(prefix + key)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    if monitor != "loss":
+        value = finite(monitor)
+        if value is not None:
+            return value
+        if monitor != "auc":
+            return float("nan")
+    loss = finite("loss")
+    return -loss if loss is not None else float("nan")
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, *, n_bins: int = 15) -> float:

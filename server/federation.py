@@ -44,6 +44,7 @@ from fedmed.messages import (
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
 from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
+from fedmed.server.selection import selection
 from fedmed.server.strategies import make_strategy
 from fedmed.task import model_from_config, seed_everything
 from fedmed.transfer import pack, unpack, widen
@@ -162,17 +163,21 @@ def round_lr(cfg: FedmedConfig, rnd: int) -> float:
 
 
 def aggregate_site_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Weighted mean (by ``num-examples``) and worst site of every headline metric."""
+    """Weighted mean (by ``num-examples``) and worst site of every headline metric: ``fed_auc``, ... of
+    the sites' test splits, ``fed_val_auc``, ... of their val splits (``val_`` metrics)."""
     out: dict[str, float] = {}
-    for key in HEADLINE:
-        vals = [(m[key], m.get("num-examples", 1)) for m in per_site.values() if key in m]
-        if not vals:
-            continue
-        w = sum(n for _, n in vals)
-        out[f"fed_{key}"] = float(sum(v * n for v, n in vals) / max(w, 1))
-        worst = max if key in ("ece", "loss") else min
-        out[f"fed_worst_{key}"] = float(worst(v for v, _ in vals))
+    for prefix in ("", "val_"):
+        for key in HEADLINE:
+            vals = [(m[prefix + key], m.get(prefix + "num-examples", 1)) for m in per_site.values()
+                    if prefix + key in m]
+            if not vals:
+                continue
+            w = sum(n for _, n in vals)
+            out[f"fed_{prefix}{key}"] = float(sum(v * n for v, n in vals) / max(w, 1))
+            worst = max if key in ("ece", "loss") else min
+            out[f"fed_worst_{prefix}{key}"] = float(worst(v for v, _ in vals))
     return out
+
 
 
 def _widen_replies(replies: list[Message], current: ArrayRecord) -> list[Message]:
@@ -325,8 +330,9 @@ def run_federation(
     """Run (or resume) ``cfg.federation.rounds`` rounds; returns the final state.
 
     ``central_eval(arrays)`` returns ``{"val": metrics, "test": metrics}`` on the
-    server's held-out data; the best model is chosen by central validation AUC (else by
-    the sites' weighted AUC). ``stop_after`` ends the run early after that round (tests).
+    server's held-out data; the best model is chosen by ``train.monitor`` on the central
+    validation set (else on the sites' val splits, weighted; never a test split).
+    ``stop_after`` ends the run early after that round (tests).
     Once every round is done (also on resuming a finished run) the best model is
     calibrated as ``federation.calibration`` says; ``central_logits(arrays, split)`` lets
     that use the held-out set too. ``on_pushed(round)`` runs once a round's training
@@ -390,15 +396,16 @@ def run_federation(
             row["timing"]["central_eval"] = 0.0
         if not p.overlapped:
             row["seconds"] = time.perf_counter() - p.t0
-        score = row.get("central_val_auc", row.get("fed_auc", float("nan")))
+        metric, score = selection(row, cfg.train.monitor)
         rnd = row["round"]
         state.round = rnd
         state.history.append(row)
         save_model(out_dir / "last_model.pt", p.arrays, meta={**meta, "round": rnd})
         if score is not None and math.isfinite(score) and score > state.best_score:
             state.best_score, state.best_round = float(score), rnd
-            save_model(out_dir / "best_model.pt", p.arrays, meta={**meta, "round": rnd, "score": score})
-        stop = _early_stop(fed.early_stopping_rounds, rnd, state, "central_val_auc" in row)
+            save_model(out_dir / "best_model.pt", p.arrays, meta={**meta, "round": rnd, "score": score,
+                                                                   "selected_by": metric})
+        stop = _early_stop(fed.early_stopping_rounds, rnd, state, metric)
         if stop is not None:
             state.stopped_early = stop
             row["early_stop"] = (f"after round {rnd}: {stop['metric']} has not improved for {stop['patience']} "
@@ -548,12 +555,12 @@ def _personalize_best(grid: GridLike, cfg: FedmedConfig, state: FederationState,
     return result
 
 
-def _early_stop(patience: int, rnd: int, state: FederationState, central: bool) -> dict[str, Any] | None:
+def _early_stop(patience: int, rnd: int, state: FederationState, metric: str) -> dict[str, Any] | None:
     """Whether ``federation.early_stopping_rounds`` ends the run after round ``rnd``."""
     if patience <= 0 or state.best_round <= 0 or rnd - state.best_round < patience:
         return None
     return {"round": rnd, "best_round": state.best_round, "best_score": state.best_score,
-            "patience": patience, "metric": "central_val_auc" if central else "fed_auc"}
+            "patience": patience, "metric": metric}
 
 
 def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path,

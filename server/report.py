@@ -18,6 +18,7 @@ import numpy as np
 
 from fedmed.calibration import BIN_KEYS, MEASURE_KEYS, plot_reliability
 from fedmed.reporting.html import esc, image, images, save_figure, table, write_page
+from fedmed.server.selection import best_round
 
 __all__ = ["write_report", "summary_table"]
 
@@ -62,15 +63,6 @@ def _sites(history: list[dict[str, Any]]) -> list[str]:
         for s in (row.get("per_site") or {}):
             names[str(s)] = None
     return list(names)
-
-
-def _best_round(history: list[dict[str, Any]]) -> tuple[int | None, str, float | None]:
-    for key in ("central_val_auc", "fed_auc"):
-        xs, ys = _series(history, lambda r, k=key: r.get(k))
-        if ys:
-            i = int(np.argmax(ys))
-            return xs[i], key, ys[i]
-    return None, "", None
 
 
 # -- figures ------------------------------------------------------------------------
@@ -199,9 +191,9 @@ def _config_text(config: dict[str, Any]) -> str:
         return json.dumps(config, indent=2, default=str)
 
 
-def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | None = None
-                  ) -> list[tuple[str, str]]:
-    best, key, score = _best_round(history)
+def _summary_rows(history: list[dict[str, Any]], calibration: dict[str, Any] | None = None, *,
+                  monitor: str = "auc") -> list[tuple[str, str]]:
+    best, key, score = best_round(history, monitor)
     rows = [("rounds run", str(len(history)))]
     if best is not None:
         rows.append(("best round", f"{best} ({key} = {_fmt(score)})"))
@@ -362,7 +354,8 @@ def write_report(
         figures.append(("Privacy budget", _epsilon_plot(history, sites, out_dir / "epsilon.png")))
 
     e = esc
-    parts = ["<h2>Summary</h2>", table(["", "value"], _summary_rows(history, calibration))]
+    parts = ["<h2>Summary</h2>", table(["", "value"], _summary_rows(
+        history, calibration, monitor=str(((config or {}).get("train") or {}).get("monitor", "auc"))))]
     if sites:
         header, rows = _site_rows(history)
         last_round = history[-1].get("round", len(history)) if history else "-"

@@ -1,7 +1,7 @@
 """Local training and evaluation: the same loop serves one site, a pooled set and a round.
 
 Plain PyTorch (AdamW, warm-up + cosine schedule, AMP and channels_last on GPU, early stopping
-on validation AUC, a lower learning rate for a pretrained backbone) so
+on a validation metric, a lower learning rate for a pretrained backbone) so
 that the Flower apps stay thin glue around :func:`train_epochs` and :func:`evaluate`.
 """
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from fedmed.config import TrainConfig
 from fedmed.device import amp_enabled, autocast
 from fedmed.errors import TrainingDiverged
-from fedmed.metrics import compute_metrics
+from fedmed.metrics import compute_metrics, selection_score
 from fedmed.train.schedule import lr_factor
 
 __all__ = [
@@ -230,14 +230,6 @@ def evaluate(
     return compute_metrics(y, p, n_classes=n_classes, loss=loss)
 
 
-def _score(metrics: dict[str, Any]) -> float:
-    """Early-stopping score: validation AUC, or -loss where AUC is undefined."""
-    auc = metrics.get("auc", float("nan"))
-    if auc is not None and math.isfinite(auc):
-        return float(auc)
-    return -float(metrics.get("loss", float("inf")))
-
-
 @dataclass
 class FitResult:
     """What :func:`fit` did: per-epoch history and the best (restored) epoch."""
@@ -262,9 +254,9 @@ def fit(
     epochs: int | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FitResult:
-    """Train with early stopping on validation AUC; the best weights are restored.
+    """Train with early stopping on the validation metric ``cfg.monitor``; the best weights are restored.
 
-    One progress bar over epochs shows train loss and validation AUC.
+    One progress bar over epochs shows train loss and the monitored validation metric.
     """
     epochs = epochs or cfg.epochs
     optimizer = make_optimizer(model, cfg)
@@ -290,14 +282,15 @@ def fit(
             val = evaluate(model, val_loader, device=device, n_classes=n_classes, amp=cfg.amp,
                            loss_fn=loss_fn, multilabel=multilabel, channels_last=cfg.channels_last)
             row.update({f"val_{k}": v for k, v in val.items() if k != "confusion_matrix"})
-            score = _score(val)
-            if score > best_score:
+            score = selection_score(val, cfg.monitor)
+            if math.isfinite(score) and score > best_score:
                 best_score, bad = score, 0
                 best_state = copy.deepcopy(model.state_dict())
                 result.best_epoch, result.best_val = epoch, val
             else:
                 bad += 1
-            bar.set_postfix(loss=f"{tr['loss']:.3f}", val_auc=f"{val.get('auc', float('nan')):.3f}")
+            bar.set_postfix({"loss": f"{tr['loss']:.3f}",
+                             f"val_{cfg.monitor}": f"{val.get(cfg.monitor, math.nan):.3f}"})
         result.history.append(row)
         if on_epoch is not None:
             on_epoch(epoch, row)

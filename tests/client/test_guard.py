@@ -27,6 +27,9 @@ from fedmed.transfer import nbytes, pack
 ALLOWED_METRICS = {
     "num-examples", "train_loss", "train_seconds", "train_steps", "epsilon", "accuracy",
     "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece", "loss", "confusion_matrix",
+    # the same metrics of the site's val split (what the coordinator selects rounds by)
+    *(f"val_{k}" for k in ("num-examples", "accuracy", "balanced_accuracy", "auc", "f1", "sensitivity",
+                           "specificity", "ece", "loss")),
     # temperature scaling after the last round (evaluate.calibration): an NLL curve, then
     # ECE/NLL before and after and the reliability-bin sums — numbers only
     "nll_curve", "ece_before", "ece_after", "nll_before", "nll_after",
