@@ -176,4 +176,4 @@ def training_loss(cfg: FedmedConfig, bundle: SiteBundle) -> nn.Module:
 
     return make_loss(kind=cfg.train.loss, n_classes=bundle.n_classes, class_counts=bundle.class_counts(),
                      use_class_weights=cfg.train.class_weights, focal_gamma=cfg.train.focal_gamma,
-                     multilabel=cfg.model.multilabel)
+                     logit_adjust_tau=cfg.train.logit_adjust_tau, multilabel=cfg.model.multilabel)

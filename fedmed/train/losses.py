@@ -1,4 +1,5 @@
-"""Losses for imbalanced clinical labels: weighted cross-entropy or focal loss."""
+"""Losses for imbalanced clinical labels: weighted cross-entropy, focal loss, or logit-adjusted
+cross-entropy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from fedmed.errors import UsageError
 
-__all__ = ["FocalLoss", "class_weights_from_counts", "make_loss"]
+__all__ = ["FocalLoss", "LogitAdjustedLoss", "class_weights_from_counts", "make_loss"]
 
 
 def class_weights_from_counts(counts: np.ndarray) -> torch.Tensor:
@@ -45,6 +46,33 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + tau * log(prior)`` (Menon et al., "Long-tail learning via logit
+    adjustment", ICLR 2021): the model's own logits then estimate the class-conditional evidence, so
+    their argmax targets *balanced* accuracy without re-weighting samples.
+
+    Why not class weights under DP-SGD: per-sample clipping bounds every sample's gradient to the
+    same norm, which undoes a weight (a rare-class sample weighted ×10 is clipped like any other),
+    while the adjustment changes where the loss is minimal and survives clipping. In a federation
+    each site adjusts by its *own* label prior (a local count, never sent), so a site with 94 % of
+    one class does not teach the shared model that prior; a class absent at a site gets no gradient
+    there. Hand-rolled: no maintained library ships it (it is one line of arithmetic).
+    """
+
+    log_prior: torch.Tensor  # a buffer
+
+    def __init__(self, counts: np.ndarray, *, tau: float = 1.0) -> None:
+        super().__init__()
+        counts = np.asarray(counts, dtype=np.float64)
+        prior = counts / max(counts.sum(), 1.0)
+        # an absent class gets a prior of 1e-12: its adjusted logit is ~28 below the rest
+        self.register_buffer("log_prior", torch.tensor(tau * np.log(np.maximum(prior, 1e-12)),
+                                                       dtype=torch.float32), persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() + self.log_prior, target)
+
+
 class _MultiLabelBCE(nn.Module):
     """Sigmoid outputs for multi-label heads; single-label targets become one-hot."""
 
@@ -70,9 +98,15 @@ def make_loss(
     class_counts: np.ndarray | None = None,
     use_class_weights: bool = True,
     focal_gamma: float = 2.0,
+    logit_adjust_tau: float = 1.0,
     multilabel: bool = False,
 ) -> nn.Module:
-    """The training loss named in config (``ce`` or ``focal``), class-weighted when asked."""
+    """The training loss named in config (``ce``, ``focal`` or ``logit_adjusted``); ``ce`` and
+    ``focal`` class-weighted when asked, ``logit_adjusted`` balanced by the label prior instead."""
+    if kind == "logit_adjusted" and not multilabel:
+        if class_counts is None:
+            raise UsageError("loss logit_adjusted needs the training split's class counts")
+        return LogitAdjustedLoss(class_counts, tau=logit_adjust_tau)
     weight = None
     if use_class_weights and class_counts is not None:
         weight = class_weights_from_counts(class_counts)
@@ -82,4 +116,4 @@ def make_loss(
         return FocalLoss(gamma=focal_gamma, weight=weight)
     if kind == "ce":
         return nn.CrossEntropyLoss(weight=weight)
-    raise UsageError(f"unknown loss {kind!r}; valid: 'ce', 'focal'")
+    raise UsageError(f"unknown loss {kind!r}; valid: 'ce', 'focal', 'logit_adjusted'")
