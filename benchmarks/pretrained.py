@@ -7,7 +7,8 @@ frozen model, via :func:`benchmarks.dp_step.measure` (interleaved, same batch). 
 not change the cost, so the random-init architecture is timed (no file needed); on a GPU
 the same code runs with AMP and channels_last when ``--device cuda``.
 
-Run: ``python -m benchmarks.pretrained [--size 64] [--batch 32] [--threads 1]``
+Run: ``python -m benchmarks.pretrained [--size 128] [--trainable-stages 3] [--batch 32] [--threads 1]``
+(defaults: the size and stages of ``configs/ham10000_pretrained.yaml``, the recipe of the results).
 """
 
 from __future__ import annotations
@@ -59,9 +60,20 @@ def _images_per_s(*, trainable_stages: int | None, batch: int, size: int, steps:
     return {"min": min(rates), "median": statistics.median(rates), "max": max(rates)}
 
 
+def recipe() -> tuple[int, int | None]:
+    """The image size and ``model.trainable_stages`` of ``configs/ham10000_pretrained.yaml``: what
+    the results in docs/results.md were trained with."""
+    from benchmarks.common import ROOT
+    from fedmed.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "ham10000_pretrained.yaml", ["model.pretrained_path=null"])
+    return cfg.data.image_size, cfg.model.trainable_stages
+
+
 def measure(*, size: int = 64, batch: int = 32, steps: int = 3, repeats: int = 5, threads: int | None = 1,
-            device: str = "cpu") -> dict[str, Any]:
-    """Images/s (full fine-tune, frozen backbone) and DP/plain step ratio (frozen backbone)."""
+            device: str = "cpu", trainable_stages: int | None = None) -> dict[str, Any]:
+    """Images/s (full fine-tune, the last ``trainable_stages`` stages fine-tuned when given, frozen
+    backbone) and DP/plain step ratio (frozen backbone)."""
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -71,6 +83,10 @@ def measure(*, size: int = 64, batch: int = 32, steps: int = 3, repeats: int = 5
                                "threads": torch.get_num_threads()}
         out["finetune_images_per_s"] = _images_per_s(trainable_stages=None, batch=batch, size=size, steps=steps,
                                                      repeats=repeats, device=dev)
+        if trainable_stages:
+            out["trainable_stages"] = trainable_stages
+            out["partial_images_per_s"] = _images_per_s(trainable_stages=trainable_stages, batch=batch, size=size,
+                                                        steps=steps, repeats=repeats, device=dev)
         out["frozen_images_per_s"] = _images_per_s(trainable_stages=0, batch=batch, size=size, steps=steps,
                                                    repeats=repeats, device=dev)
         if dev.type == "cpu":  # Opacus' DP step, measured on the CPU path the sites use here
@@ -83,18 +99,24 @@ def measure(*, size: int = 64, batch: int = 32, steps: int = 3, repeats: int = 5
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, help="image size (default: configs/ham10000_pretrained.yaml's)")
+    p.add_argument("--trainable-stages", type=int, help="also time fine-tuning the last N stages (default: the "
+                   "config's)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    r = measure(size=a.size, batch=a.batch, steps=a.steps, repeats=a.repeats, threads=a.threads, device=a.device)
+    size, stages = recipe()
+    r = measure(size=a.size or size, batch=a.batch, steps=a.steps, repeats=a.repeats, threads=a.threads,
+                device=a.device, trainable_stages=a.trainable_stages if a.trainable_stages is not None else stages)
     ft, fr = r["finetune_images_per_s"], r["frozen_images_per_s"]
+    part = r.get("partial_images_per_s")
     print(f"{BACKBONE} {r['size']}px batch {r['batch']} on {r['device']} ({r['threads']} thread(s)): "
           f"fine-tune {ft['median']:.1f} img/s (min {ft['min']:.1f}, max {ft['max']:.1f}); "
-          f"frozen backbone {fr['median']:.1f} img/s")
+          + (f"last {r['trainable_stages']} stages {part['median']:.1f} img/s; " if part else "")
+          + f"frozen backbone {fr['median']:.1f} img/s")
     if "dp_frozen" in r:
         d = r["dp_frozen"]
         print(f"DP (frozen backbone) / plain step: min {d['ratio_min']:.2f} median {d['ratio_median']:.2f} "
