@@ -156,7 +156,7 @@ class TrainConfig(_Strict):
         "round of a federation (central val, else the sites' val splits), and drives early stopping")
     loss: Literal["ce", "focal", "logit_adjusted"] = Field(
         "ce", description="logit_adjusted: cross-entropy on logits + tau·log(site's label prior), for balanced "
-        "accuracy under label skew and under DP-SGD (class_weights does not apply to it)")
+        "accuracy under label skew (class_weights does not apply to it)")
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)
     logit_adjust_tau: float = Field(1.0, gt=0.0, le=10.0, description="the adjustment's scale (loss: logit_adjusted)")
     class_weights: bool = Field(True, description="inverse-frequency class weights for ce and focal")

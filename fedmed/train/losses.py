@@ -51,12 +51,11 @@ class LogitAdjustedLoss(nn.Module):
     adjustment", ICLR 2021): the model's own logits then estimate the class-conditional evidence, so
     their argmax targets *balanced* accuracy without re-weighting samples.
 
-    Why not class weights under DP-SGD: per-sample clipping bounds every sample's gradient to the
-    same norm, which undoes a weight (a rare-class sample weighted ×10 is clipped like any other),
-    while the adjustment changes where the loss is minimal and survives clipping. In a federation
-    each site adjusts by its *own* label prior (a local count, never sent), so a site with 94 % of
-    one class does not teach the shared model that prior; a class absent at a site gets no gradient
-    there. Hand-rolled: no maintained library ships it (it is one line of arithmetic).
+    In a federation each site adjusts by its *own* label prior (a local count, never sent), so a
+    site with 94 % of one class does not teach the shared model that prior; a class absent at a site
+    gets no gradient there. Under DP-SGD it does not help (measured on HAM10000, docs/results.md):
+    per-sample clipping caps the large gradients of rare-class samples that the adjustment, like a
+    class weight, relies on. Hand-rolled: no maintained library ships it (one line of arithmetic).
     """
 
     log_prior: torch.Tensor  # a buffer
