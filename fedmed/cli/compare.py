@@ -18,7 +18,7 @@ def _cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.output_dir) / f"{cfg.name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     res = compare(cfg, seeds=args.seeds, strategies=args.strategies, out_dir=out, sites=args.sites,
                   proximal_mu=args.mu, num_cpus_per_site=args.cpus_per_site, total_cpus=args.cpus,
-                  skip_local=args.skip_local)
+                  skip_local=args.skip_local, resume=args.resume)
     print((res["out_dir"] / "comparison.md").read_text())
     print(f"fedmed compare: wrote {res['out_dir']}/comparison.md, .csv and .png", flush=True)
     return 0
@@ -35,5 +35,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cpus", type=int, help="CPUs Ray may use for the federations (default: all)")
     p.add_argument("--skip-local", action="store_true", help="only the federated strategies")
     p.add_argument("--out", help="output folder (default <output_dir>/<name>-compare-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the federations an interrupted compare left in --out (same config)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd)

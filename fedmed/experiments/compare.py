@@ -152,11 +152,14 @@ def compare(
     num_cpus_per_site: int = 1,
     total_cpus: int | None = None,
     skip_local: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write its tables, plot and MLflow run; returns the results.
 
     ``proximal_mu`` is used for ``fedprox`` when the config's ``federation.proximal_mu`` is 0.
     ``total_cpus`` caps the CPUs Ray may use (default: all), e.g. 1 on a shared machine.
+    ``resume`` continues each federation that an earlier, interrupted compare into ``out_dir``
+    left checkpointed (a finished one runs no further rounds); local and pooled rows retrain.
     """
     from fedmed.device import select_device
     from fedmed.experiments.local import train_local
@@ -213,11 +216,17 @@ def compare(
             scfg = _with(cfg, name=f"{cfg.name}-{strategy}-seed{seed}", train={"seed": seed}, federation=fed)
             t0 = time.perf_counter()
             state = simulate(scfg, sites=names, out_dir=sdir / strategy, mlflow_uri=uri,
-                             num_cpus_per_site=num_cpus_per_site, total_cpus=total_cpus)
-            model = _load(scfg, sdir / strategy / "last_model.pt", device)
+                             num_cpus_per_site=num_cpus_per_site, total_cpus=total_cpus,
+                             resume=resume and (sdir / strategy / "state.pkl").exists())
+            # The round train.monitor picked on validation, as the pooled and local rows use their
+            # best epoch (and the server's own final evaluation uses best_model.pt); else the last.
+            kept = state.best_round if state.best_round > 0 and (sdir / strategy / "best_model.pt").exists() else None
+            name = "best_model.pt" if kept is not None else "last_model.pt"
+            model = _load(scfg, sdir / strategy / name, device)
             preds = evaluate_on_sites(model, bundles, cfg=cfg)
             row = record(seed, strategy, preds, time.perf_counter() - t0)
-            fed_sites = (state.history[-1].get("per_site") or {}) if state.history else {}
+            rows = [h for h in state.history if kept is None or h.get("round") == kept]
+            fed_sites = (rows[-1].get("per_site") or {}) if rows else {}
             for s, m in fed_sites.items():
                 checks.append({"seed": seed, "strategy": strategy, "site": s,
                                "n_fed": int(m.get("num-examples", -1)), "n_here": row["per_site"][s]["n"],

@@ -193,13 +193,16 @@ def simulate(
     total_cpus: int | None = None,
     mlflow_uri: str | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> FederationState:
     """Run ``cfg``'s federation over the named site folders in Flower's simulation engine.
 
     Writes what ``fedmed-server`` writes (``config.json``, checkpoints, ``summary.json``,
     ``report.html``, MLflow) plus ``timing.json`` (engine start-up, per-round seconds, peak
-    memory of this process tree). GPUs: with CUDA present each site gets ``1/N`` of one by
-    default. Raises ValueError when ``federation.min_sites`` exceeds the number of sites.
+    memory of this process tree). ``resume`` continues a stopped federation in ``out_dir`` from
+    its last checkpointed round (same config, else the server refuses). GPUs: with CUDA present
+    each site gets ``1/N`` of one by default. Raises ValueError when ``federation.min_sites``
+    exceeds the number of sites.
     """
     import torch
     from flwr.serverapp import Grid, ServerApp
@@ -228,7 +231,7 @@ def simulate(
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sites": names})})
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     run_config = {"fedmed-config": str(out_dir / "config.json"), "out-dir": str(out_dir),
-                  "resume": False, "mlflow-uri": mlflow_uri or ""}
+                  "resume": bool(resume), "mlflow-uri": mlflow_uri or ""}
     marks: dict[str, float] = {}
 
     server_app = ServerApp()
