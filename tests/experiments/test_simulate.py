@@ -83,6 +83,30 @@ def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path:
     assert load_state(out).calibration == again.calibration  # the checkpoint round-trips it
     assert torch.load(out / "best_model.pt", weights_only=True)["temperature"] == again.calibration["temperature"]
 
+    # An interrupted (or too short) simulated federation continues from its checkpoint: rounds 1-2
+    # are kept as they were and only round 3 runs.
+    longer = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 3})})
+    more = simulate(longer, sites=None, out_dir=out, num_cpus_per_site=1, total_cpus=2, resume=True)
+    assert more.round == 3 and len(more.history) == 3
+    assert [h["round"] for h in more.history] == [1, 2, 3]
+    assert more.history[:2] == state.history
+
+
+def test_cli_resume_needs_a_stopped_federation_and_refuses_to_overwrite_one(synth_config, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from fedmed.cli import main
+
+    _, path = synth_config()
+    empty, done = tmp_path / "empty", tmp_path / "done"
+    empty.mkdir()
+    done.mkdir()
+    (done / "state.pkl").write_bytes(b"")
+    assert main(["simulate", "-c", str(path), "--out", str(empty), "--resume"]) != 0
+    assert "holds no stopped federation" in capsys.readouterr().err
+    assert main(["simulate", "-c", str(path), "--out", str(done)]) != 0
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert (done / "state.pkl").read_bytes() == b""  # nothing overwritten
+
 
 def test_sites_default_to_all_but_the_central_set(synth_config) -> None:
     _, path = synth_config(data={"sites": None})
