@@ -300,7 +300,8 @@ def _write(results: dict[str, Any], runs: list[dict[str, Any]], checks: list[dic
         f"Sites: {', '.join(names)}. Seeds: {', '.join(map(str, seeds))}. Epoch budget: "
         f"{budget} ({cfg.federation.rounds} rounds × {cfg.federation.local_epochs} local epochs; "
         f"local-only and pooled train up to {budget} epochs with early stopping on their validation "
-        f"split, patience {cfg.train.patience}). Federated models: the last round's global model.",
+        f"split, patience {cfg.train.patience}). Federated models: the round with the best validation "
+        f"{cfg.train.monitor} (`best_model.pt`; central val set, else the sites' val splits).",
         f"Mean ± sample std over {len(seeds)} seed(s). Per-site metrics are on each site's test split; "
         "pooled-test = the union of the site test splits.", "",
         table_fn(header, rows), "", "## Per-site test accuracy", "", table_fn(["method", *names], site_rows), "",
