@@ -21,7 +21,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +33,11 @@ from fedmed.data.records import RecordEncoder
 from fedmed.data.site import combine_sites
 from fedmed.task import SiteBundle, load_site_bundle, model_from_config
 
-__all__ = ["compare", "markdown_table", "pooled_bundle", "evaluate_on_sites", "summarise", "METRICS"]
+if TYPE_CHECKING:
+    from fedmed.server.checkpoint import FederationState
+
+__all__ = ["compare", "federated_checkpoint", "markdown_table", "pooled_bundle", "evaluate_on_sites", "summarise",
+           "METRICS"]
 
 METRICS = {  # key -> (column title, higher is better)
     "mean_acc": "mean site acc",
@@ -134,6 +138,19 @@ def _with(cfg: FedmedConfig, **sections: Any) -> FedmedConfig:
     return FedmedConfig.model_validate(raw)
 
 
+def federated_checkpoint(state: FederationState, run_dir: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The model a federated row scores, and that round's history row (the sites' own scores).
+
+    The round ``train.monitor`` picked on validation (``best_model.pt``), as pooled and local rows
+    use their best epoch and the server's own final evaluation does; the last round only when no
+    round was judged (no validation data), never a round picked on a test split.
+    """
+    if state.best_round > 0 and (run_dir / "best_model.pt").exists():
+        kept = [h for h in state.history if h.get("round") == state.best_round]
+        return run_dir / "best_model.pt", (kept[-1] if kept else None)
+    return run_dir / "last_model.pt", (state.history[-1] if state.history else None)
+
+
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     v = [x for x in vals if x is not None and math.isfinite(x)]
     if not v:
@@ -218,15 +235,11 @@ def compare(
             state = simulate(scfg, sites=names, out_dir=sdir / strategy, mlflow_uri=uri,
                              num_cpus_per_site=num_cpus_per_site, total_cpus=total_cpus,
                              resume=resume and (sdir / strategy / "state.pkl").exists())
-            # The round train.monitor picked on validation, as the pooled and local rows use their
-            # best epoch (and the server's own final evaluation uses best_model.pt); else the last.
-            kept = state.best_round if state.best_round > 0 and (sdir / strategy / "best_model.pt").exists() else None
-            name = "best_model.pt" if kept is not None else "last_model.pt"
-            model = _load(scfg, sdir / strategy / name, device)
+            path, scored = federated_checkpoint(state, sdir / strategy)
+            model = _load(scfg, path, device)
             preds = evaluate_on_sites(model, bundles, cfg=cfg)
             row = record(seed, strategy, preds, time.perf_counter() - t0)
-            rows = [h for h in state.history if kept is None or h.get("round") == kept]
-            fed_sites = (rows[-1].get("per_site") or {}) if rows else {}
+            fed_sites = (scored.get("per_site") or {}) if scored else {}
             for s, m in fed_sites.items():
                 checks.append({"seed": seed, "strategy": strategy, "site": s,
                                "n_fed": int(m.get("num-examples", -1)), "n_here": row["per_site"][s]["n"],
