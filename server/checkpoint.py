@@ -19,7 +19,7 @@ import torch
 
 from fedmed.errors import UsageError
 
-__all__ = ["FederationState", "save_state", "load_state", "save_model"]
+__all__ = ["FederationState", "save_state", "load_state", "save_model", "final_model", "final_arrays"]
 
 STATE_FILE = "state.pkl"
 
@@ -83,3 +83,17 @@ def save_model(path: Path, arrays: dict[str, np.ndarray], *, meta: dict[str, Any
     torch.save({"model": {k: torch.as_tensor(v) for k, v in arrays.items()}, **meta}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def final_model(out_dir: Path) -> Path | None:
+    """The federation's result: ``best_model.pt`` (the round picked on validation), else
+    ``last_model.pt`` (no round was judged); None before the first round closed."""
+    return next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+
+
+def final_arrays(out_dir: Path, state: FederationState) -> dict[str, np.ndarray]:
+    """The weights of :func:`final_model`, else the state's current global arrays."""
+    path = final_model(out_dir)
+    if path is None:
+        return state.arrays
+    return {k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}

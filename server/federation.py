@@ -43,7 +43,7 @@ from fedmed.messages import (
 )
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
 from fedmed.server.calibration import CentralLogits, calibrate_federation
-from fedmed.server.checkpoint import FederationState, load_state, save_model, save_state
+from fedmed.server.checkpoint import FederationState, final_arrays, final_model, load_state, save_model, save_state
 from fedmed.server.selection import selection
 from fedmed.server.strategies import make_strategy
 from fedmed.task import model_from_config, seed_everything
@@ -524,9 +524,7 @@ def _cross_site(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, ou
 
     seed_everything(cfg.train.seed)  # the same start as round 1 (run_federation builds it this way)
     init = {k: v.detach().cpu().numpy() for k, v in model_from_config(cfg).state_dict().items()}
-    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
-    final = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
-             if path is not None else state.arrays)
+    final = final_arrays(out_dir, state)
     try:
         return cross_site_validation(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
                                      sorted(grid.get_node_ids()), cfg=cfg, init=init, final=final, job=job,
@@ -541,9 +539,8 @@ def _personalize_best(grid: GridLike, cfg: FedmedConfig, state: FederationState,
     """``federation.personalize`` on the best model (else the last); never raises."""
     from fedmed.server.personalize import personalize_sites
 
-    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
-    arrays = ({k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True)["model"].items()}
-              if path is not None else state.arrays)
+    path = final_model(out_dir)
+    arrays = final_arrays(out_dir, state)
     try:
         result = personalize_sites(lambda msgs: send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout),
                                    sorted(grid.get_node_ids()), cfg=cfg, arrays=arrays, job=job,
@@ -575,7 +572,7 @@ def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *
         reason = "multi-label model: temperature scaling here is for softmax outputs"
         log.info("calibration skipped: %s", reason)
         return {"method": fed.calibration, "skipped": reason}
-    path = next((p for p in (out_dir / "best_model.pt", out_dir / "last_model.pt") if p.exists()), None)
+    path = final_model(out_dir)
     ckpt = torch.load(path, map_location="cpu", weights_only=True) if path is not None else {}
     arrays = ({k: v.numpy() for k, v in ckpt["model"].items()} if path is not None else state.arrays)
     try:

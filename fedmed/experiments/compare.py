@@ -145,10 +145,13 @@ def federated_checkpoint(state: FederationState, run_dir: Path) -> tuple[Path, d
     use their best epoch and the server's own final evaluation does; the last round only when no
     round was judged (no validation data), never a round picked on a test split.
     """
-    if state.best_round > 0 and (run_dir / "best_model.pt").exists():
+    from fedmed.server.checkpoint import final_model
+
+    path = final_model(run_dir) or run_dir / "last_model.pt"
+    if path.name == "best_model.pt" and state.best_round > 0:
         kept = [h for h in state.history if h.get("round") == state.best_round]
-        return run_dir / "best_model.pt", (kept[-1] if kept else None)
-    return run_dir / "last_model.pt", (state.history[-1] if state.history else None)
+        return path, (kept[-1] if kept else None)
+    return path, (state.history[-1] if state.history else None)
 
 
 def _mean_std(vals: list[float]) -> tuple[float, float]:

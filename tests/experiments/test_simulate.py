@@ -84,7 +84,6 @@ def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path:
     assert torch.load(out / "best_model.pt", weights_only=True)["temperature"] == again.calibration["temperature"]
 
 
-
 @pytest.mark.slow  # a second Ray start-up: minutes on a 2-core machine; the CLI's checks below stay default
 def test_simulation_resumes_from_its_checkpoint(synth_config, tmp_path: Path) -> None:
     """An interrupted (or too short) simulated federation continues: round 1 kept, only round 2 runs."""
