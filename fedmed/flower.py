@@ -34,6 +34,7 @@ __all__ = [
     "free_port",
     "flower_env",
     "spawn",
+    "spawn_lines",
     "redact",
     "stop",
     "interrupt_on_sigterm",
@@ -280,6 +281,14 @@ def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | Non
     else:
         lines.append("insecure = true")
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def spawn_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:
+    """Start a helper with its output as a text pipe, in its own group, ended when this process dies."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(list(args), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, errors="replace", preexec_fn=preexec,
+                            start_new_session=preexec is None)
 
 
 def flwr_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:

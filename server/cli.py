@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedmed.certs import create_certificates
@@ -25,6 +29,7 @@ from fedmed.flower import (
     free_port,
     interrupt_on_sigterm,
     spawn,
+    spawn_lines,
     stop,
     wait_healthy,
     write_app_dir,
@@ -32,6 +37,7 @@ from fedmed.flower import (
 )
 from fedmed.server import leftovers
 from fedmed.server.gateway import Gateway
+from fedmed.server.warm import RUNNER_UNSUPPORTED
 
 __all__ = ["main", "build_parser"]
 
@@ -157,8 +163,11 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
     # The SuperLink (Fleet + Control + Runtime APIs on one port in Flower 1.42) listens on
     # loopback only; the sites reach its Fleet API through fedmed's gateway (server/gateway.py).
     internal = f"127.0.0.1:{free_port()}"
+    # --isolation process: no SuperExec inside the SuperLink; fedmed's warm runner (server/warm.py)
+    # takes the run's ServerApp task, or Flower's own SuperExec when this Flower lacks what it needs.
     link_args = ["flower-superlink", "--host", "127.0.0.1", "--port", internal.rsplit(":", 1)[1],
-                 "--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db")]
+                 "--disable-runtime-dependency-installation", "--database", str(flwr_home / "superlink.db"),
+                 "--isolation", "process"]
     loopback_tls: Tls | None = None
     if tls is None:
         link_args.append("--insecure")
@@ -176,7 +185,13 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
           f"run folder {out}", flush=True)
     link = spawn(link_args, env=env, log_path=log_path)
     leftovers.record_group(out, link.pid, address=internal)  # own session: group id = its pid
+    # Started now so that it imports the ServerApp's code while the SuperLink starts.
+    runner = start_runner(internal, ca=loopback_tls.ca if loopback_tls else None, env=env,
+                          timeout=args.startup_timeout + 180)
+    follower = threading.Thread(target=_follow, args=(runner.stdout, out / "run.log"), daemon=True)
+    follower.start()
     gateway: Gateway | None = None
+    superexec: subprocess.Popen | None = None
     try:
         wait_healthy(internal, tls=loopback_tls, timeout=args.startup_timeout, proc=link, log_path=log_path)
         gateway = Gateway(args.host, args.port, upstream=f"{'https' if tls else 'http'}://{internal}",
@@ -207,8 +222,17 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
         run_id = _run_id(res.stdout)
         print(f"fedmed-server: federation submitted (run {run_id}); waiting for "
               f"{cfg.federation.min_sites} site(s)", flush=True)
-        _follow(run_id, env, out / "run.log")
-        status, details = _run_status(run_id, env)
+        follower.join()
+        code = runner.wait()
+        if code == RUNNER_UNSUPPORTED:  # Flower's own SuperExec takes the run (a fresh flwr-serverapp)
+            superexec = spawn(["flower-superexec", "--runtime-api-address", internal, "--parent-pid", str(os.getpid()),
+                               *(["--root-certificates", str(loopback_tls.ca)] if loopback_tls else ["--insecure"])],
+                              env=env, log_path=out / "superexec.log")
+            log = flwr_lines(["log", str(run_id), CONNECTION], env=env)
+            _follow(log.stdout, out / "run.log")
+            log.wait()
+        # The runner exits with the ServerApp's code: 0 is a completed run; else ask Flower why.
+        status, details = ("finished:completed", "") if code == 0 else _run_status(run_id, env)
         if status != "finished:completed":
             print(f"fedmed-server: federation ended ({status}): {_reason(details)} (details: {out / 'run.log'})",
                   file=sys.stderr)
@@ -229,6 +253,8 @@ def _run(args: argparse.Namespace, cfg: FedmedConfig, out: Path, tls: Tls | None
     finally:
         if gateway is not None:
             gateway.stop()
+        stop(runner)
+        stop(superexec)
         stop(link)
 
 
@@ -240,13 +266,19 @@ _LOG_ONLY = re.compile(r"^(INFO|DEBUG)\s*:|^ERROR\s*:|^\d{4}/\d\d/\d\d [\d:]+ IN
                        r"^For more information, visit: <https://flower")
 
 
-def _follow(run_id: int, env: dict[str, str], log_file: Path) -> None:
+def start_runner(address: str, *, ca: Path | None, env: dict[str, str], timeout: float) -> subprocess.Popen:
+    """Start the warm ServerApp runner (:mod:`fedmed.server.warm`), its output a text pipe."""
+    return spawn_lines([sys.executable, "-m", "fedmed.server.warm", "--runtime-api-address", address,
+                        "--parent-pid", str(os.getpid()), "--timeout", str(timeout),
+                        *(["--root-certificates", str(ca)] if ca else [])], env=env)
+
+
+def _follow(lines: Iterable[str] | None, log_file: Path) -> None:
     """Stream the run's output: everything to ``log_file``, fedmed's own lines to the console."""
-    proc = flwr_lines(["log", str(run_id), CONNECTION], env=env)
-    assert proc.stdout is not None
+    assert lines is not None
     in_traceback = False
     with open(log_file, "a") as fh:
-        for raw in proc.stdout:
+        for raw in lines:
             fh.write(raw)
             fh.flush()
             line = _ANSI.sub("", raw).rstrip()
@@ -258,7 +290,6 @@ def _follow(run_id: int, env: dict[str, str], log_file: Path) -> None:
                 continue
             if line and not _LOG_ONLY.search(line):
                 print(line, flush=True)
-    proc.wait()
 
 
 def _reason(details: str) -> str:

@@ -2,7 +2,8 @@
 
 While a fedmed federation runs, a second app — its own ServerApp and a ClientApp that writes
 a marker file and would read the site's node config — is submitted to the coordinator with
-Flower's own ``flwr run``. The site must refuse it before installing or importing anything
+Flower's own ``flwr run`` and run there by Flower's own SuperExec (fedmed-server's runner takes
+only its own run; a hostile operator starts one). The site must refuse it before installing or importing anything
 from it, say so on its console and in its log, and send the server a fixed refusal. Both
 ways a site runs ClientApps are exercised: fedmed's warm runner, and Flower's own
 ``--isolation subprocess`` that a site falls back to when the Flower compatibility check
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -130,6 +132,7 @@ def test_foreign_app_never_runs_at_the_site(mode, synth_config, synth_root, cach
          "--server", f"127.0.0.1:{port}", "--insecure", "--work-dir", str(work), "--once", "--grace", "5"],
         env=site_env, stdout=open(console, "w"), stderr=subprocess.STDOUT)
     marker, report = tmp_path / "foreign-ran.txt", tmp_path / "foreign-replies.json"
+    superexec: subprocess.Popen | None = None
     try:
         _wait_for(lambda: "federation submitted" in (tmp_path / "server.log").read_text(), 120,
                   "the fedmed federation was not submitted\n" + _logs(tmp_path))
@@ -138,11 +141,19 @@ def test_foreign_app_never_runs_at_the_site(mode, synth_config, synth_root, cach
         res = subprocess.run([str(BIN / "flwr"), "run", str(app), "fedmed", "--format", "json"],
                              env=flwr_env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr  # Flower accepted the submission...
+        # fedmed-server's runner takes only its own run; the hostile operator runs Flower's own
+        # SuperExec against the SuperLink (its --isolation process counterpart) for the foreign one.
+        internal = re.search(r"run submission on (127\.0\.0\.1:\d+)", (tmp_path / "server.log").read_text())
+        assert internal, (tmp_path / "server.log").read_text()
+        superexec = subprocess.Popen(
+            [str(BIN / "flower-superexec"), "--insecure", "--runtime-api-address", internal.group(1)],
+            env=dict(flwr_env, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"),  # it starts flwr-serverapp
+            stdout=open(tmp_path / "superexec.log", "w"), stderr=subprocess.STDOUT)
         _wait_for(report.exists, 300, "the foreign ServerApp got no replies\n" + _logs(tmp_path))
         assert server.wait(600) == 0, _logs(tmp_path)  # ...and the fedmed federation still completed
         assert client.wait(120) == 0, _logs(tmp_path)
     finally:
-        for p in (server, client):
+        for p in (server, client, *([superexec] if superexec is not None else [])):
             if p.poll() is None:
                 p.terminate()
                 p.wait(30)

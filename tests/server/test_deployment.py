@@ -158,3 +158,22 @@ def test_site_killed_and_server_resumed(synth_config, synth_root, cache_dir, tmp
     assert set(state.history[0]["sites_trained"]) == set(SITES)
     assert "hospital_c" not in state.history[-1]["sites_trained"]
     assert len(state.history[-1]["sites_trained"]) == 2
+
+
+@pytest.mark.slow
+def test_flowers_own_superexec_runs_the_federation_when_the_warm_runner_cannot(
+        synth_config, synth_root, cache_dir, tmp_path):
+    """A Flower release without what server/warm.py needs: the same federation through Flower's SuperExec."""
+    _, cfg_path = synth_config(federation={"rounds": 1, "evaluate_every": 1})
+    out, port = tmp_path / "run", free_port()
+    env = {**_env(cache_dir), "FEDMED_SERVER_COMPAT_REQUIRE": "flwr.superlink.gone_in_next_release:run_serverapp"}
+    server = _server(cfg_path, out, port, env, "--rounds", "1")
+    clients = [_client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5") for s in SITES]
+    try:
+        assert server.wait(600) == 0, _logs(tmp_path)
+    finally:
+        _kill_all(server, *clients)
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 1
+    assert (out / "superexec.log").exists()  # Flower's SuperExec ran, started by fedmed-server
+    console = next(tmp_path.glob("server-*.log")).read_text()
+    assert "Flower's SuperExec runs the ServerApp instead" in console and "round 1/1" in console, console

@@ -73,10 +73,26 @@ def _flower_pids(group: int) -> list[int]:
     return out
 
 
+def _runners_of(server_pid: int) -> list[int]:
+    """Live ServerApp runners (server/warm.py) started by the fedmed-server ``server_pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if b"fedmed.server.warm" in cmd and f"{server_pid}".encode() in cmd and state != "Z":
+                out.append(int(entry.name))
+    return out
+
+
 def test_a_restarted_coordinator_stops_what_a_killed_one_left(synth_config, tmp_path):
-    """SIGKILL the server while its SuperLink hangs (SIGSTOP): the SuperLink and Flower's
-    SuperExec under it survive (Flower 1.42 stops them itself only when they can still run);
-    the restarted server on the same folder finds them, stops them and runs."""
+    """SIGKILL the server while its SuperLink hangs (SIGSTOP): the SuperLink survives (Flower
+    1.42 stops itself only when it can still run); the restarted server on the same folder finds
+    it, stops it and runs. The killed server's ServerApp runner ends with it (Linux's parent-death
+    signal), holding the run's task or not."""
     _, cfg_path = synth_config(federation={"rounds": 1, "min_sites": 1})
     out, port = tmp_path / "run", free_port()
     first = _server(cfg_path, out, port, tmp_path / "first.log")
@@ -85,11 +101,17 @@ def test_a_restarted_coordinator_stops_what_a_killed_one_left(synth_config, tmp_
         _wait_submitted(tmp_path / "first.log")
         group = json.loads((out / PID_FILE).read_text())["group"]
         os.killpg(group, signal.SIGSTOP)  # the SuperLink hangs...
+        runners = _runners_of(first.pid)
+        assert runners, "no ServerApp runner found: this test would prove nothing about it"
         first.send_signal(signal.SIGKILL)  # ...when its server is killed
         first.wait(10)
         time.sleep(2)
         left = _flower_pids(group)
         assert left, "a SIGKILLed server left nothing behind: this test would prove nothing"
+        deadline = time.monotonic() + 60
+        while _runners_of(first.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _runners_of(first.pid) == [], "the killed server's ServerApp runner outlived it"
         second = _server(cfg_path, out, port, tmp_path / "second.log")
         _wait_submitted(tmp_path / "second.log")
         text = (tmp_path / "second.log").read_text()
