@@ -26,7 +26,6 @@ import contextlib
 import functools
 import importlib
 import inspect
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,9 @@ from typing import Any
 
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedmed.flower import first_missing
+from fedmed.flower import flower_internal as _get
 
 __all__ = [
     "check_warm",
@@ -92,20 +94,6 @@ _GATE_NEEDS = [
 ]
 
 
-def _get(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(module), name)
-
-
-def _missing(needs: list[tuple[str, str]], env: str) -> str | None:
-    extra = [tuple(x.split(":", 1)) for x in os.environ.get(env, "").split(",") if ":" in x]
-    for module, name in [*needs, *extra]:
-        try:
-            _get(module, name)
-        except (ImportError, AttributeError) as exc:
-            return f"{module}.{name} is missing ({type(exc).__name__})"
-    return None
-
-
 def _params(fn: Callable[..., Any]) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
@@ -113,7 +101,7 @@ def _params(fn: Callable[..., Any]) -> set[str]:
 def check_warm() -> str | None:
     """None when this Flower has what the warm runner needs, else the first thing missing."""
     try:
-        if (problem := _missing(_WARM_NEEDS, "FEDMED_COMPAT_REQUIRE")) is not None:
+        if (problem := first_missing(_WARM_NEEDS, "FEDMED_COMPAT_REQUIRE")) is not None:
             return problem
         want = {
             "pull_and_inflate_object_from_tree": (
@@ -167,7 +155,7 @@ def check_gate() -> str | None:
     and is only reached because SuperExec launches ``flwr-clientapp`` by name (PATH).
     """
     try:
-        if (problem := _missing(_GATE_NEEDS, "FEDMED_COMPAT_REQUIRE_GATE")) is not None:
+        if (problem := first_missing(_GATE_NEEDS, "FEDMED_COMPAT_REQUIRE_GATE")) is not None:
             return problem
         run_clientapp = _get("flwr.supernode.runtime.run_clientapp", "run_clientapp")
         for name in ("install_from_fab", "get_load_client_app_fn"):
@@ -192,7 +180,7 @@ def check_node_poll() -> str | None:
     is swapped) and still sleep 3 s when idle (else there is nothing to shorten).
     """
     try:
-        if (problem := _missing([(_NODE_LOOP, "start_client_internal"), _NODE_CLI],
+        if (problem := first_missing([(_NODE_LOOP, "start_client_internal"), _NODE_CLI],
                                 "FEDMED_COMPAT_REQUIRE_POLL")) is not None:
             return problem
         mod = importlib.import_module(_NODE_LOOP)

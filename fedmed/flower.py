@@ -9,6 +9,7 @@ child processes (their own process group, killed with the parent), polls the Sup
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import re
@@ -35,6 +36,8 @@ __all__ = [
     "flower_env",
     "spawn",
     "spawn_lines",
+    "flower_internal",
+    "first_missing",
     "redact",
     "stop",
     "interrupt_on_sigterm",
@@ -283,6 +286,25 @@ def write_connection(flwr_home: Path, *, name: str, address: str, tls: Tls | Non
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def flower_internal(module: str, name: str) -> Any:
+    """``module.name`` of the installed Flower, imported on demand (the roles' flower_compat checks)."""
+    return getattr(importlib.import_module(module), name)
+
+
+def first_missing(needs: Sequence[tuple[str, str]], env: str) -> str | None:
+    """The first (module, name) in ``needs`` this Flower lacks, as a reason; None when all are there.
+
+    ``$env`` (``module:name,...``) adds names, so a test can play a Flower release that removed one.
+    """
+    extra = [tuple(x.split(":", 1)) for x in os.environ.get(env, "").split(",") if ":" in x]
+    for module, name in [*needs, *extra]:
+        try:
+            flower_internal(module, name)
+        except (ImportError, AttributeError) as exc:
+            return f"{module}.{name} is missing ({type(exc).__name__})"
+    return None
+
+
 def spawn_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:
     """Start a helper with its output as a text pipe, in its own group, ended when this process dies."""
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
@@ -293,8 +315,7 @@ def spawn_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen
 
 def flwr_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:
     """Start the ``flwr`` CLI with its output as a text pipe (``flwr log`` is read line by line)."""
-    return subprocess.Popen([_bin("flwr"), *args], env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, errors="replace")
+    return spawn_lines([_bin("flwr"), *args], env=env)
 
 
 def flwr(args: Sequence[str], *, env: dict[str, str], timeout: float | None = None,

@@ -25,8 +25,9 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import os
-from typing import Any
+
+from fedmed.flower import first_missing
+from fedmed.flower import flower_internal as _get
 
 __all__ = ["shorten_reply_pulls", "PULL_BACKOFF", "PULL_BACKOFF_CAP", "check_runner", "acquire_serverapp_task",
            "run_serverapp", "RuntimeClient"]
@@ -73,20 +74,11 @@ _RUNNER_NEEDS = [
 ]
 
 
-def _get(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(module), name)
-
-
 def check_runner() -> str | None:
     """None when this Flower has what :mod:`fedmed.server.warm` needs, else the first thing missing."""
-    extra = [tuple(x.split(":", 1)) for x in os.environ.get("FEDMED_SERVER_COMPAT_REQUIRE", "").split(",")
-             if ":" in x]
     try:
-        for module, name in [*_RUNNER_NEEDS, *extra]:
-            try:
-                _get(module, name)
-            except (ImportError, AttributeError) as exc:
-                return f"{module}.{name} is missing ({type(exc).__name__})"
+        if (problem := first_missing(_RUNNER_NEEDS, "FEDMED_SERVER_COMPAT_REQUIRE")) is not None:
+            return problem
         if _get("flwr.common.constant", "ISOLATION_MODE_PROCESS") != "process":
             return "flower-superlink no longer calls its external-SuperExec mode 'process'"
         if not hasattr(_get("flwr.supercore.constant", "TaskType"), "SERVER_APP"):

@@ -12,8 +12,9 @@ the SuperExec would, runs it here with Flower's own ``run_serverapp`` (what ``fl
 runs) and exits with the ServerApp's exit code: no polling once the run has started, no second
 interpreter. Its output is the run's console (``fedmed-server`` reads it instead of ``flwr log``).
 
-The Flower internals it needs are in :mod:`fedmed.server.flower_compat`, checked by
-``fedmed-server`` before it chooses this runner over Flower's SuperExec.
+The Flower internals it needs are in :mod:`fedmed.server.flower_compat`. The runner checks them
+first (before the heavy imports); when this Flower lacks one it exits with
+:data:`RUNNER_UNSUPPORTED` and ``fedmed-server`` starts Flower's own SuperExec instead.
 """
 
 from __future__ import annotations
@@ -30,16 +31,16 @@ POLL = 0.05  # seconds between asks until the run's task is there (only before t
 RUNNER_UNSUPPORTED = 3  # exit code: this Flower lacks what the runner needs (fedmed-server falls back)
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
+def _gone(pid: int | None) -> bool:
+    """Whether process ``pid`` has exited (Linux also SIGTERMs the runner then: the other systems' guard)."""
     try:
-        os.kill(pid, 0)
+        if pid is not None:
+            os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        pass
+    return False
 
 
 def wait_for_task(address: str, *, root_certificates: bytes | None, timeout: float,
@@ -53,22 +54,20 @@ def wait_for_task(address: str, *, root_certificates: bytes | None, timeout: flo
 
     deadline = time.monotonic() + timeout
     client: flower_compat.RuntimeClient | None = None
+    last = ""
     try:
-        while True:
+        while time.monotonic() <= deadline:
             try:
                 client = client or flower_compat.RuntimeClient(address, root_certificates=root_certificates)
                 token = flower_compat.acquire_serverapp_task(client)
                 if token is not None:
                     return token
             except Exception as exc:  # the SuperLink may still be starting
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no run reached this runner from the SuperLink at {address} in "
-                                       f"{timeout:.0f}s (last: {type(exc).__name__})") from exc
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no run reached this runner from the SuperLink at {address} in {timeout:.0f}s")
-            if not _alive(parent_pid):
+                last = f" (last: {type(exc).__name__})"
+            if _gone(parent_pid):
                 raise TimeoutError(f"its fedmed-server (pid {parent_pid}) is gone")
             time.sleep(POLL)
+        raise TimeoutError(f"no run reached this runner from the SuperLink at {address} in {timeout:.0f}s{last}")
     finally:
         if client is not None:
             client.close()
