@@ -5,6 +5,11 @@ resamples patients, not rows (a cluster bootstrap), within each stratum (site) s
 site keeps its size in a pooled interval. Percentile intervals. Hand-rolled (~20 lines):
 ``scipy.stats.bootstrap`` resamples observations, not clusters, and takes one statistic
 at a time, while every metric here comes from the same resampled predictions.
+Each replicate's metrics come from :func:`_replicate_metrics`, numpy equivalents of
+:func:`~fedmed.metrics.compute_metrics` (checked equal in tests/test_evaluate.py):
+scikit-learn validates its inputs on every call, ~25 ms per ``compute_metrics`` here:
+1000 replicates took 23.9 s on 320 binary rows and 41.4 s on 1000 rows of 7 classes,
+against 1.3 s and 4.6 s with the numpy path (2-core CPU).
 
 :func:`combine_site_intervals` is the server's side of federated evaluation: sites send
 each metric's point value and bootstrap standard error (numbers, never rows), and the
@@ -14,12 +19,12 @@ pooled value is the example-weighted mean of the sites' values with a normal int
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 
-from fedmed.metrics import SCALAR_METRICS, compute_metrics
+from fedmed.metrics import SCALAR_METRICS, compute_metrics, expected_calibration_error
 
 __all__ = ["bootstrap_metrics", "combine_site_intervals", "CI_LEVEL", "Z_95"]
 
@@ -36,6 +41,49 @@ def _cluster_index(groups: np.ndarray, strata: np.ndarray) -> list[tuple[np.ndar
         order = np.argsort(inv, kind="stable")
         cuts = np.flatnonzero(np.diff(inv[order])) + 1
         out.append((pos, np.split(pos[order], cuts)))
+    return out
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half), what ``roc_auc_score`` gives."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _replicate_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
+    """The scalar metrics of :func:`compute_metrics` (same definitions, zero_division=0), in numpy."""
+    y_pred = probs.argmax(axis=1)
+    cm = np.bincount(y * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp, support, predicted = np.diag(cm).astype(float), cm.sum(axis=1), cm.sum(axis=0)
+    present = np.flatnonzero(support)
+    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
+    f1_den = support + predicted
+    f1 = np.divide(2 * tp, f1_den, out=np.zeros(n_classes), where=f1_den > 0)
+    fp, fn = predicted - tp, support - tp
+    tn = len(y) - tp - fp - fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    out = {"accuracy": float(tp.sum() / len(y)), "balanced_accuracy": float(recall[present].mean())}
+    auc = float("nan")
+    if len(present) >= 2:
+        if n_classes == 2:
+            auc = _auc(y == 1, probs[:, 1])
+        else:  # one-vs-rest over the classes that occur, their probabilities renormalised
+            p = probs[:, present]
+            p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+            if len(present) == 2:
+                auc = _auc(y == present[1], p[:, 1])
+            else:
+                auc = float(np.mean([_auc(y == c, p[:, j]) for j, c in enumerate(present)]))
+    out["auc"] = auc
+    if n_classes == 2:
+        out.update(f1=float(f1[1]), sensitivity=float(recall[1]), specificity=float(spec[1]))
+    else:
+        out.update(f1=float(f1.mean()), sensitivity=float(recall[present].mean()),
+                   specificity=float(np.nanmean(spec)) if np.isfinite(spec).any() else float("nan"))
+    out["ece"] = expected_calibration_error(y, probs)
     return out
 
 
@@ -64,13 +112,11 @@ def bootstrap_metrics(
     rng = np.random.default_rng(seed)
     clusters = _cluster_index(groups, strata)
     reps = np.full((n_boot, len(keys)), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true" per replicate
-        for b in range(n_boot):
-            idx = np.concatenate([np.concatenate([pats[i] for i in rng.integers(0, len(pats), len(pats))])
-                                  for _, pats in clusters if pats])
-            m = compute_metrics(y_true[idx], probs[idx], n_classes=n_classes)
-            reps[b] = [m.get(k, np.nan) for k in keys]
+    for b in range(n_boot):
+        idx = np.concatenate([np.concatenate([pats[i] for i in rng.integers(0, len(pats), len(pats))])
+                              for _, pats in clusters if pats])
+        m = _replicate_metrics(y_true[idx], probs[idx], n_classes)
+        reps[b] = [m.get(k, np.nan) for k in keys]
     out: dict[str, dict[str, float]] = {}
     alpha = (1.0 - CI_LEVEL) / 2
     for j, k in enumerate(keys):

@@ -45,6 +45,29 @@ def test_bootstrap_resamples_patients_not_rows():
     assert rows["auc"]["hi"] - rows["auc"]["lo"] < 0.7 * (base["auc"]["hi"] - base["auc"]["lo"])
 
 
+@pytest.mark.parametrize("n_classes", [2, 3, 7])
+def test_replicate_metrics_equal_sklearns(n_classes):
+    """The bootstrap's numpy metrics are compute_metrics' (scikit-learn's) numbers, case by case:
+    ties in the scores, classes absent from a replicate or never predicted, one class only."""
+    from fedmed.bootstrap import _replicate_metrics
+
+    rng = np.random.default_rng(n_classes)
+    checked = 0
+    for trial in range(60):
+        n = int(rng.integers(3, 60))
+        k = 1 if trial % 5 == 4 else int(rng.integers(2, n_classes + 1))  # only k classes occur
+        y = rng.choice(rng.permutation(n_classes)[:k], n)
+        probs = rng.dirichlet(np.ones(n_classes), n)
+        if trial % 3 == 0:
+            probs = np.round(probs, 1) + 1e-3  # ties
+            probs /= probs.sum(axis=1, keepdims=True)
+        ours, theirs = _replicate_metrics(y, probs, n_classes), compute_metrics(y, probs, n_classes=n_classes)
+        for key, value in ours.items():
+            assert value == pytest.approx(theirs[key], abs=1e-12, nan_ok=True), (trial, key)
+        checked += int(np.isfinite(ours["auc"]))
+    assert checked >= 40  # most trials had an AUC to compare
+
+
 def test_combine_site_intervals_is_the_weighted_mean_with_independent_errors():
     pooled = combine_site_intervals({"a": {"auc": 0.8, "auc_se": 0.03, "num-examples": 100},
                                      "b": {"auc": 0.6, "auc_se": 0.04, "num-examples": 300},
