@@ -136,7 +136,10 @@ def _env() -> dict[str, str]:
 
 
 def _fedmed_job(root: Path) -> list[str]:
+    # min_sites = every site: round 1 waits for all of them, as the peers' rounds always train all
+    # three (with the default 2, a site that registered late missed round 1: another computation)
     return [f"data.root={root}", "data.notes_column=null", f"federation.central_test={root / 'central'}",
+            f"federation.min_sites={len(cohort_sites(root))}",
             "train.progress=false", f"federation.rounds={JOB['rounds']}",
             f"federation.local_epochs={JOB['local_epochs']}", f"federation.evaluate_every={JOB['rounds']}",
             f"data.image_size={JOB['image_size']}"]
