@@ -581,7 +581,7 @@ def test_secure_aggregation_in_a_tls_deployment_signs_with_the_site_keys(synth_c
     procs = [subprocess.Popen(
         [str(bin_dir / "fedmed-client"), "--site", s, "--data-dir", str(synth_root / s), "--server",
          f"127.0.0.1:{port}", "--root-certificates", str(certs["ca_cert"]), "--auth-key", str(keys[s][0]),
-         "--once", "--grace", "5", "--work-dir", str(tmp_path / "sites" / s), f"secagg.peers_dir={peers}",
+         "--once", "--grace", "2", "--work-dir", str(tmp_path / "sites" / s), f"secagg.peers_dir={peers}",
          "secagg.required=true"],
         env=env, stdout=open(tmp_path / f"{s}.log", "w"), stderr=subprocess.STDOUT) for s in sites]
     try:

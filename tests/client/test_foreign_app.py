@@ -130,7 +130,7 @@ def test_foreign_app_never_runs_at_the_site(mode, synth_config, synth_root, cach
     console = work / "console.log"
     client = subprocess.Popen(
         [str(BIN / "fedmed-client"), "--site", "hospital_a", "--data-dir", str(synth_root / "hospital_a"),
-         "--server", f"127.0.0.1:{port}", "--insecure", "--work-dir", str(work), "--once", "--grace", "5"],
+         "--server", f"127.0.0.1:{port}", "--insecure", "--work-dir", str(work), "--once", "--grace", "2"],
         env=site_env, stdout=open(console, "w"), stderr=subprocess.STDOUT)
     marker, report = tmp_path / "foreign-ran.txt", tmp_path / "foreign-replies.json"
     superexec: subprocess.Popen | None = None

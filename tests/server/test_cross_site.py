@@ -84,7 +84,7 @@ def test_cross_site_matrix_over_real_supernodes(synth_config, synth_root, cache_
     _, cfg_path = synth_config(federation={"rounds": 3, "evaluate_every": 3, "cross_site": True})
     out, port, env = tmp_path / "run", free_port(), deploy._env(cache_dir)
     server = deploy._server(cfg_path, out, port, env)
-    clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5",
+    clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "2",
                               f"policy.local_model={POLICY[s]}", f"policy.allowed_messages=[{','.join(ALLOW)}]")
                for s in SITES]
     try:

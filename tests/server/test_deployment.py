@@ -83,7 +83,7 @@ def test_three_sites_federate_for_real(synth_config, synth_root, cache_dir, tmp_
     _, cfg_path = synth_config(federation={"rounds": 3, "evaluate_every": 3})
     out, port, env = tmp_path / "run", free_port(), _env(cache_dir)
     server = _server(cfg_path, out, port, env, "--rounds", "3")
-    clients = [_client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5")
+    clients = [_client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "2")
                for s in SITES]
     try:
         assert server.wait(600) == 0, _logs(tmp_path)

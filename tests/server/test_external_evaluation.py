@@ -40,7 +40,7 @@ def test_server_evaluates_a_saved_model_at_three_sites(synth_root, cache_dir, tm
         [str(BIN / "fedmed-server"), "--evaluate", str(ckpt_path), "--insecure", "--host", "127.0.0.1",
          "--port", str(port), "--out", str(out), "--min-sites", "3", "--round-timeout", "240",
          "--bootstrap", "100"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "5")
+    clients = [deploy._client(s, synth_root, tmp_path / "sites" / s, port, env, "--once", "--grace", "2")
                for s in SITES]
     try:
         assert server.wait(600) == 0, deploy._logs(tmp_path)

@@ -25,7 +25,7 @@ def _client(site: str, port: int, work: Path, env: dict[str, str], *args: str) -
     work.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [str(BIN / "fedmed-client"), "--site", site, "--server", f"127.0.0.1:{port}", "--insecure",
-         "--work-dir", str(work), "--once", "--grace", "5", *args],
+         "--work-dir", str(work), "--once", "--grace", "2", *args],
         env=env, stdout=open(work / "client.log", "a"), stderr=subprocess.STDOUT)
 
 

@@ -52,7 +52,7 @@ def test_stats_over_real_supernodes(synth_config, synth_root, cache_dir, tmp_pat
         clients.append(subprocess.Popen(
             [str(BIN / "fedmed-client"), "--site", s, "--data-dir", str(synth_root / s),
              "--server", f"127.0.0.1:{port}", "--insecure", "--work-dir", str(work), "--once",
-             "--grace", "5"], env=env, stdout=open(work / "client.log", "w"), stderr=subprocess.STDOUT))
+             "--grace", "2"], env=env, stdout=open(work / "client.log", "w"), stderr=subprocess.STDOUT))
     logs = lambda: "\n".join(p.read_text(errors="replace")[-3000:]  # noqa: E731
                              for p in sorted(tmp_path.rglob("*.log")))
     try:
