@@ -55,8 +55,9 @@ def peers_section(res: dict[str, Any]) -> list[str]:
              "data and loss and its training loop (`benchmarks/peers/flower_app/fedmedpeer/task.py`; see the notes), "
              "the rest of each peer is its framework's stock parts; fedmed also scores the central set every "
              "round and the sites' test splits in the last round, "
-             "the Flower app the central set every round, FLARE the final model only. All three sites train at "
-             "once in every run (Ray is given one logical CPU per site, FLARE one thread per client). One torch "
+             "the Flower app the central set every round, FLARE the final model only. All three sites train in "
+             "every round, at once (fedmed waits for all three before round 1, `federation.min_sites=3`; Ray is "
+             "given one logical CPU per site, FLARE one thread per client). One torch "
              f"thread per process everywhere; each run a fresh process tree; {res['repeats']} repeat(s) in rotating "
              "order under one lock; wall = launch to exit (median), memory = peak summed RSS of the run's "
              "processes."), "",
