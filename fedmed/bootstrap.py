@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from fedmed.metrics import SCALAR_METRICS, compute_metrics, expected_calibration_error
+from fedmed.metrics import SCALAR_METRICS, _specificity, compute_metrics, expected_calibration_error
 
 __all__ = ["bootstrap_metrics", "combine_site_intervals", "CI_LEVEL", "Z_95"]
 
@@ -61,10 +61,7 @@ def _replicate_metrics(y: np.ndarray, probs: np.ndarray, n_classes: int) -> dict
     recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
     f1_den = support + predicted
     f1 = np.divide(2 * tp, f1_den, out=np.zeros(n_classes), where=f1_den > 0)
-    fp, fn = predicted - tp, support - tp
-    tn = len(y) - tp - fp - fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    spec = _specificity(cm)
     out = {"accuracy": float(tp.sum() / len(y)), "balanced_accuracy": float(recall[present].mean())}
     auc = float("nan")
     if len(present) >= 2:

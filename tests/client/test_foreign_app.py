@@ -5,8 +5,7 @@ a marker file and would read the site's node config — is submitted to the coor
 Flower's own ``flwr run`` and run there by Flower's own SuperExec (fedmed-server's runner takes
 only its own run; a hostile operator starts one). The site must refuse it before installing or
 importing anything from it, say so on its console and in its log, and send the server a fixed
-refusal. Both
-ways a site runs ClientApps are exercised: fedmed's warm runner, and Flower's own
+refusal. Both ways a site runs ClientApps are exercised: fedmed's warm runner, and Flower's own
 ``--isolation subprocess`` that a site falls back to when the Flower compatibility check
 fails (forced here), which must still federate and warn once.
 """

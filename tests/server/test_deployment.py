@@ -53,19 +53,25 @@ def _logs(tmp_path: Path) -> str:
                      for p in sorted(tmp_path.rglob("*.log")) if p.is_file())
 
 
-def _wait_round(out: Path, rnd: int, timeout: float) -> None:
-    """Block until the federation has checkpointed round ``rnd``."""
+def _wait_state(out: Path, found, timeout: float, what: str):
+    """Block until ``found(state)`` of the checkpointed federation state is truthy; its value."""
     import pickle
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if pickle.loads((out / "state.pkl").read_bytes()).round >= rnd:
-                return
+            value = found(pickle.loads((out / "state.pkl").read_bytes()))
+            if value:
+                return value
         except (FileNotFoundError, EOFError, pickle.UnpicklingError):
             pass
         time.sleep(1)
-    raise TimeoutError(f"round {rnd} not reached in {timeout}s")
+    raise TimeoutError(f"{what} not reached in {timeout}s")
+
+
+def _wait_round(out: Path, rnd: int, timeout: float) -> None:
+    """Block until the federation has checkpointed round ``rnd``."""
+    _wait_state(out, lambda st: st.round >= rnd, timeout, f"round {rnd}")
 
 
 def _first_round_trained_by(out: Path, site: str, timeout: float) -> int:
@@ -74,19 +80,9 @@ def _first_round_trained_by(out: Path, site: str, timeout: float) -> int:
     With ``min_sites`` below the number of sites, round 1 starts once enough sites are in: a
     site that registers a moment later trains from round 2 on.
     """
-    import pickle
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            history = pickle.loads((out / "state.pkl").read_bytes()).history
-            rounds = [r["round"] for r in history if site in r.get("sites_trained", [])]
-            if rounds:
-                return int(rounds[0])
-        except (FileNotFoundError, EOFError, pickle.UnpicklingError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{site} trained in no round within {timeout}s")
+    return int(_wait_state(out, lambda st: next((r["round"] for r in st.history
+                                                 if site in r.get("sites_trained", [])), 0),
+                           timeout, f"a round trained by {site}"))
 
 
 def _kill_all(*procs: subprocess.Popen) -> None:
