@@ -15,10 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from fedmed.client import flower_compat, gate
-from fedmed.client.refusals import REFUSAL_MARK
+from fedmed.client.marks import NOTICE_MARK, REFUSAL_MARK, RUNNER_CANNOT, RUNNER_READY
 from fedmed.config import SiteConfig, load_site_config
-from fedmed.errors import FedmedError, UsageError, run_command
+from fedmed.errors import FedmedError, RunError, UsageError, run_command
 from fedmed.flower import (
     Tls,
     flower_env,
@@ -34,6 +33,7 @@ from fedmed.flower import (
 __all__ = ["main", "build_parser"]
 
 UNREACHABLE_EVERY = 5.0  # seconds between "cannot reach the coordinator" lines
+RUNNER_CHECK_TIMEOUT = 300.0  # seconds the warm runner may take to import and check Flower
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
     site_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     env = flower_env(work / ".flwr")
     port = args.port or free_port()
-    isolation = _isolation(work, env)
-    node_args = [*_node_command(args.poll), "--superlink", args.server, "--port", str(port), "--isolation", isolation,
-                 "--node-config",
+    node_args = [*_node_command(args.poll), "--superlink", args.server, "--port", str(port), "--node-config",
                  f"site='{cfg.site}' site-config='{site_yaml}' audit-log='{work / 'audit.jsonl'}'"]
     # Flower's SuperNode installs no app dependencies unless --allow-runtime-dependency-installation.
     if tls is None:
@@ -118,39 +116,67 @@ def run(args: argparse.Namespace) -> int:
     print(f"fedmed-client: site {cfg.site} joining {args.server} "
           f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
     runner_args = [sys.executable, "-m", "fedmed.client.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
+    isolation = "process"
 
     def start() -> list:
-        node = spawn(node_args, env=env, log_path=log_path)
-        if isolation == "subprocess":  # Flower's SuperExec runs the (gated) flwr-clientapp per task
-            return [node]
-        return [node, spawn(runner_args, env=env, log_path=app_log)]
+        nonlocal isolation
+        runner = None
+        if isolation == "process":  # the runner checks this Flower first; the node starts after
+            runner = _start_runner(runner_args, env=env, app_log=app_log)
+            if runner is None:
+                isolation = _fallback_isolation(work, env)
+        node = spawn([*node_args, "--isolation", isolation], env=env, log_path=log_path)
+        # isolation subprocess: Flower's SuperExec runs the (gated) flwr-clientapp per task
+        return [node] if runner is None else [node, runner]
 
     return _supervise(start, args, tls, log_path)
 
 
+def _start_runner(runner_args: list[str], *, env: dict[str, str], app_log: Path):
+    """The warm runner, once it has found what it needs in this Flower; None when it has not.
+
+    It checks Flower's internals before anything else (:data:`RUNNER_READY`, or exit
+    :data:`RUNNER_CANNOT`), and the node starts only after: a site that cannot check apps
+    never joins.
+    """
+    start = app_log.stat().st_size if app_log.exists() else 0
+    runner = spawn(runner_args, env=env, log_path=app_log)
+    deadline = time.monotonic() + RUNNER_CHECK_TIMEOUT
+    while time.monotonic() < deadline:
+        with open(app_log, "rb") as fh:
+            fh.seek(start)
+            if RUNNER_READY.encode() in fh.read():
+                return runner
+        code = runner.poll()
+        if code == RUNNER_CANNOT:
+            return None
+        if code is not None:
+            raise RunError(f"the site's ClientApp runner exited with code {code} while it started (log {app_log})")
+        time.sleep(0.05)
+    stop(runner)
+    raise RunError(f"the site's ClientApp runner did not start in {RUNNER_CHECK_TIMEOUT:.0f}s (log {app_log})")
+
+
 def _node_command(poll: float) -> list[str]:
-    """Flower's SuperNode, its idle sleep capped at ``poll`` s where this Flower allows it.
+    """Flower's SuperNode, its idle sleep capped at ``poll`` s (:mod:`fedmed.client.node`).
 
     Flower 1.42 sleeps 3 s between asks when idle, with no setting; each round's messages
-    then waited 1.5 s on average (docs/benchmarks.md). ``poll >= 3`` runs Flower's node as is.
+    then waited 1.5 s on average (docs/benchmarks.md). ``poll >= 3`` runs Flower's node as is,
+    and so does :mod:`fedmed.client.node` itself when this Flower has moved that loop.
     """
-    problem = flower_compat.check_node_poll()
-    if poll >= 3.0 or problem is not None:
-        if problem is not None:
-            print(f"fedmed-client: Flower's idle poll stays at 3 s ({problem})", file=sys.stderr, flush=True)
+    if poll >= 3.0:
         return ["flower-supernode"]
     return [sys.executable, "-m", "fedmed.client.node", "--poll", f"{poll:g}", "--"]
 
 
-def _isolation(work: Path, env: dict[str, str]) -> str:
-    """``process`` (fedmed's warm runner) when this Flower has what it needs, else ``subprocess``.
-
-    The fallback is Flower's own per-task ``flwr-clientapp`` behind fedmed's app gate; when
-    even the gate cannot be installed the site refuses to start: it would run unchecked apps.
+def _fallback_isolation(work: Path, env: dict[str, str]) -> str:
+    """``subprocess`` (Flower's own per-task ``flwr-clientapp`` behind fedmed's app gate) for a
+    Flower that lacks what the warm runner needs; when even the gate cannot be installed the
+    site refuses to start: it would run unchecked apps.
     """
+    from fedmed.client import flower_compat, gate
+
     problem = flower_compat.check_warm()
-    if problem is None:
-        return "process"
     gate_problem = flower_compat.check_gate()
     if gate_problem is not None:
         raise SiteStartRefused(
@@ -187,7 +213,7 @@ def _echo_refusals(paths: list[Path], offsets: dict[Path, int]) -> None:
         end = data.rfind(b"\n") + 1
         offsets[path] = offsets.get(path, 0) + end
         for line in data[:end].decode(errors="replace").splitlines():
-            if line.startswith(REFUSAL_MARK):
+            if line.startswith((REFUSAL_MARK, NOTICE_MARK)):
                 print(f"fedmed-client: {line}", file=sys.stderr, flush=True)
 
 

@@ -14,8 +14,10 @@ ClientApp process: its "warm executors" are one-task Kubernetes pods):
   fetches a message's objects with a 1 s first backoff.
 
 :func:`check_warm` / :func:`check_gate` / :func:`check_node_poll` import and exercise what
-each needs and return a reason when a Flower release has moved it; the site then falls back
-to the gate (or to Flower's unchanged node), or refuses to start (:mod:`fedmed.client.cli`).
+each needs and return a reason when a Flower release has moved it. The warm runner and the
+node run their checks when they start (``fedmed-client`` itself imports no Flower); the site
+then falls back to the gate (or to Flower's unchanged node), or refuses to start
+(:mod:`fedmed.client.cli`).
 Nothing else in fedmed imports ``flwr.supercore``, ``flwr.proto``, ``flwr.supernode`` or
 ``flwr.common.serde``.
 """

@@ -3,7 +3,8 @@
 The full exception (or the refused app's details) goes to the site's own log under the
 reference; the server only learns the kind, the reference and fixed public text
 (:func:`fedmed.messages.error_reason`). The site's console shows every refusal too:
-:data:`REFUSAL_MARK` starts the line that :mod:`fedmed.client.cli` echoes from the logs.
+:data:`~fedmed.client.marks.REFUSAL_MARK` starts the line that :mod:`fedmed.client.cli` echoes
+from the logs.
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from collections.abc import Callable
 from flwr.app import Context, Message
 
 from fedmed.client.approval import AppRefused
+from fedmed.client.marks import REFUSAL_MARK
 from fedmed.messages import ERROR_CODES, error_reason, new_ref
 
 __all__ = ["REFUSAL_MARK", "new_ref", "site_error", "log_refusal", "log_internal", "run_app_safely"]
 
 log = logging.getLogger("fedmed.client")
-
-REFUSAL_MARK = "fedmed site REFUSED"
-
 
 def site_error(kind: str, ref: str, public: str = "") -> tuple[int, str]:
     """``(code, reason)`` of a site error reply of ``kind``; ``public`` must be fixed text."""

@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from fedmed.client import flower_compat
 from fedmed.client.approval import AppRefused, check_fab
+from fedmed.client.marks import RUNNER_CANNOT, RUNNER_READY
 from fedmed.client.refusals import log_internal, log_refusal, run_app_safely
 
 __all__ = ["serve", "run_task"]
@@ -101,9 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     problem = flower_compat.check_warm()
-    if problem is not None:  # fedmed-client checks first; this guards a direct start
-        print(f"fedmed warm runner: this Flower lacks what it needs ({problem})", file=sys.stderr)
-        return 2
+    if problem is not None:  # fedmed-client then falls back to Flower's gated per-task process
+        print(f"fedmed warm runner: this Flower lacks what it needs ({problem})", file=sys.stderr, flush=True)
+        return RUNNER_CANNOT
+    print(RUNNER_READY, flush=True)  # fedmed-client starts the node on this line
     # Everything the ClientApp needs is imported before the first task, not during a round.
     import torchvision.transforms.v2  # noqa: F401  (training's augmentation; fedmed.data loads it lazily)
 

@@ -36,6 +36,7 @@ __all__ = [
     "flower_env",
     "spawn",
     "spawn_lines",
+    "console_script",
     "flower_internal",
     "first_missing",
     "redact",
@@ -117,7 +118,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of this interpreter's environment (works without PATH set up)."""
     cand = Path(sys.executable).parent / name
     return str(cand) if cand.exists() else (shutil.which(name) or name)
@@ -147,7 +148,7 @@ def spawn(args: Sequence[str], *, env: dict[str, str], log_path: Path) -> subpro
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(log_path, "ab")
-    cmd = [_bin(args[0]), *args[1:]]
+    cmd = [console_script(args[0]), *args[1:]]
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, preexec_fn=preexec, start_new_session=preexec is None)
@@ -315,13 +316,13 @@ def spawn_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen
 
 def flwr_lines(args: Sequence[str], *, env: dict[str, str]) -> subprocess.Popen:
     """Start the ``flwr`` CLI with its output as a text pipe (``flwr log`` is read line by line)."""
-    return spawn_lines([_bin("flwr"), *args], env=env)
+    return spawn_lines([console_script("flwr"), *args], env=env)
 
 
 def flwr(args: Sequence[str], *, env: dict[str, str], timeout: float | None = None,
          stream_to: Any = None) -> subprocess.CompletedProcess:
     """Run the ``flwr`` CLI (``run``, ``log``, ``ls``, ``supernode register``)."""
-    return subprocess.run([_bin("flwr"), *args], env=env, text=True, timeout=timeout,
+    return subprocess.run([console_script("flwr"), *args], env=env, text=True, timeout=timeout,
                           stdout=stream_to if stream_to is not None else subprocess.PIPE,
                           stderr=subprocess.STDOUT if stream_to is not None else subprocess.PIPE,
                           stdin=subprocess.DEVNULL)

@@ -127,13 +127,26 @@ def test_capped_sleep_shortens_only_long_sleeps_and_passes_the_rest_of_time_thro
     assert capped.time is time.time and capped.monotonic is time.monotonic
 
 
-def test_site_node_command_caps_the_idle_poll_unless_told_flowers(monkeypatch):
+def test_site_node_command_caps_the_idle_poll_unless_told_flowers():
     from fedmed.client.cli import _node_command
 
     assert _node_command(0.25)[-4:] == ["fedmed.client.node", "--poll", "0.25", "--"]
     assert _node_command(3.0) == ["flower-supernode"]
-    monkeypatch.setenv("FEDMED_COMPAT_REQUIRE_POLL", "flwr.supernode.gone:Thing")
-    assert _node_command(0.25) == ["flower-supernode"]  # the loop moved: Flower's node as it is
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_the_node_runs_flowers_own_when_its_loop_moved(moved):
+    """fedmed.client.node checks Flower's loop itself (the wrapper imports no Flower): when it
+    moved, one notice for the site's console and Flower's own node, unchanged."""
+    env = dict(os.environ)
+    if moved:
+        env["FEDMED_COMPAT_REQUIRE_POLL"] = "flwr.supernode.gone:Thing"
+    res = subprocess.run([sys.executable, "-m", "fedmed.client.node", "--poll", "0.25", "--", "--help"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage: flower-supernode" in res.stdout  # Flower's node in both cases, here its --help
+    notice = "fedmed site NOTICE: Flower's idle poll stays at 3 s (flwr.supernode.gone.Thing is missing"
+    assert (notice in res.stderr) is moved
 
 
 def test_node_loop_gets_capped_sleeps_and_a_short_object_backoff(monkeypatch):

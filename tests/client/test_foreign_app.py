@@ -173,7 +173,9 @@ def test_foreign_app_never_runs_at_the_site(mode, synth_config, synth_root, cach
     assert summary["rounds"] == 2
     if mode == "subprocess-fallback":
         assert text.count("falling back to Flower's --isolation subprocess") == 1, text
-        assert not (work / "clientapp.log").exists()  # no warm runner: Flower's own flwr-clientapp ran
+        # the warm runner found this Flower lacking and left before any task: Flower's own flwr-clientapp ran
+        runner_log = (work / "clientapp.log").read_text()
+        assert "this Flower lacks what it needs" in runner_log and "task done" not in runner_log, runner_log
         assert "Start `flwr-clientapp` process" in (work / "supernode.log").read_text()
     else:
         assert "falling back" not in text
