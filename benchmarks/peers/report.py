@@ -17,7 +17,10 @@ __all__ = ["dp_section", "marked_blocks", "peers_section", "update_doc"]
 LABELS = {"fedmed_deployment": "fedmed, deployment (`fedmed demo`, loopback)",
           "fedmed_simulation": "fedmed, simulation (`fedmed simulate`)",
           "flower": "plain Flower app (`flwr run`, simulation engine)",
-          "nvflare": "NVIDIA FLARE 2.9 (FedAvg recipe, simulator)"}
+          "nvflare": "NVIDIA FLARE 2.9 (FedAvg recipe, simulator)",
+          "fedmed_deployment_same_work": "fedmed, deployment, peers' work (`federation.fraction_evaluate=0 "
+                                         "federation.calibration=off`)",
+          "fedmed_simulation_same_work": "fedmed, simulation, peers' work (same two settings)"}
 
 
 def _block(name: str, lines: list[str]) -> str:
@@ -53,9 +56,10 @@ def peers_section(res: dict[str, Any]) -> list[str]:
              "model, class-weighted CE, AdamW with the cosine-over-rounds rate, FedAvg weighted by training "
              "examples; final central test AUC on the coordinator's held-out set. The peers import fedmed's model, "
              "data and loss and its training loop (`benchmarks/peers/flower_app/fedmedpeer/task.py`; see the notes), "
-             "the rest of each peer is its framework's stock parts; fedmed also scores the central set every "
-             "round and the sites' test splits in the last round, "
-             "the Flower app the central set every round, FLARE the final model only. All three sites train in "
+             "the rest of each peer is its framework's stock parts. By default fedmed also scores the central set "
+             "every round, the sites' test splits in the last round, and temperature-scales the best model on the "
+             "sites' val splits (one more exchange with every site); its *peers' work* rows turn the last two off. "
+             "The Flower app scores the central set every round, FLARE the final model only. All three sites train in "
              "every round, at once (fedmed waits for all three before round 1, `federation.min_sites=3`; Ray is "
              "given one logical CPU per site, FLARE one thread per client). One torch "
              f"thread per process everywhere; each run a fresh process tree; {res['repeats']} repeat(s) in rotating "
@@ -85,9 +89,7 @@ def peers_section(res: dict[str, Any]) -> list[str]:
         if peer not in s:
             continue
         p = s[peer]
-        for mine in ("fedmed_deployment", "fedmed_simulation"):
-            if mine not in s:
-                continue
+        for mine in (n for n in s if n.startswith("fedmed_")):
             m = s[mine]
             d_auc = abs(m["central_test_auc"][0] - p["central_test_auc"][0])
             ratio = m["wall_s"] / p["wall_s"]

@@ -46,7 +46,12 @@ __all__ = ["PEER_VENV", "RUNS", "main", "measure"]
 
 PEER_VENV = ROOT / ".venv-peers"
 HERE = Path(__file__).resolve().parent
-RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare")
+RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare",
+        "fedmed_deployment_same_work", "fedmed_simulation_same_work")
+# fedmed's defaults do more than the peers: the sites score their test splits in the last round
+# and the best model is temperature-scaled on the sites' val splits. The *_same_work arms turn
+# both off, so the peers' work (train, score the central set) is compared with fedmed doing only that.
+SAME_WORK = ["federation.fraction_evaluate=0", "federation.calibration=off"]
 JOB = {"rounds": 4, "local_epochs": 3, "image_size": 64}
 # Every framework trains all the cohort's sites at once: Ray is given one logical CPU per site
 # (its default is the machine's 2 cores, which would run two of three sites and then the
@@ -145,16 +150,17 @@ def _fedmed_job(root: Path) -> list[str]:
             f"data.image_size={JOB['image_size']}"]
 
 
-def _fedmed(kind: str, root: Path, out: Path) -> dict[str, Any]:
+def _fedmed(kind: str, root: Path, out: Path, extra: list[str] | None = None) -> dict[str, Any]:
     bin_ = Path(sys.executable).parent / "fedmed"
     cfg = str(ROOT / "configs" / "default.yaml")
+    job = [*_fedmed_job(root), *(extra or [])]
     if kind == "deployment":
-        cmd = [str(bin_), "demo", "-c", cfg, "--out", str(out), *_fedmed_job(root)]
+        cmd = [str(bin_), "demo", "-c", cfg, "--out", str(out), *job]
     else:
         # one Ray CPU per site and as many as there are sites: all three train side by side, as in
         # the deployment, FLARE's simulator (one thread per client) and the Flower app below
         cmd = [str(bin_), "simulate", "-c", cfg, "--out", str(out), "--cpus-per-site", "1",
-               "--cpus", str(len(cohort_sites(root))), *_fedmed_job(root)]
+               "--cpus", str(len(cohort_sites(root))), *job]
     if kind == "deployment":
         with _lock("/tmp/fedmed-deploy.lock"):
             t = _timed(cmd, log=out.parent / f"{out.name}.log", env=_env())
@@ -236,10 +242,9 @@ def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     load = round(os.getloadavg()[0], 2)
-    if name == "fedmed_deployment":
-        r = _fedmed("deployment", root, out)
-    elif name == "fedmed_simulation":
-        r = _fedmed("simulation", root, out)
+    if name.startswith("fedmed_"):
+        kind = name.split("_")[1]
+        r = _fedmed(kind, root, out, SAME_WORK if name.endswith("_same_work") else None)
     elif name == "flower":
         r = _flower(root, out)
     else:
