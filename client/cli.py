@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     return _supervise(start, args, tls, log_path)
 
 
-def _start_runner(runner_args: list[str], *, env: dict[str, str], app_log: Path):
+def _start_runner(runner_args: list[str], *, env: dict[str, str], app_log: Path) -> subprocess.Popen | None:
     """The warm runner, once it has found what it needs in this Flower; None when it has not.
 
     It checks Flower's internals before anything else (:data:`RUNNER_READY`, or exit

@@ -99,12 +99,15 @@ def peers_section(res: dict[str, Any]) -> list[str]:
     med = {n: (statistics.median(x for x in r["rounds_all"] if x is not None),
                statistics.median(w - x for x, w in zip(r["rounds_all"], r["wall_all"], strict=True) if x is not None))
            for n, r in s.items() if any(x is not None for x in r.get("rounds_all") or [])}
+    spread = max(max(r["wall_all"]) - min(r["wall_all"]) for r in s.values())
     if med:
         lines += ["", "Where the wall goes (medians, s in rounds / s outside them): " + "; ".join(
             f"{LABELS[n].split(' (')[0]} {a:.1f} / {b:.1f}" for n, (a, b) in med.items()) + ". Outside the rounds "
             "fedmed starts more (a SuperLink and one SuperNode process per site in the deployment) and does more "
-            "after the last round (temperature scaling on the central set, the report and its plots, MLflow); "
-            "inside them it also scores the sites' test splits in the last round."]
+            "after the last round (by default temperature scaling on the sites' val splits; always the report "
+            "and its plots, MLflow); inside them it also scores the sites' test splits in the last round by "
+            f"default. Walls of one arm differ by up to {spread:.0f} s between repeats here, so the pairs of the "
+            "same repeat are worth reading too (the per-repeat walls in the table)."]
     lines += ["", "Notes:",
               ("- *Bytes*: fedmed deployment = the serialised reply objects as each site's guard logs them; "
               "Flower = the serialised arrays of the reply's ArrayRecord; FLARE = its own serializer (fobs) over "
