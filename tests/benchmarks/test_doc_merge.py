@@ -18,3 +18,15 @@ def test_only_run_keeps_other_rows_sections_and_each_marked_block_once():
     for marker in ("<!-- peers:begin -->", "<!-- dp_cost:begin -->"):
         assert page.count(marker) == 1
     assert page.index("old scale") < page.index("<!-- peers:begin -->")  # blocks after the sections
+
+
+def test_every_hand_written_section_of_the_page_survives_a_rerun():
+    """``python -m benchmarks`` rebuilds docs/benchmarks.md from its own sections and the marked
+    blocks; a ``## `` section outside a block would be dropped by the next run (it happened once:
+    two sessions' sections vanished, caught in review)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md").read_text()
+    outside = re.sub(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", "", page, flags=re.DOTALL)
+    assert [h for h in re.findall(r"^## .*$", outside, flags=re.M) if h != "## Details"] == []
