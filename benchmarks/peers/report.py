@@ -50,7 +50,8 @@ def peers_section(res: dict[str, Any]) -> list[str]:
     lines = ["## fedmed and its peers on the same job", "",
              "```bash",
              "make bench-peers-setup   # once: .venv-peers (torch, flwr 1.42, nvflare 2.9, fedmed --no-deps)",
-             f"make bench-peers         # = python -m benchmarks.peers.run --repeats {res['repeats']}", "```", "",
+             "make bench-peers         # python -m benchmarks.peers.run with the Makefile's repeats",
+             f"python -m benchmarks.peers.run --repeats {res['repeats']}   # this table", "```", "",
              (f"Job: fedmed's federation benchmark: sites {', '.join(res['sites'])} of the synthetic cohort, "
              f"{job['rounds']} rounds × {job['local_epochs']} local epochs, {job['image_size']} px, seed 0, the fusion "
              "model, class-weighted CE, AdamW with the cosine-over-rounds rate, FedAvg weighted by training "
