@@ -74,8 +74,8 @@ def test_nothing_identifying_reaches_the_coordinator(synth_config, synth_root, c
     # The SuperLink keeps its state (every message and reply) in memory, never on this disk.
     assert not [p for p in written if ".db" in p.name and not p.name.startswith("mlflow.db")], written
     # Positive control: what the broken site did send (its error code and reference) reached the
-    # coordinator and is found by this very search (in the run's log and report: the SuperLink's
-    # copy of the message lived only in its memory).
+    # coordinator and is found by this very search (in the coordinator's own files, summary.json
+    # among them: the SuperLink's copy of the message lived only in its memory).
     ref_c = problems["hospital_c"].split("site ref ")[1][:12].encode()
     assert any(ref_c in p.read_bytes() for p in written)
     hits = {(str(p.relative_to(tmp_path)), s) for p in written for s in secrets
