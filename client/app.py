@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.calibration import collect_logits, measure, nll_curve
+from fedmed.calibration import measure, nll_curve
 from fedmed.client.guard import privacy_guard
 from fedmed.client.local_state import keep_local, restore_local
 from fedmed.client.policy import check_local_steps, check_name, check_number, check_number_list
@@ -38,7 +38,7 @@ from fedmed.messages import (
     server_config,
 )
 from fedmed.secagg import SecAggRefusal, SiteSession, load_identity, plan_hash
-from fedmed.train.loop import evaluate, make_optimizer, train_epochs
+from fedmed.train.loop import make_optimizer, scores, train_epochs
 from fedmed.transfer import pack, unpack
 
 __all__ = ["app"]
@@ -252,8 +252,7 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     rt, _ = _prepare(msg, context)
     metrics: dict[str, Any] = {}
     for split, prefix in (("val", "val_"), ("test", "")):  # test last: its confusion matrix is sent
-        m = evaluate(rt.model, rt.loaders[split], device=rt.device, n_classes=rt.n_classes,
-                     amp=rt.cfg.train.amp, loss_fn=rt.loss_fn, multilabel=rt.cfg.model.multilabel)
+        m = scores(rt.outputs(split), n_classes=rt.n_classes, multilabel=rt.cfg.model.multilabel)
         metrics.update({prefix + k: v for k, v in m.items() if k not in ("confusion_matrix", "n")})
         metrics[prefix + "num-examples"] = int(m.get("n", 0))
     if "confusion_matrix" in m:
@@ -281,7 +280,8 @@ def calibration_fn(msg: Message, context: Context) -> Message:
         temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
     else:
         temperature = check_number("temperature", config.get("temperature"))
-    z, y = collect_logits(rt.model, rt.loaders["val" if step == "fit" else "test"], rt.device)
+    out = rt.outputs("val" if step == "fit" else "test")  # the last round's evaluation computed it
+    z, y = out.logits.astype(np.float64), out.labels.astype(np.int64)
     metrics: dict = {"num-examples": len(y)}
     if len(y) and step == "fit":
         metrics["nll_curve"] = nll_curve(z, y, temps).tolist()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from fedmed.errors import UsageError
 from fedmed.job import site_job_config
 from fedmed.messages import PublicRefusal
 from fedmed.task import load_site_bundle, make_loaders, model_from_config, seed_everything, training_loss
+from fedmed.train.loop import Outputs, forward_pass
 
 __all__ = ["SiteRuntime", "runtime_for", "resolve_site", "job_config"]
 
@@ -44,6 +45,22 @@ class SiteRuntime:
     loaders: dict[str, DataLoader]
     loss_fn: torch.nn.Module
     n_classes: int
+    # forward passes of the model state named by ``_scored_state`` (see ``outputs``)
+    _scored: dict[str, Outputs] = field(default_factory=dict, repr=False)
+    _scored_state: str = field(default="", repr=False)
+
+    def outputs(self, split: str) -> Outputs:
+        """The model's labels, logits and loss on ``split`` (val or test), computed once per
+        split and set of weights: the last round's evaluation and the calibration that follows
+        send the same weights, and the site then scores its data once, not three times."""
+        state = _state_digest(self.model)
+        if state != self._scored_state:
+            self._scored, self._scored_state = {}, state
+        if split not in self._scored:
+            self._scored[split] = forward_pass(self.model, self.loaders[split], device=self.device,
+                                               amp=self.cfg.train.amp, loss_fn=self.loss_fn,
+                                               channels_last=self.cfg.train.channels_last)
+        return self._scored[split]
 
     def reseed(self, seed: int) -> None:
         """Reseed torch and the training loader's shuffling for this round."""
@@ -51,6 +68,15 @@ class SiteRuntime:
         gen = self.loaders["train"].generator
         if gen is not None:
             gen.manual_seed(seed)
+
+
+def _state_digest(model: torch.nn.Module) -> str:
+    """A digest of every tensor of the model's state (weights and buffers, FedBN's local ones too)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def resolve_site(context: Context) -> SiteConfig:

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from fedmed.errors import UsageError
 from fedmed.metrics import expected_calibration_error
 from fedmed.reporting.html import images, save_figure, table, write_page
+from fedmed.train.loop import forward_pass
 
 __all__ = [
     "fit_temperature",
@@ -110,18 +111,11 @@ def fit_temperature_from_curves(
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader, model in eval mode."""
-    model.eval().to(device)
-    zs, ys = [], []
-    for batch in loader:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "label"}
-        zs.append(model(**inputs).float().cpu().numpy().astype(np.float64))
-        ys.append(batch["label"].numpy())
-    if not zs:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    return np.concatenate(zs), np.concatenate(ys).astype(np.int64)
+def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *,
+                   amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader (one :func:`forward_pass`)."""
+    out = forward_pass(model, loader, device=torch.device(device), amp=amp)
+    return out.logits.astype(np.float64), out.labels.astype(np.int64)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

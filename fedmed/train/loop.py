@@ -33,7 +33,10 @@ __all__ = [
     "param_groups",
     "split_batch",
     "train_epochs",
+    "Outputs",
+    "forward_pass",
     "predict",
+    "scores",
     "evaluate",
     "fit",
 ]
@@ -175,7 +178,56 @@ def train_epochs(
             "images_per_s": samples / seconds if seconds > 0 else 0.0}
 
 
-@torch.no_grad()
+@dataclass
+class Outputs:
+    """One forward pass over a loader: labels, float32 logits ``(N, C)`` and the mean loss."""
+
+    labels: np.ndarray
+    logits: np.ndarray
+    loss: float | None = None
+
+    def probabilities(self, *, multilabel: bool = False) -> np.ndarray:
+        """Softmax (sigmoid for multi-label) of the logits, in float32 as the model gave them."""
+        z = torch.from_numpy(self.logits)
+        return (torch.sigmoid(z) if multilabel else torch.softmax(z, dim=-1)).numpy()
+
+
+@torch.no_grad()  # not inference_mode: model.to(memory_format) here must leave trainable parameters
+def forward_pass(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp: bool = True,
+    loss_fn: nn.Module | None = None,
+    channels_last: bool = True,
+) -> Outputs:
+    """The model's logits on every batch of ``loader``, in eval mode, without autograd.
+
+    The one forward pass behind evaluation, prediction and calibration, so that they score a
+    model the same way (memory format, AMP) and a site can reuse it for the same weights.
+    """
+    model.eval()
+    fmt = memory_format(device, channels_last)
+    if fmt is torch.channels_last:
+        model.to(memory_format=fmt)
+    use_amp = amp_enabled(device, amp)
+    ys, zs = [], []
+    total, n = 0.0, 0
+    for batch in loader:
+        inputs, target = split_batch(batch, device, fmt=fmt)
+        with autocast(device, use_amp):
+            logits = model(**inputs).float()
+        if loss_fn is not None:
+            total += float(loss_fn(logits, target)) * len(target)
+            n += len(target)
+        ys.append(target.cpu().numpy())
+        zs.append(logits.cpu().numpy())
+    if not ys:
+        return Outputs(np.zeros(0, dtype=int), np.zeros((0, 0), dtype=np.float32))
+    return Outputs(np.concatenate(ys), np.concatenate(zs), total / n if n else None)
+
+
 def predict(
     model: nn.Module,
     loader: DataLoader,
@@ -187,26 +239,20 @@ def predict(
     channels_last: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Labels, probabilities ``(N, C)`` and the mean loss (when a loss is given)."""
-    model.eval()
-    fmt = memory_format(device, channels_last)
-    if fmt is torch.channels_last:
-        model.to(memory_format=fmt)
-    use_amp = amp_enabled(device, amp)
-    ys, ps = [], []
-    total, n = 0.0, 0
-    for batch in loader:
-        inputs, target = split_batch(batch, device, fmt=fmt)
-        with autocast(device, use_amp):
-            logits = model(**inputs).float()
-        if loss_fn is not None:
-            total += float(loss_fn(logits, target)) * len(target)
-            n += len(target)
-        probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
-        ys.append(target.cpu().numpy())
-        ps.append(probs.cpu().numpy())
-    if not ys:
-        return np.zeros(0, dtype=int), np.zeros((0, 0)), None
-    return np.concatenate(ys), np.concatenate(ps), (total / n if n else None)
+    out = forward_pass(model, loader, device=device, amp=amp, loss_fn=loss_fn, channels_last=channels_last)
+    if len(out.labels) == 0:
+        return out.labels, np.zeros((0, 0)), None
+    return out.labels, out.probabilities(multilabel=multilabel), out.loss
+
+
+def scores(out: Outputs, *, n_classes: int, multilabel: bool = False) -> dict[str, Any]:
+    """All metrics of :func:`fedmed.metrics.compute_metrics` from one :func:`forward_pass`."""
+    if len(out.labels) == 0:
+        return {"n": 0}
+    p = out.probabilities(multilabel=multilabel)
+    if multilabel:  # report the argmax view so the same table applies
+        p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
+    return compute_metrics(out.labels, p, n_classes=n_classes, loss=out.loss)
 
 
 def evaluate(
@@ -221,13 +267,8 @@ def evaluate(
     channels_last: bool = True,
 ) -> dict[str, Any]:
     """All metrics of :func:`fedmed.metrics.compute_metrics` on one loader."""
-    y, p, loss = predict(model, loader, device=device, amp=amp, loss_fn=loss_fn, multilabel=multilabel,
-                         channels_last=channels_last)
-    if len(y) == 0:
-        return {"n": 0}
-    if multilabel:  # report the argmax view so the same table applies
-        p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)
-    return compute_metrics(y, p, n_classes=n_classes, loss=loss)
+    out = forward_pass(model, loader, device=device, amp=amp, loss_fn=loss_fn, channels_last=channels_last)
+    return scores(out, n_classes=n_classes, multilabel=multilabel)
 
 
 @dataclass
