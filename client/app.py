@@ -250,11 +250,19 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     names (what the coordinator selects rounds by when it holds no validation set: never the test
     split); numbers only."""
     rt, _ = _prepare(msg, context)
+    config = server_config(msg)
+    temps = None  # the last round asks for the val split's NLL curve too: the calibration's fit step
+    if "temperatures" in config and not rt.cfg.model.multilabel:
+        temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
     metrics: dict[str, Any] = {}
     for split, prefix in (("val", "val_"), ("test", "")):  # test last: its confusion matrix is sent
-        m = scores(rt.outputs(split), n_classes=rt.n_classes, multilabel=rt.cfg.model.multilabel)
+        out = rt.outputs(split)
+        m = scores(out, n_classes=rt.n_classes, multilabel=rt.cfg.model.multilabel)
         metrics.update({prefix + k: v for k, v in m.items() if k not in ("confusion_matrix", "n")})
         metrics[prefix + "num-examples"] = int(m.get("n", 0))
+        if split == "val" and temps is not None and len(out.labels):
+            metrics["val_nll_curve"] = nll_curve(out.logits.astype(np.float64), out.labels.astype(np.int64),
+                                                 temps).tolist()
     if "confusion_matrix" in m:
         metrics["confusion_matrix"] = [float(x) for row in m["confusion_matrix"] for x in row]
     return make_reply(msg, site=rt.site, metrics=metrics)

@@ -5,7 +5,8 @@ Two messages go to every connected site (type ``evaluate.calibration``, handled 
 
 1. ``fit``: each site returns the summed NLL of its val split at every temperature of a
    shared grid; the server adds the curves and takes the minimum (``federated``). With
-   ``central`` the server fits ``T`` on its own central val split instead.
+   ``central`` the server fits ``T`` on its own central val split instead. When the model is
+   the last round's, the curves came with that round's evaluation, and this step is skipped.
 2. ``measure``, carrying ``T``: each site returns its test split's ECE and NLL at ``T = 1``
    and at ``T`` and per-bin sums (count, confidence, correct), which add up to the pooled
    test sets' ECE and reliability diagram. A central set's test split is measured too.
@@ -40,11 +41,14 @@ from fedmed.errors import UsageError
 from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, JOB_KEY, screen_metric_replies
 from fedmed.transfer import pack
 
-__all__ = ["calibrate_federation", "calibration_summary", "MESSAGE_TYPE"]
+__all__ = ["calibrate_federation", "calibration_summary", "MESSAGE_TYPE", "CURVE_KEY"]
 
 log = logging.getLogger("fedmed.server")
 
 MESSAGE_TYPE = f"{MessageType.EVALUATE}.{CALIBRATION_ACTION}"
+# the metric a site's val NLL curve travels under; the last round's evaluation sends it as
+# ``val_`` + this name (fedmed.client.app.evaluate_fn)
+CURVE_KEY = "nll_curve"
 MEASURED = (*MEASURE_KEYS, "accuracy")
 
 Send = Callable[[list[Message]], list[Message]]
@@ -97,12 +101,15 @@ def calibrate_federation(
     arrays: dict[str, np.ndarray],
     job: str,
     central_logits: CentralLogits | None = None,
+    val_curves: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit ``T`` (``method`` "federated" or "central") for the model ``arrays`` and measure it.
 
     ``send(messages) -> replies`` is the round driver's exchange with the Grid; ``job`` the
     encoded job the sites build the model from; ``central_logits(arrays, split)`` the
-    server's own held-out set (required for "central"). Returns a JSON-able dict:
+    server's own held-out set (required for "central"). ``val_curves``: per site, the
+    ``nll_curve`` and ``num-examples`` the last round's evaluation already returned for these very
+    weights (:data:`CURVE_KEY`); they replace the fit step when every node sent one. Returns a JSON-able dict:
     ``method``, ``temperature``, ``fit`` (where and on how many examples), ``sites`` and
     ``sites_failed`` of the measuring step, ``pooled`` (:func:`combine_measures` of the
     sites), ``central_test`` (when there is a central set) and ``seconds``; ``error``
@@ -124,7 +131,11 @@ def calibrate_federation(
         temperature = fit_temperature(z, y) if len(y) else None
     else:
         grid = temperature_grid()
-        per_site, failed = _ask(send, nodes, current, {**base, "temperatures": grid.tolist()})
+        failed: dict[str, str] = {}
+        if val_curves is not None and len(val_curves) >= len(nodes):  # one exchange fewer
+            per_site = dict(val_curves)
+        else:
+            per_site, failed = _ask(send, nodes, current, {**base, "temperatures": grid.tolist()})
         curves: dict[str, dict[str, Any]] = {}
         for site, m in per_site.items():
             problem = _curve_problem(m, len(grid))
@@ -135,6 +146,8 @@ def calibrate_federation(
         result["fit"] = {"on": "sites' val splits", "sites": sorted(curves),
                          "num-examples": int(sum(m["num-examples"] for m in curves.values())),
                          "sites_failed": failed}
+        if val_curves is not None and len(val_curves) >= len(nodes):
+            result["fit"]["asked"] = "with the last round's evaluation"
         temperature = (fit_temperature_from_curves([m["nll_curve"] for m in curves.values()], grid)
                        if curves else None)
     if temperature is None:

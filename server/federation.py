@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedmed.calibration import temperature_grid
 from fedmed.config import FedmedConfig
 from fedmed.errors import RunTimeout, UsageError
 from fedmed.job import job_for_sites
@@ -42,7 +43,7 @@ from fedmed.messages import (
     screen_train_replies,
 )
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
-from fedmed.server.calibration import CentralLogits, calibrate_federation
+from fedmed.server.calibration import CURVE_KEY, CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, final_arrays, final_model, load_state, save_model, save_state
 from fedmed.server.selection import selection
 from fedmed.server.strategies import make_strategy
@@ -369,6 +370,10 @@ def run_federation(
     overlap = fed.central_overlap and fed.early_stopping_rounds == 0 and central_eval is not None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmed-central") if central_eval else None
     pending: _OpenRound | None = None
+    # the sites' val NLL curves of the last round's model, sent with its evaluation: the
+    # calibration of that same model then skips its own fit exchange (server/calibration.py)
+    curves: tuple[int, dict[str, dict[str, Any]]] | None = None
+    ask_curves = fed.calibration == "federated" and not cfg.model.multilabel
     shortest, expect = math.inf, None  # the shortest complete training exchange so far; when to pull fast
 
     def close(p: _OpenRound) -> None:
@@ -481,9 +486,16 @@ def run_federation(
                        and not deferred else None)
             t1 = time.perf_counter()
             if fed.fraction_evaluate > 0 and (rnd % fed.evaluate_every == 0 or rnd == fed.rounds):
-                ev_msgs = strategy.configure_evaluate(rnd, pack(arrays), ConfigRecord({JOB_KEY: job}), grid)
+                ev_config: dict[str, Any] = {JOB_KEY: job}
+                if ask_curves and rnd == fed.rounds:
+                    ev_config["temperatures"] = temperature_grid().tolist()
+                ev_msgs = strategy.configure_evaluate(rnd, pack(arrays), ConfigRecord(ev_config), grid)
                 ev_replies = send_and_receive(grid, ev_msgs, timeout=fed.round_timeout, poll=FAST_POLL)  # ~1 s
                 per_site, failed = _evaluate_sites(ev_replies)
+                if "temperatures" in ev_config:  # kept for the calibration, out of the round's metrics
+                    curves = (rnd, {site: {CURVE_KEY: m.pop(f"val_{CURVE_KEY}"),
+                                           "num-examples": m.get("val_num-examples")}
+                                    for site, m in per_site.items() if f"val_{CURVE_KEY}" in m})
                 for site, m in row.get("train_per_site", {}).items():
                     if "epsilon" in m and site in per_site:
                         per_site[site]["epsilon"] = m["epsilon"]
@@ -506,7 +518,7 @@ def run_federation(
     finished = state.round >= fed.rounds or bool(state.stopped_early)
     if finished and fed.calibration != "off":
         state.calibration = _calibrate_best(grid, cfg, state, out_dir=out_dir, job=job,
-                                            central_logits=central_logits)
+                                            central_logits=central_logits, val_curves=curves)
         save_state(out_dir, state)
     if finished and fed.personalize.epochs > 0 and state.personalization is None:
         state.personalization = _personalize_best(grid, cfg, state, out_dir=out_dir, job=job, federation_id=chash)
@@ -561,8 +573,11 @@ def _early_stop(patience: int, rnd: int, state: FederationState, metric: str) ->
 
 
 def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *, out_dir: Path,
-                    job: str, central_logits: CentralLogits | None) -> dict[str, Any]:
+                    job: str, central_logits: CentralLogits | None,
+                    val_curves: tuple[int, dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Temperature scaling of ``best_model.pt`` (else ``last_model.pt``); ``T`` goes into its meta.
+
+    ``val_curves`` (round, curves per site) are used when that round's model is the one calibrated.
 
     Never raises: failed sites are listed in the result, a server-side failure is logged and
     recorded as ``error``, so the finished rounds are still summarised and reported.
@@ -583,7 +598,9 @@ def _calibrate_best(grid: GridLike, cfg: FedmedConfig, state: FederationState, *
         result = calibrate_federation(
             lambda msgs: send_and_receive(grid, msgs, timeout=fed.round_timeout, poll=FAST_POLL),  # no training
             sorted(grid.get_node_ids()),
-            method=fed.calibration, arrays=arrays, job=job, central_logits=central_logits)
+            method=fed.calibration, arrays=arrays, job=job, central_logits=central_logits,
+            val_curves=(val_curves[1] if val_curves is not None
+                        and val_curves[0] == int(ckpt.get("round", state.round)) else None))
     except Exception as exc:  # noqa: BLE001 - the rounds are done and saved; report them anyway
         log.exception("calibration failed on the server")
         result = {"method": fed.calibration, "error": f"failed on the server ({type(exc).__name__}); see its log"}

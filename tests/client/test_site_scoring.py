@@ -58,8 +58,9 @@ def test_evaluation_then_calibration_scores_each_split_once_and_new_weights_afre
     first = {k: v.numpy().copy() for k, v in model_from_config(cfg).state_dict().items()}
     temps = temperature_grid().tolist()
 
-    reply = client_app(_message(cfg, first, "evaluate"), ctx)
+    reply = client_app(_message(cfg, first, "evaluate", temperatures=temps), ctx)  # as the last round asks
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    with_eval = np.asarray(list(reply.content["metrics"]["val_nll_curve"]))
     (rt,) = site_module._CACHE.values()
     calls: list[int] = []
     rt.model.register_forward_hook(lambda *_: calls.append(1))
@@ -76,6 +77,7 @@ def test_evaluation_then_calibration_scores_each_split_once_and_new_weights_afre
     fresh = nll_curve(z, y, np.asarray(temps))
     sent = np.asarray(list(fit.content["metrics"]["nll_curve"]))
     np.testing.assert_allclose(sent, fresh, rtol=1e-6)
+    np.testing.assert_array_equal(with_eval, sent)  # the evaluation's curve is the fit step's
     calls.clear()
 
     # other weights: scored again, and the numbers follow the new model
@@ -93,3 +95,14 @@ def test_evaluation_then_calibration_scores_each_split_once_and_new_weights_afre
     third = {**second, key: second[key] + np.float32(1e-3)}
     client_app(_message(cfg, third, CALIBRATION_TYPE, **{CALIBRATION_ACTION: "fit", "temperatures": temps}), ctx)
     assert calls
+
+
+def test_a_hostile_grid_in_an_evaluation_is_refused_before_scoring(cfg, synth_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(site_module, "_CACHE", {})
+    ctx = _context(synth_root / "hospital_a", tmp_path)
+    weights = {k: v.numpy() for k, v in model_from_config(cfg).state_dict().items()}
+    for temps, why in (([1.0] * 100_000, "policy.max_metric_list"), ([1.0, float("nan")], "finite number")):
+        reply = client_app(_message(cfg, weights, "evaluate", temperatures=temps), ctx)
+        assert reply.has_error() and why in reply.error.reason
+    (rt,) = site_module._CACHE.values()
+    assert rt._scored == {}  # refused before any split was scored

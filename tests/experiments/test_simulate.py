@@ -52,6 +52,11 @@ def test_two_round_simulation_of_three_sites(synth_config, synth_root, tmp_path:
     # At T = 1 the sites reproduce the best round's own evaluation: same model, test split, ECE.
     best = state.history[cal["round"] - 1]["per_site"]
     assert cal["round"] == state.best_round
+    # the last round's evaluation brought the val NLL curves: calibrating that round's model asks no
+    # fit step of its own (an earlier best round is fitted by its own exchange); the curves stay
+    # out of the round's metrics
+    assert (cal["fit"].get("asked") == "with the last round's evaluation") == (cal["round"] == state.round)
+    assert not any("nll_curve" in k for m in last["per_site"].values() for k in m)
     for site, m in cal["sites"].items():
         assert m["ece_before"] == pytest.approx(best[site]["ece"], abs=1e-5)
         assert m["num-examples"] == best[site]["num-examples"]

@@ -145,3 +145,23 @@ def test_central_calibration_without_a_central_set_fails_at_start(tmp_path: Path
     with pytest.raises(ValueError, match="held-out set"):
         run_federation(None, cfg, out_dir=tmp_path / "run")  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists()
+
+
+def test_curves_from_the_last_rounds_evaluation_replace_the_fit_exchange() -> None:
+    grid = temperature_grid()
+    curves = {SITES[n][0]: {"nll_curve": nll_curve(SITES[n][1], SITES[n][2], grid).tolist(),
+                            "num-examples": len(SITES[n][2])} for n in (1, 2, 3)}
+    seen: list[Message] = []
+    res = calibrate_federation(_send({}, seen), [1, 2, 3], method="federated", arrays=ARRAYS, job="{}",
+                               val_curves=curves)
+    assert [m.content["config"]["calibration"] for m in seen] == ["measure"] * 3  # no fit exchange
+    asked = calibrate_federation(_send({}), [1, 2, 3], method="federated", arrays=ARRAYS, job="{}")
+    assert res["temperature"] == asked["temperature"] and res["pooled"] == asked["pooled"]
+    assert res["fit"]["asked"] == "with the last round's evaluation" and "asked" not in asked["fit"]
+
+    # a node whose curve is missing (it failed that evaluation): every node is asked again
+    seen.clear()
+    res = calibrate_federation(_send({}, seen), [1, 2, 3], method="federated", arrays=ARRAYS, job="{}",
+                               val_curves={k: v for k, v in curves.items() if k != "c"})
+    assert [m.content["config"]["calibration"] for m in seen] == ["fit"] * 3 + ["measure"] * 3
+    assert res["temperature"] == asked["temperature"]
