@@ -10,7 +10,6 @@ Flower installs or imports anything from it.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,7 +54,6 @@ def main() -> None:
     if problem is not None:  # the site checked this at start; a changed install lands here
         print(f"fedmed site: the app gate cannot run ({problem}); refusing the task", file=sys.stderr)
         sys.exit(1)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     flower_compat.run_gated_clientapp(_check, _wrap)
 
 
