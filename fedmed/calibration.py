@@ -110,7 +110,6 @@ def fit_temperature_from_curves(
     return float(ts[int(np.argmin(total))])
 
 
-@torch.no_grad()
 def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *,
                    amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader (one :func:`forward_pass`)."""

@@ -166,7 +166,6 @@ def dataset_for(ckpt: Checkpoint, inp: PredictInput, *, reference: str | Path | 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def logits_of(model: nn.Module, dataset: Dataset, *, batch_size: int = 128,
               device: torch.device | str = "cpu") -> np.ndarray:
     """Float64 logits ``(N, C)`` of every sample, model in eval mode (labels not read)."""
