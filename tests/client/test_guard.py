@@ -134,12 +134,13 @@ def test_guard_blocks_anything_outside_the_allow_list(tmp_path, synth_root):
 
     def sneaky_site(msg, ctx):
         return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 3}),
-                                           "site": ConfigRecord({"name": "a", "mrn": "123"})}), reply_to=msg)
+                                           "site": ConfigRecord({"name": "a", "mrn": "MRN-00123"})}), reply_to=msg)
 
     for handler in (leaky, sneaky_site):
         reply = privacy_guard(request, ctx, handler)
         # blocked: an error reply with the guard's code, nothing of what the handler built
         assert reply.has_error() and reply.error.code == ERROR_CODES["guard"]
-        assert "P-0001" not in reply.error.reason and "123" not in reply.error.reason
+        # (values no hex reference can contain: "123" alone once matched the reason's random ref)
+        assert "P-0001" not in reply.error.reason and "MRN-00123" not in reply.error.reason
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [a["error"].split(" ")[0] for a in audit] == ["fedmed/guard"] * 2
