@@ -26,6 +26,7 @@ from fedmed.data.dataset import dataset_size
 from fedmed.messages import (
     CALIBRATION_ACTION,
     CROSS_SITE_ACTION,
+    CURVE_KEY,
     EXTERNAL_EVAL_ACTION,
     PERSONALIZE_ACTION,
     SECAGG_KEY,
@@ -255,14 +256,13 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     if "temperatures" in config and not rt.cfg.model.multilabel:
         temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
     metrics: dict[str, Any] = {}
-    for split, prefix in (("val", "val_"), ("test", "")):  # test last: its confusion matrix is sent
-        out = rt.outputs(split)
+    # test last: its confusion matrix is sent
+    for prefix, out in zip(("val_", ""), rt.outputs("val", "test"), strict=True):
         m = scores(out, n_classes=rt.n_classes, multilabel=rt.cfg.model.multilabel)
         metrics.update({prefix + k: v for k, v in m.items() if k not in ("confusion_matrix", "n")})
         metrics[prefix + "num-examples"] = int(m.get("n", 0))
-        if split == "val" and temps is not None and len(out.labels):
-            metrics["val_nll_curve"] = nll_curve(out.logits.astype(np.float64), out.labels.astype(np.int64),
-                                                 temps).tolist()
+        if prefix and temps is not None and len(out.labels):
+            metrics[prefix + CURVE_KEY] = nll_curve(out.logits, out.labels, temps).tolist()
     if "confusion_matrix" in m:
         metrics["confusion_matrix"] = [float(x) for row in m["confusion_matrix"] for x in row]
     return make_reply(msg, site=rt.site, metrics=metrics)
@@ -288,11 +288,11 @@ def calibration_fn(msg: Message, context: Context) -> Message:
         temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
     else:
         temperature = check_number("temperature", config.get("temperature"))
-    out = rt.outputs("val" if step == "fit" else "test")  # the last round's evaluation computed it
-    z, y = out.logits.astype(np.float64), out.labels.astype(np.int64)
+    (out,) = rt.outputs("val" if step == "fit" else "test")  # the last round's evaluation computed it
+    z, y = out.logits, out.labels
     metrics: dict = {"num-examples": len(y)}
     if len(y) and step == "fit":
-        metrics["nll_curve"] = nll_curve(z, y, temps).tolist()
+        metrics[CURVE_KEY] = nll_curve(z, y, temps).tolist()
     elif len(y):
         metrics = measure(z, y, temperature=temperature)
     return make_reply(msg, site=rt.site, metrics=metrics)

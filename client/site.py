@@ -49,18 +49,19 @@ class SiteRuntime:
     _scored: dict[str, Outputs] = field(default_factory=dict, repr=False)
     _scored_state: str = field(default="", repr=False)
 
-    def outputs(self, split: str) -> Outputs:
-        """The model's labels, logits and loss on ``split`` (val or test), computed once per
+    def outputs(self, *splits: str) -> list[Outputs]:
+        """The model's labels, logits and loss on each of ``splits`` (val, test), computed once per
         split and set of weights: the last round's evaluation and the calibration that follows
         send the same weights, and the site then scores its data once, not three times."""
         state = _state_digest(self.model)
         if state != self._scored_state:
             self._scored, self._scored_state = {}, state
-        if split not in self._scored:
-            self._scored[split] = forward_pass(self.model, self.loaders[split], device=self.device,
-                                               amp=self.cfg.train.amp, loss_fn=self.loss_fn,
-                                               channels_last=self.cfg.train.channels_last)
-        return self._scored[split]
+        for split in splits:
+            if split not in self._scored:
+                self._scored[split] = forward_pass(self.model, self.loaders[split], device=self.device,
+                                                   amp=self.cfg.train.amp, loss_fn=self.loss_fn,
+                                                   channels_last=self.cfg.train.channels_last)
+        return [self._scored[split] for split in splits]
 
     def reseed(self, seed: int) -> None:
         """Reseed torch and the training loader's shuffling for this round."""

@@ -110,10 +110,10 @@ def fit_temperature_from_curves(
     return float(ts[int(np.argmin(total))])
 
 
-def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *,
-                   amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader (one :func:`forward_pass`)."""
-    out = forward_pass(model, loader, device=torch.device(device), amp=amp)
+def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits ``(N, C)`` and labels ``(N,)`` of a loader (one :func:`forward_pass`, fp32)."""
+    out = forward_pass(model, loader, device=torch.device(device), amp=False)
     return out.logits.astype(np.float64), out.labels.astype(np.int64)
 
 

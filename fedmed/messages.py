@@ -63,6 +63,9 @@ JOB_KEY = "fedmed-job"
 # Temperature scaling after the last round travels as message type "evaluate.calibration";
 # its config says the step ("calibration": "fit" | "measure").
 CALIBRATION_ACTION = "calibration"
+# The fit step's reply metric: the val split's summed NLL at each temperature of the grid. The
+# last round's evaluation sends it too, as "val_" + this name, when its config has the grid.
+CURVE_KEY = "nll_curve"
 # Evaluation of a saved model, no training (fedmed-server --evaluate): message type
 # "evaluate.external"; its config carries "split", "temperature", "n-boot" and "seed".
 EXTERNAL_EVAL_ACTION = "external"

@@ -38,17 +38,14 @@ from fedmed.calibration import (
     temperature_grid,
 )
 from fedmed.errors import UsageError
-from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, JOB_KEY, screen_metric_replies
+from fedmed.messages import CALIBRATION_ACTION, CONFIG_KEY, CURVE_KEY, JOB_KEY, screen_metric_replies
 from fedmed.transfer import pack
 
-__all__ = ["calibrate_federation", "calibration_summary", "MESSAGE_TYPE", "CURVE_KEY"]
+__all__ = ["calibrate_federation", "calibration_summary", "MESSAGE_TYPE"]
 
 log = logging.getLogger("fedmed.server")
 
 MESSAGE_TYPE = f"{MessageType.EVALUATE}.{CALIBRATION_ACTION}"
-# the metric a site's val NLL curve travels under; the last round's evaluation sends it as
-# ``val_`` + this name (fedmed.client.app.evaluate_fn)
-CURVE_KEY = "nll_curve"
 MEASURED = (*MEASURE_KEYS, "accuracy")
 
 Send = Callable[[list[Message]], list[Message]]
@@ -64,7 +61,7 @@ def _finite(values: Any) -> bool:
 def _curve_problem(m: dict[str, Any], points: int) -> str | None:
     if not _finite(m.get("num-examples")) or m["num-examples"] <= 0:
         return "no validation examples"
-    curve = m.get("nll_curve")
+    curve = m.get(CURVE_KEY)
     if not isinstance(curve, list) or len(curve) != points:
         return f"NLL curve has {len(curve) if isinstance(curve, list) else 0} points, the grid {points}"
     return None if _finite(curve) else "NLL curve is not finite"
@@ -109,7 +106,8 @@ def calibrate_federation(
     encoded job the sites build the model from; ``central_logits(arrays, split)`` the
     server's own held-out set (required for "central"). ``val_curves``: per site, the
     ``nll_curve`` and ``num-examples`` the last round's evaluation already returned for these very
-    weights (:data:`CURVE_KEY`); they replace the fit step when every node sent one. Returns a JSON-able dict:
+    weights (``fedmed.messages.CURVE_KEY``); they replace the fit step when every node sent one.
+    Returns a JSON-able dict:
     ``method``, ``temperature``, ``fit`` (where and on how many examples), ``sites`` and
     ``sites_failed`` of the measuring step, ``pooled`` (:func:`combine_measures` of the
     sites), ``central_test`` (when there is a central set) and ``seconds``; ``error``
@@ -132,7 +130,8 @@ def calibrate_federation(
     else:
         grid = temperature_grid()
         failed: dict[str, str] = {}
-        if val_curves is not None and len(val_curves) >= len(nodes):  # one exchange fewer
+        reuse = val_curves is not None and len(val_curves) >= len(nodes)  # one exchange fewer
+        if reuse and val_curves is not None:
             per_site = dict(val_curves)
         else:
             per_site, failed = _ask(send, nodes, current, {**base, "temperatures": grid.tolist()})
@@ -146,9 +145,9 @@ def calibrate_federation(
         result["fit"] = {"on": "sites' val splits", "sites": sorted(curves),
                          "num-examples": int(sum(m["num-examples"] for m in curves.values())),
                          "sites_failed": failed}
-        if val_curves is not None and len(val_curves) >= len(nodes):
+        if reuse:
             result["fit"]["asked"] = "with the last round's evaluation"
-        temperature = (fit_temperature_from_curves([m["nll_curve"] for m in curves.values()], grid)
+        temperature = (fit_temperature_from_curves([m[CURVE_KEY] for m in curves.values()], grid)
                        if curves else None)
     if temperature is None:
         result["error"] = f"no validation examples to fit a temperature on ({result['fit']['on']})"

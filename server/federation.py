@@ -31,6 +31,7 @@ from fedmed.errors import RunTimeout, UsageError
 from fedmed.job import job_for_sites
 from fedmed.messages import (
     CONFIG_KEY,
+    CURVE_KEY,
     JOB_KEY,
     SECAGG_KEY,
     Rejected,
@@ -43,7 +44,7 @@ from fedmed.messages import (
     screen_train_replies,
 )
 from fedmed.secagg import check_reply_record, plan_hash, rebuild_secret, unmask_sum
-from fedmed.server.calibration import CURVE_KEY, CentralLogits, calibrate_federation
+from fedmed.server.calibration import CentralLogits, calibrate_federation
 from fedmed.server.checkpoint import FederationState, final_arrays, final_model, load_state, save_model, save_state
 from fedmed.server.selection import selection
 from fedmed.server.strategies import make_strategy
