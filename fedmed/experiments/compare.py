@@ -93,14 +93,14 @@ def _test_set(bundle: SiteBundle, encoder: RecordEncoder | None, cfg: FedmedConf
 def evaluate_on_sites(model: torch.nn.Module, bundles: dict[str, SiteBundle], *, cfg: FedmedConfig,
                       encoder: RecordEncoder | None = None, device: torch.device | None = None) -> PREDS:
     """Labels and probabilities of ``model`` on every site's test split."""
-    from fedmed.train.loop import predict
+    from fedmed.train.loop import forward_pass
 
     device = device or next(model.parameters()).device
     out: PREDS = {}
     for name, b in bundles.items():
         loader = DataLoader(_test_set(b, encoder, cfg), batch_size=cfg.train.batch_size * 2)
-        y, p, _ = predict(model, loader, device=device, amp=cfg.train.amp, multilabel=cfg.model.multilabel)
-        out[name] = (y, p)
+        scored = forward_pass(model, loader, device=device, amp=cfg.train.amp)
+        out[name] = (scored.labels, scored.probabilities(multilabel=cfg.model.multilabel))
     return out
 
 

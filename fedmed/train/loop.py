@@ -35,7 +35,6 @@ __all__ = [
     "train_epochs",
     "Outputs",
     "forward_pass",
-    "predict",
     "scores",
     "evaluate",
     "fit",
@@ -204,7 +203,7 @@ def forward_pass(
 ) -> Outputs:
     """The model's logits on every batch of ``loader``, in eval mode, without autograd.
 
-    The one forward pass behind evaluation, prediction and calibration, so that they score a
+    The one forward pass behind evaluation, `fedmed compare`'s scoring and calibration, so that they score a
     model the same way (memory format, AMP) and a site can reuse it for the same weights.
     """
     model.eval()
@@ -226,23 +225,6 @@ def forward_pass(
     if not ys:
         return Outputs(np.zeros(0, dtype=int), np.zeros((0, 0), dtype=np.float32))
     return Outputs(np.concatenate(ys), np.concatenate(zs), total / n if n else None)
-
-
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    *,
-    device: torch.device,
-    amp: bool = True,
-    loss_fn: nn.Module | None = None,
-    multilabel: bool = False,
-    channels_last: bool = True,
-) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """Labels, probabilities ``(N, C)`` and the mean loss (when a loss is given)."""
-    out = forward_pass(model, loader, device=device, amp=amp, loss_fn=loss_fn, channels_last=channels_last)
-    if len(out.labels) == 0:
-        return out.labels, np.zeros((0, 0)), None
-    return out.labels, out.probabilities(multilabel=multilabel), out.loss
 
 
 def scores(out: Outputs, *, n_classes: int, multilabel: bool = False) -> dict[str, Any]:
