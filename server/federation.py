@@ -82,9 +82,10 @@ def collect_replies(grid: GridLike, pending: set[str], *, timeout: float, poll: 
     """The replies to ``pending`` that come within ``timeout`` s, pulled every ``poll`` s.
 
     ``expect``: seconds after which the last reply is likely (a training round's own earlier
-    length). Until then the pulls are ``SLOW_POLL`` apart (only the last reply ends the
-    round), after it ``FAST_POLL``: the round ends sooner and the SuperLink, which shares the
-    sites' CPU on one machine, answers fewer pulls.
+    length). Only the last reply ends the round, so the pulls start ``SLOW_POLL`` apart and
+    close in on that time (a tenth of what is left, at least ``LAST_POLL``), then stay
+    ``LAST_POLL`` apart: the round still ends within a pull of its last reply, and the
+    SuperLink, which shares the sites' CPU on one machine, answers fewer pulls.
     """
     pending = set(pending)
     start = time.monotonic()
@@ -99,12 +100,15 @@ def collect_replies(grid: GridLike, pending: set[str], *, timeout: float, poll: 
                 time.sleep(poll)
             else:
                 early = start + expect - time.monotonic()
-                time.sleep(min(early, SLOW_POLL) if early > 0 else FAST_POLL)
+                time.sleep(min(max(APPROACH * early, LAST_POLL), SLOW_POLL))
     return replies
 
 
-SLOW_POLL, FAST_POLL = 0.5, 0.05  # collect_replies' pulls before and after the expected last reply
-EXPECT_SHARE = 0.7  # a round's last reply is expected after this share of the shortest round so far
+# collect_replies' pulls of a training round: SLOW_POLL apart until the expected last reply is
+# near, then a tenth (APPROACH) of the time left, LAST_POLL apart once it is due.
+SLOW_POLL, LAST_POLL, APPROACH = 0.5, 0.1, 0.1
+FAST_POLL = 0.05  # the pulls of evaluation and calibration exchanges (about a second long)
+EXPECT_SHARE = 0.9  # a round's last reply is expected after this share of the shortest round so far
 
 
 @dataclass

@@ -20,13 +20,15 @@ __all__ = ["demo"]
 def demo(*, config: Path, rounds: int | None, out: Path | None, overrides: list[str]) -> int:
     """Run the demo federation; returns the server's exit code."""
     from fedmed.config import load_config
-    from fedmed.data.importers.synth import synthesize
     from fedmed.flower import free_port
 
     cfg = load_config(config, overrides)
     root = Path(cfg.data.root or "data/synth")
     sites = cfg.data.sites or []
     if not (root / "fedmed-data.yaml").exists():
+        # only here: pandas and pydicom cost ~1 CPU-s, taken from the sites' start-up on every run
+        from fedmed.data.importers.synth import synthesize
+
         print(f"fedmed demo: writing the synthetic cohort to {root}", flush=True)
         synthesize(root, sites=max(len(sites), 3), central=300)
     sites = sites or sorted(p.name for p in root.iterdir() if (p / "records.csv").exists() and p.name != "central")

@@ -136,18 +136,25 @@ class _LateGrid:
         return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ready & set(ids))]
 
 
-@pytest.mark.parametrize(("expect", "first_sleeps", "pulls"), [
-    (None, [0.2] * 5, 11),                       # no estimate: every 0.2 s (round 1)
-    (1.0, [0.5, 0.5] + [0.05] * 3, 3 + 20),      # slow until the expected time, then fast
+@pytest.mark.parametrize(("expect", "at", "pulls"), [
+    (None, 1.99, 11),   # no estimate: every 0.2 s (round 1)
+    (10.0, 11.99, 57),  # 0.5 s apart, closing in from 5 s before the expected time, then 0.1 s apart
+    (10.0, 9.0, 27),    # a round faster than expected is still taken within a few pulls
 ])
-def test_collect_replies_pulls_slowly_until_the_last_reply_is_expected(monkeypatch, expect, first_sleeps, pulls):
+def test_collect_replies_pulls_slowly_until_the_last_reply_is_expected(monkeypatch, expect, at, pulls):
     from fedmed.server import federation
 
     clock = _Clock()
     monkeypatch.setattr(federation.time, "monotonic", clock.monotonic)
     monkeypatch.setattr(federation.time, "sleep", clock.sleep)
-    grid = _LateGrid(clock, at=1.99)
+    grid = _LateGrid(clock, at=at)
     got = federation.collect_replies(grid, {"a", "b"}, timeout=60, expect=expect)
     assert sorted(m.metadata.reply_to_message_id for m in got) == ["a", "b"]
-    assert clock.sleeps[:5] == first_sleeps and grid.pulls == pulls
-    assert clock.now == pytest.approx(2.0, abs=0.06)  # the last reply is taken within one fast pull
+    assert grid.pulls == pulls
+    if expect is None:
+        assert clock.sleeps == [0.2] * 10
+    else:  # slow while the reply is far off, never slower as it nears, never faster than LAST_POLL
+        assert clock.sleeps[:10] == [0.5] * 10
+        assert clock.sleeps == sorted(clock.sleeps, reverse=True) and min(clock.sleeps) >= 0.1
+    # the last reply is taken within one pull of its arrival (a tenth of the time still expected)
+    assert clock.now - at <= max(0.2 if expect is None else 0.1, 0.1 * ((expect or 0) - at)) + 1e-6
