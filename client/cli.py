@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true",
                    help="exit after the coordinator shuts down (one federation), instead of serving on")
     p.add_argument("--grace", type=float, default=20.0,
-                   help="with --once: seconds the server must stay unreachable before exiting")
+                   help="with --once: seconds the server must stay unreachable before exiting "
+                        "(it is probed every grace/2 s, 1 to 5 s)")
     p.add_argument("--poll", type=float, default=float(os.environ.get("FEDMED_NODE_POLL", "0.25")),
                    help="longest wait of the idle node before it asks the coordinator again, seconds "
                         "(default 0.25, or $FEDMED_NODE_POLL; 3 = Flower's own node, unchanged)")
