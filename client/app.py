@@ -255,14 +255,14 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     temps = None  # the last round asks for the val split's NLL curve too: the calibration's fit step
     if "temperatures" in config and not rt.cfg.model.multilabel:
         temps = np.asarray(check_number_list("temperatures", config.get("temperatures"), rt.site_cfg))
+    val, test = rt.outputs("val", "test")
     metrics: dict[str, Any] = {}
-    # test last: its confusion matrix is sent
-    for prefix, out in zip(("val_", ""), rt.outputs("val", "test"), strict=True):
+    for prefix, out in (("val_", val), ("", test)):  # test last: its confusion matrix is sent
         m = scores(out, n_classes=rt.n_classes, multilabel=rt.cfg.model.multilabel)
         metrics.update({prefix + k: v for k, v in m.items() if k not in ("confusion_matrix", "n")})
         metrics[prefix + "num-examples"] = int(m.get("n", 0))
-        if prefix and temps is not None and len(out.labels):
-            metrics[prefix + CURVE_KEY] = nll_curve(out.logits, out.labels, temps).tolist()
+    if temps is not None and len(val.labels):
+        metrics["val_" + CURVE_KEY] = nll_curve(val.logits, val.labels, temps).tolist()
     if "confusion_matrix" in m:
         metrics["confusion_matrix"] = [float(x) for row in m["confusion_matrix"] for x in row]
     return make_reply(msg, site=rt.site, metrics=metrics)

@@ -130,9 +130,9 @@ def calibrate_federation(
     else:
         grid = temperature_grid()
         failed: dict[str, str] = {}
-        reuse = val_curves is not None and len(val_curves) >= len(nodes)  # one exchange fewer
-        if reuse and val_curves is not None:
-            per_site = dict(val_curves)
+        asked = None
+        if val_curves is not None and len(val_curves) >= len(nodes):  # one exchange fewer
+            per_site, asked = dict(val_curves), "with the last round's evaluation"
         else:
             per_site, failed = _ask(send, nodes, current, {**base, "temperatures": grid.tolist()})
         curves: dict[str, dict[str, Any]] = {}
@@ -145,8 +145,8 @@ def calibrate_federation(
         result["fit"] = {"on": "sites' val splits", "sites": sorted(curves),
                          "num-examples": int(sum(m["num-examples"] for m in curves.values())),
                          "sites_failed": failed}
-        if reuse:
-            result["fit"]["asked"] = "with the last round's evaluation"
+        if asked is not None:
+            result["fit"]["asked"] = asked
         temperature = (fit_temperature_from_curves([m[CURVE_KEY] for m in curves.values()], grid)
                        if curves else None)
     if temperature is None:
