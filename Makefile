@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision pair known to work together (CUDA build; runs on CPU too).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-slow lint bench bench-peers-setup bench-peers bench-dp clean
+.PHONY: setup demo test test-slow lint bench bench-peers-setup bench-peers bench-peers-heart bench-dp clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench-peers-setup: $(PEERS)/.installed
 
 bench-peers: setup bench-peers-setup
 	$(BIN)/python -m benchmarks.peers.run --repeats 3
+
+# the same comparison on real data: UCI heart disease's four hospitals (needs ../shared/data)
+bench-peers-heart: setup bench-peers-setup
+	$(BIN)/python -m benchmarks.peers.run --job heart --repeats 3
 
 bench-dp: setup
 	$(BIN)/python -m benchmarks.dp_cost --repeats 7 --doc docs/benchmarks.md

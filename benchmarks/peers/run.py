@@ -1,8 +1,12 @@
 """fedmed against its peers on one job: wall time, peak memory, bytes per round, final AUC.
 
-The job is fedmed's federation benchmark (:func:`benchmarks.federation.run`): the synthetic
-cohort of three hospitals plus the coordinator's central set, 4 rounds × 3 local epochs,
-seed 0, FedAvg weighted by training examples, cosine learning rate over rounds. It runs as
+The job (``--job``) is fedmed's federation benchmark (:func:`benchmarks.federation.run`,
+``synth``): the synthetic cohort of three hospitals plus the coordinator's central set, 4 rounds
+× 3 local epochs of the fusion model; or real data (``heart``): UCI heart disease's four
+hospitals with a pooled held-out quarter as the central set
+(:func:`benchmarks.common.heart_cohort`), 20 rounds × 5 local epochs of the record model
+(configs/heart_disease.yaml). Both: seed 0, FedAvg weighted by training examples, cosine
+learning rate over rounds. Each runs as
 
 * ``fedmed demo`` — the real deployment (SuperLink + one SuperNode per site, loopback);
 * ``fedmed simulate`` — fedmed on Flower's simulation engine;
@@ -18,7 +22,7 @@ whether they did). Each run is a fresh process tree, one at a time, in rotating 
 memory of every process of the run (sampled every 0.25 s); bytes = what each site's reply
 to a training round carries, as each framework serialises it.
 
-Run: ``python -m benchmarks.peers.run [--repeats 2] [--out runs/peers]`` (fedmed's venv).
+Run: ``python -m benchmarks.peers.run [--job heart] [--repeats 2] [--out runs/peers]`` (fedmed's venv).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, cohort, cohort_sites
+from benchmarks.common import ROOT, cohort, cohort_sites, heart_cohort
 from fedmed.experiments.simulate import rss_mb
 
 __all__ = ["PEER_VENV", "RUNS", "main", "measure"]
@@ -52,7 +56,12 @@ RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare",
 # and the best model is temperature-scaled on the sites' val splits. The *_same_work arms turn
 # both off, so the peers' work (train, score the central set) is compared with fedmed doing only that.
 SAME_WORK = ["federation.fraction_evaluate=0", "federation.calibration=off"]
-JOB = {"rounds": 4, "local_epochs": 3, "image_size": 64}
+JOBS: dict[str, dict[str, Any]] = {
+    "synth": {"rounds": 4, "local_epochs": 3, "image_size": 64, "config": "configs/default.yaml"},
+    # 100 local epochs in all, as simulations/heart_disease.sh gives every method
+    "heart": {"rounds": 20, "local_epochs": 5, "image_size": 64, "config": "configs/heart_disease.yaml"},
+}
+JOB: dict[str, Any] = {"name": "synth", **JOBS["synth"]}  # main() sets the chosen job
 # Every framework trains all the cohort's sites at once: Ray is given one logical CPU per site
 # (its default is the machine's 2 cores, which would run two of three sites and then the
 # third), FLARE one thread per client.
@@ -152,7 +161,7 @@ def _fedmed_job(root: Path) -> list[str]:
 
 def _fedmed(kind: str, root: Path, out: Path, extra: list[str] | None = None) -> dict[str, Any]:
     bin_ = Path(sys.executable).parent / "fedmed"
-    cfg = str(ROOT / "configs" / "default.yaml")
+    cfg = str(ROOT / JOB["config"])
     job = [*_fedmed_job(root), *(extra or [])]
     if kind == "deployment":
         cmd = [str(bin_), "demo", "-c", cfg, "--out", str(out), *job]
@@ -180,7 +189,7 @@ def _flower(root: Path, out: Path) -> dict[str, Any]:
     result, n = out / "result.json", len(cohort_sites(root))
     run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
                   f"image-size={JOB['image_size']} cohort='{root}' "
-                  f"fedmed-config='{ROOT / 'configs' / 'default.yaml'}' result='{result}'")
+                  f"fedmed-config='{ROOT / JOB['config']}' result='{result}'")
     env = {**_env(), "FLWR_HOME": str(home), "PATH": f"{PEER_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
            # the peer venv already holds every dependency, as fedmed's and FLARE's do: no `uv sync`
            # into a fresh runtime environment on every run (Flower 1.42's default)
@@ -201,7 +210,7 @@ def _flower(root: Path, out: Path) -> dict[str, Any]:
 def _nvflare(root: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     cmd = [str(PEER_VENV / "bin" / "python"), str(HERE / "nvflare_app" / "job.py"),
-           "--fedmed_config", str(ROOT / "configs" / "default.yaml"), "--cohort", str(root), "--out", str(out),
+           "--fedmed_config", str(ROOT / JOB["config"]), "--cohort", str(root), "--out", str(out),
            "--rounds", str(JOB["rounds"]), "--local_epochs", str(JOB["local_epochs"]),
            "--image_size", str(JOB["image_size"])]
     t = _timed(cmd, log=out / "job.log", env=_env())
@@ -256,11 +265,11 @@ def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> di
     """Every run in ``runs`` ``repeats`` times (rotating order) under the benchmark lock."""
     if any(r in ("flower", "nvflare") for r in runs) and not (PEER_VENV / "bin" / "flwr").exists():
         raise FileNotFoundError(f"{PEER_VENV} is missing: run `make bench-peers-setup` first")
-    root = cohort(work / "cohort")
+    root = heart_cohort(work / "heart") if JOB["name"] == "heart" else cohort(work / "cohort")
     from benchmarks.common import bench_config
     from fedmed.task import load_site_bundle
 
-    cfg = bench_config(root, [f"data.image_size={JOB['image_size']}"])
+    cfg = bench_config(root, [f"data.image_size={JOB['image_size']}"], config=ROOT / JOB["config"])
     for site in [*cfg.data.sites, "central"]:  # every run starts with the decoded-image cache filled
         load_site_bundle(cfg, site_dir=root / site, progress=False)
     rows: dict[str, list[dict[str, Any]]] = {r: [] for r in runs}
@@ -283,20 +292,29 @@ def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> di
                          "bytes_per_reply": statistics.median(sent) if sent else None,
                          "central_test_auc": [r["central_test_auc"] for r in rs],
                          "load_before": [r["load_before"] for r in rs]}
-    return {"job": JOB, "sites": list(cfg.data.sites), "repeats": repeats, "rows": rows, "summary": summary}
+    from fedmed.task import model_from_config
+
+    model_bytes = sum(t.numel() * t.element_size() for t in model_from_config(cfg).state_dict().values())
+    return {"job": JOB, "sites": list(cfg.data.sites), "repeats": repeats, "rows": rows, "summary": summary,
+            "model_bytes": model_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "peers")
+    p.add_argument("--out", type=Path, help="default: runs/peers (synth), runs/peers-heart (heart)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--only", nargs="*", choices=RUNS, default=list(RUNS))
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--rounds", type=int, default=JOB["rounds"], help="a shorter job for a smoke run (no doc)")
-    p.add_argument("--local-epochs", type=int, default=JOB["local_epochs"])
+    p.add_argument("--job", choices=sorted(JOBS), default="synth",
+                   help="synth: the synthetic cohort (fusion model); heart: UCI heart disease, 4 real hospitals")
+    p.add_argument("--rounds", type=int, help="a shorter job for a smoke run (no doc)")
+    p.add_argument("--local-epochs", type=int)
     a = p.parse_args(argv)
-    smoke = (a.rounds, a.local_epochs) != (JOB["rounds"], JOB["local_epochs"])
-    JOB.update(rounds=a.rounds, local_epochs=a.local_epochs)
+    JOB.clear()
+    JOB.update(name=a.job, **JOBS[a.job])
+    smoke = (a.rounds or JOB["rounds"], a.local_epochs or JOB["local_epochs"]) != (JOB["rounds"], JOB["local_epochs"])
+    JOB.update(rounds=a.rounds or JOB["rounds"], local_epochs=a.local_epochs or JOB["local_epochs"])
+    a.out = a.out or ROOT / "runs" / ("peers" if a.job == "synth" else f"peers-{a.job}")
     a.out.mkdir(parents=True, exist_ok=True)
     res = measure(a.out.resolve(), repeats=a.repeats, runs=tuple(a.only))
     (a.out / "peers.json").write_text(json.dumps(res, indent=2, default=float))

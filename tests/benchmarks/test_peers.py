@@ -85,3 +85,52 @@ def test_benchmark_rewrite_keeps_marked_blocks(tmp_path):
     assert "# old" not in text
     assert marked_blocks(text) == ["<!-- peers:begin -->\nP\n<!-- peers:end -->",
                                    "<!-- dp_cost:begin -->\nD\n<!-- dp_cost:end -->"]
+
+
+def test_the_real_data_job_writes_its_own_block(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- peers:begin -->\nSYNTHETIC-JOB\n<!-- peers:end -->\n")
+    res = {"job": {"name": "heart", "rounds": 20, "local_epochs": 5, "image_size": 64},
+           "sites": ["cleveland", "hungarian", "switzerland", "va"], "repeats": 2, "model_bytes": 123_456,
+           "summary": {n: {"wall_s": w, "wall_all": [w, w], "peak_rss_mb": 900.0, "bytes_per_reply": b,
+                           "central_test_auc": [0.9, 0.9], "load_before": [0.5, 0.6]}
+                       for n, w, b in (("fedmed_deployment", 45.0, 123_500), ("nvflare", 50.0, 124_000))}}
+    update_doc(doc, peers=res)
+    text = doc.read_text()
+    assert "SYNTHETIC-JOB" in text  # the synthetic job's block is another job's: left alone
+    (heart,) = [b for b in marked_blocks(text) if b.startswith("<!-- peers_heart:begin -->")]
+    assert "real data: UCI heart disease" in heart and "--job heart --repeats 2" in heart
+    assert "all 4 before round 1, `federation.min_sites=4`" in heart and "123,456 bytes fp32" in heart
+    assert "fedmed, deployment vs NVIDIA FLARE 2.9: wall ratio **0.90**, |ΔAUC| 0.0000 → met" in heart
+    update_doc(doc, peers=res)
+    assert doc.read_text() == text
+
+
+def test_heart_cohort_holds_out_a_stratified_quarter_of_every_hospital(tmp_path, shared_data):
+    import pandas as pd
+
+    from benchmarks.common import cohort_sites, heart_cohort
+
+    root = heart_cohort(tmp_path / "heart", src=shared_data / "uci-heart-disease")
+    assert cohort_sites(root) == ["cleveland", "hungarian", "switzerland", "va"]
+    assert (root / "fedmed-data.yaml").exists() and not (tmp_path / "heart.import").exists()
+    read = lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)  # noqa: E731
+    sites = {s: read(root / s / "records.csv") for s in cohort_sites(root)}
+    central = read(root / "central" / "records.csv")
+    assert sum(map(len, sites.values())) + len(central) == 303 + 294 + 123 + 200  # the four UCI files
+    assert not set(central["patient_id"]) & set(pd.concat(sites.values())["patient_id"])
+    for site, kept in sites.items():
+        held = central[central["patient_id"].str.startswith(f"{site}-")]
+        assert len(held) == pytest.approx((len(kept) + len(held)) / 4, abs=1)
+        for label in ("no_disease", "disease"):  # each label split 3 : 1 as well
+            k, h = (kept["label"] == label).sum(), (held["label"] == label).sum()
+            assert h == pytest.approx((k + h) / 4, abs=1), (site, label)
+    # rows are the importer's, value for value (missing cells stay empty), and the split repeats
+    from fedmed.data.importers.heart_disease import import_heart_disease
+
+    import_heart_disease(shared_data / "uci-heart-disease", tmp_path / "plain")
+    plain = read(tmp_path / "plain" / "va" / "records.csv").set_index("patient_id")
+    mine = pd.concat([sites["va"], central]).set_index("patient_id")
+    assert plain.equals(mine.loc[plain.index])
+    again = heart_cohort(tmp_path / "again", src=shared_data / "uci-heart-disease")
+    assert (again / "central" / "records.csv").read_text() == (root / "central" / "records.csv").read_text()
