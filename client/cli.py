@@ -31,7 +31,7 @@ from fedmed.flower import (
     stop,
 )
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "runner_command"]
 
 UNREACHABLE_EVERY = 5.0  # seconds between "cannot reach the coordinator" lines
 RUNNER_CHECK_TIMEOUT = 300.0  # seconds the warm runner may take to import and check Flower
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             path.replace(path.with_suffix(".log.1"))
     print(f"fedmed-client: site {cfg.site} joining {args.server} "
           f"({'TLS' if tls else 'INSECURE, no TLS'}); data {data_dir}; log {log_path}", flush=True)
-    runner_args = [sys.executable, "-m", "fedmed.client.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
+    runner_args = runner_command(port, data_dir)
     isolation = "process"
 
     def start() -> list:
@@ -132,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
         return [node] if runner is None else [node, runner]
 
     return _supervise(start, args, tls, log_path)
+
+
+def runner_command(port: int, data_dir: Path) -> list[str]:
+    """The warm runner's command line: a site folder without ``images.csv`` holds no images,
+    so its runner does not import torchvision's augmentation ahead of the tasks."""
+    cmd = [sys.executable, "-m", "fedmed.client.warm", "--runtime-api-address", f"127.0.0.1:{port}"]
+    return cmd if (data_dir / "images.csv").exists() else [*cmd, "--no-images"]
 
 
 def _start_runner(runner_args: list[str], *, env: dict[str, str], app_log: Path) -> subprocess.Popen | None:

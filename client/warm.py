@@ -32,7 +32,7 @@ from fedmed.client.approval import AppRefused, check_fab
 from fedmed.client.marks import RUNNER_CANNOT, RUNNER_READY
 from fedmed.client.refusals import log_internal, log_refusal, run_app_safely
 
-__all__ = ["serve", "run_task"]
+__all__ = ["preload", "serve", "run_task"]
 
 log = logging.getLogger("fedmed.client")
 
@@ -94,10 +94,21 @@ def serve(address: str, *, poll: float = 0.2, stop: threading.Event | None = Non
         conn.close()
 
 
+def preload(*, images: bool) -> None:
+    """Import what the ClientApp needs before the first task, not during a round: the app,
+    and with ``images`` torchvision's augmentation (fedmed.data loads it only for image sites)."""
+    if images:
+        import torchvision.transforms.v2  # noqa: F401
+
+    import fedmed.client.app  # noqa: F401  (pyflakes: imported for its side effect)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedmed.client.warm", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API host:port")
     p.add_argument("--poll", type=float, default=0.2, help="seconds between task polls when idle")
+    p.add_argument("--no-images", action="store_true",
+                   help="this site holds no images: do not import the image augmentation ahead of the tasks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
@@ -106,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmed warm runner: this Flower lacks what it needs ({problem})", file=sys.stderr, flush=True)
         return RUNNER_CANNOT
     print(RUNNER_READY, flush=True)  # fedmed-client starts the node on this line
-    # Everything the ClientApp needs is imported before the first task, not during a round.
-    import torchvision.transforms.v2  # noqa: F401  (training's augmentation; fedmed.data loads it lazily)
-
-    import fedmed.client.app  # noqa: F401  (pyflakes: imported for its side effect)
+    preload(images=not a.no_images)
 
     deadline = time.monotonic() + 60
     while True:

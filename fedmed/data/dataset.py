@@ -214,7 +214,9 @@ def build_splits(
     encoder = RecordEncoder(numeric=data_cfg.numeric, categorical=data_cfg.categorical,
                             imputation=data_cfg.imputation)
     encoder.fit(site.records.loc[list(train_ids)])
-    transform = train_transform(data_cfg, augment=augment)
+    # Only loaded images are augmented: without a cache nothing would be, and building the
+    # augmentation imports torchvision (with torch._dynamo, ~1.9 CPU-s) for nothing.
+    transform = train_transform(data_cfg, augment=augment) if cache is not None else None
     common: dict[str, Any] = {"encoder": encoder, "spec": spec, "cache": cache,
                               "tokenizer": tokenizer, "notes_column": data_cfg.notes_column}
     sets = {name: SiteDataset(samples.iloc[pos], site.records,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,23 @@ def test_without_cache_images_are_not_loaded(make_site, data_cfg):
     sp = build_splits(load_site(make_site(), data_cfg), data_cfg, cache=None, progress=False)
     item = sp.train[0]
     assert item["image"].shape == (1, 16, 16) and item["has_image"] == 0
+
+
+def test_a_site_without_loaded_images_builds_no_augmentation(make_site, data_cfg):
+    """Only loaded images are augmented, so without a cache none is built, and torchvision (with
+    torch._dynamo, ~1.9 CPU-s in every site runner) is never imported (a fresh interpreter)."""
+    assert data_cfg.augment  # the config asks for augmentation: its absence is the point
+    code = ("import sys\n"
+            "from fedmed.config import DataConfig\n"
+            "from fedmed.data.dataset import build_splits\n"
+            "from fedmed.data.site import load_site\n"
+            "cfg = DataConfig.model_validate_json(sys.argv[2])\n"
+            "sp = build_splits(load_site(sys.argv[1], cfg), cfg, cache=None, progress=False)\n"
+            "item = sp.train[0]\n"
+            "print(sp.train.transform is None, 'torchvision' in sys.modules, float(item['has_image']))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(make_site()), data_cfg.model_dump_json()],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "0.0"]
 
 
 def test_corrupt_image_fails_up_front(make_site, data_cfg):
