@@ -310,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="a shorter job for a smoke run (no doc)")
     p.add_argument("--local-epochs", type=int)
     a = p.parse_args(argv)
+    job = JOBS[a.job]
+    rounds, local_epochs = a.rounds or job["rounds"], a.local_epochs or job["local_epochs"]
+    smoke = (rounds, local_epochs) != (job["rounds"], job["local_epochs"])
     JOB.clear()
-    JOB.update(name=a.job, **JOBS[a.job])
-    smoke = (a.rounds or JOB["rounds"], a.local_epochs or JOB["local_epochs"]) != (JOB["rounds"], JOB["local_epochs"])
-    JOB.update(rounds=a.rounds or JOB["rounds"], local_epochs=a.local_epochs or JOB["local_epochs"])
+    JOB.update(job, name=a.job, rounds=rounds, local_epochs=local_epochs)
     a.out = a.out or ROOT / "runs" / ("peers" if a.job == "synth" else f"peers-{a.job}")
     a.out.mkdir(parents=True, exist_ok=True)
     res = measure(a.out.resolve(), repeats=a.repeats, runs=tuple(a.only))
