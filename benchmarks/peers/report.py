@@ -17,6 +17,7 @@ __all__ = ["dp_section", "marked_blocks", "peers_section", "update_doc"]
 LABELS = {"fedmed_deployment": "fedmed, deployment (`fedmed demo`, loopback)",
           "fedmed_simulation": "fedmed, simulation (`fedmed simulate`)",
           "flower": "plain Flower app (`flwr run`, simulation engine)",
+          "flower_deployment": "plain Flower app, deployment (Flower's SuperLink + SuperNodes, loopback)",
           "nvflare": "NVIDIA FLARE 2.9 (FedAvg recipe, simulator)",
           "fedmed_deployment_same_work": "fedmed, deployment, peers' work (`federation.fraction_evaluate=0 "
                                          "federation.calibration=off`)",
@@ -117,11 +118,13 @@ def peers_section(res: dict[str, Any]) -> list[str]:
               f"{os.cpu_count()} cores (work outside the benchmark lock shares the machine), so single walls "
               "vary; the ratios below compare medians of the same rotating repeats."),
               "", "Target: fedmed's wall time ≤ each peer's at equal final AUC (± 0.01)."]
-    for peer in ("flower", "nvflare"):
+    for peer in ("flower", "nvflare", "flower_deployment"):
         if peer not in s:
             continue
         p = s[peer]
-        for mine in (n for n in s if n.startswith("fedmed_")):
+        # Flower's deployment runtime is the like-for-like peer of fedmed's deployment only
+        mine_runs = [n for n in s if n.startswith("fedmed_") and (peer != "flower_deployment" or "deployment" in n)]
+        for mine in mine_runs:
             m = s[mine]
             d_auc = abs(m["central_test_auc"][0] - p["central_test_auc"][0])
             ratio = m["wall_s"] / p["wall_s"]
@@ -150,7 +153,12 @@ def peers_section(res: dict[str, Any]) -> list[str]:
               ("- *Flower*: `flwr run` (1.42) starts a local SuperLink (simulation mode) and by default `uv sync`s "
               "the app's dependencies into a fresh runtime env on every run; the peer venv already holds them, "
               "so that is switched off (`FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`), as fedmed and FLARE "
-              "install nothing at run time. The SuperLink it leaves running is ended after each run."),
+              "install nothing at run time. The SuperLink it leaves running is ended after each run."
+              + (" *Flower, deployment*: the same app on Flower's own deployment runtime "
+                 "(`benchmarks/peers/flower_deployment.py`: `flower-superlink` and one `flower-supernode` per site "
+                 "on loopback with Flower's default isolation, so every message runs in a fresh `flwr-clientapp` "
+                 "process, submitted with `flwr run --stream`), the like-for-like peer of fedmed's deployment; "
+                 "opt-in (`--only flower_deployment ...`)." if "flower_deployment" in s else "")),
               ("- *Same computation*: the peers train with fedmed's `train_epochs` because its progress wrapper "
               "(`tqdm.auto`) opens one extra iterator over the loader and so shifts the seeded shuffle; with the "
               "examples' bare loop the same seeds give other batches."

@@ -13,7 +13,10 @@ learning rate over rounds. Each runs as
 * ``flwr run`` of ``benchmarks/peers/flower_app`` — a plain Flower app (quickstart-pytorch's
   shape) on the simulation engine, with its local SuperLink started by ``flwr run``;
 * ``benchmarks/peers/nvflare_app/job.py`` — NVIDIA FLARE 2.9's FedAvg recipe with its PyTorch
-  Client API in FLARE's simulator.
+  Client API in FLARE's simulator;
+* opt-in, ``--only flower_deployment ...``: the same Flower app under Flower's own deployment
+  runtime (``benchmarks/peers/flower_deployment.py``: a SuperLink and one SuperNode per site on
+  loopback, Flower's default isolation), the like-for-like peer of ``fedmed demo``.
 
 The peers run from the separate venv ``.venv-peers`` (``make bench-peers-setup``) and use
 fedmed's model, data and loss, so all four do the same computation (their final AUCs say
@@ -46,12 +49,16 @@ from typing import Any
 from benchmarks.common import ROOT, cohort, cohort_sites, heart_cohort
 from fedmed.experiments.simulate import rss_mb
 
-__all__ = ["PEER_VENV", "RUNS", "main", "measure"]
+__all__ = ["EXTRA_RUNS", "PEER_VENV", "RUNS", "main", "measure"]
 
 PEER_VENV = ROOT / ".venv-peers"
 HERE = Path(__file__).resolve().parent
 RUNS = ("fedmed_deployment", "fedmed_simulation", "flower", "nvflare",
         "fedmed_deployment_same_work", "fedmed_simulation_same_work")
+# Opt-in (--only): the Flower app under Flower's own deployment runtime, the like-for-like
+# peer of fedmed's deployment. Each message starts a fresh ClientApp process there (~10 min
+# for the real-data job's 80 trainings on this 2-core machine), so it is not in every run.
+EXTRA_RUNS = ("flower_deployment",)
 # fedmed's defaults do more than the peers: the sites score their test splits in the last round
 # and the best model is temperature-scaled on the sites' val splits. The *_same_work arms turn
 # both off, so the peers' work (train, score the central set) is compared with fedmed doing only that.
@@ -207,6 +214,22 @@ def _flower(root: Path, out: Path) -> dict[str, Any]:
             "central_auc_by_round": r["central_auc_by_round"], "to_results_s": r["finished"] - t["t0"]}
 
 
+def _flower_deployment(root: Path, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True)
+    result, n = out / "result.json", len(cohort_sites(root))
+    run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
+                  f"image-size={JOB['image_size']} cohort='{root}' "
+                  f"fedmed-config='{ROOT / JOB['config']}' result='{result}'")
+    env = {**_env(), "PATH": f"{PEER_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    cmd = [str(PEER_VENV / "bin" / "python"), str(HERE / "flower_deployment.py"), "--app", str(HERE / "flower_app"),
+           "--sites", str(n), "--run-config", run_config, "--out", str(out)]
+    t = _timed(cmd, log=out / "driver.log", env=env)
+    r = json.loads(result.read_text())
+    return {**t, "central_test_auc": r["central_test_auc"], "bytes_per_reply": r["payload_bytes"],
+            "central_auc_by_round": r["central_auc_by_round"], "to_results_s": r["finished"] - t["t0"]}
+
+
 def _nvflare(root: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     cmd = [str(PEER_VENV / "bin" / "python"), str(HERE / "nvflare_app" / "job.py"),
@@ -231,7 +254,7 @@ def rounds_s(name: str, out: Path) -> float | None:
         from fedmed.server.checkpoint import load_state
 
         return sum(float(r["seconds"]) for r in load_state(out).history)
-    if name == "flower":
+    if name in ("flower", "flower_deployment"):
         m = re.search(r"Strategy execution finished in ([0-9.]+)s", (out / "flwr-run.log").read_text())
         return float(m.group(1)) if m else None
     stamps, start, end = [], None, None
@@ -256,6 +279,8 @@ def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
         r = _fedmed(kind, root, out, SAME_WORK if name.endswith("_same_work") else None)
     elif name == "flower":
         r = _flower(root, out)
+    elif name == "flower_deployment":
+        r = _flower_deployment(root, out)
     else:
         r = _nvflare(root, out)
     return {**r, "rounds_s": rounds_s(name, out), "load_before": load}
@@ -263,7 +288,7 @@ def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
 
 def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> dict[str, Any]:
     """Every run in ``runs`` ``repeats`` times (rotating order) under the benchmark lock."""
-    if any(r in ("flower", "nvflare") for r in runs) and not (PEER_VENV / "bin" / "flwr").exists():
+    if any(r in ("flower", "nvflare", "flower_deployment") for r in runs) and not (PEER_VENV / "bin" / "flwr").exists():
         raise FileNotFoundError(f"{PEER_VENV} is missing: run `make bench-peers-setup` first")
     root = heart_cohort(work / "heart") if JOB["name"] == "heart" else cohort(work / "cohort")
     from benchmarks.common import bench_config
@@ -303,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="default: runs/peers (synth), runs/peers-heart (heart)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--only", nargs="*", choices=RUNS, default=list(RUNS))
+    p.add_argument("--only", nargs="*", choices=RUNS + EXTRA_RUNS, default=list(RUNS))
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--job", choices=sorted(JOBS), default="synth",
                    help="synth: the synthetic cohort (fusion model); heart: UCI heart disease, 4 real hospitals")

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,48 @@ def test_the_real_data_job_writes_its_own_block(tmp_path):
     assert "fedmed, deployment vs NVIDIA FLARE 2.9: wall ratio **0.90**, |ΔAUC| 0.0000 → met" in heart
     update_doc(doc, peers=res)
     assert doc.read_text() == text
+
+
+def test_flowers_deployment_is_compared_with_fedmeds_deployments_only(tmp_path):
+    """The opt-in Flower-deployment arm is the like-for-like peer of fedmed's deployment: its row is
+    written and compared with the deployment arms, not with fedmed's simulation."""
+    doc = tmp_path / "benchmarks.md"
+    res = {"job": {"name": "heart", "rounds": 20, "local_epochs": 5, "image_size": 64},
+           "sites": ["a", "b"], "repeats": 1, "model_bytes": 1000,
+           "summary": {n: {"wall_s": w, "wall_all": [w], "peak_rss_mb": 900.0, "bytes_per_reply": None,
+                           "central_test_auc": [0.9], "load_before": [0.5]}
+                       for n, w in (("fedmed_deployment", 80.0), ("fedmed_simulation", 70.0),
+                                    ("flower_deployment", 400.0))}}
+    update_doc(doc, peers=res)
+    text = doc.read_text()
+    assert "| plain Flower app, deployment (Flower's SuperLink + SuperNodes, loopback) | **400.0** |" in text
+    assert "fedmed, deployment vs plain Flower app, deployment: wall ratio **0.20**, |ΔAUC| 0.0000 → met" in text
+    assert "fedmed, simulation vs plain Flower app, deployment" not in text
+    assert "`--only flower_deployment ...`" in text
+    assert "flower_deployment" in peers_run.EXTRA_RUNS and "flower_deployment" not in peers_run.RUNS
+
+
+def test_flower_deployment_driver_stops_what_it_started():
+    """The Flower-deployment driver ends each process it started with the children in its session
+    (a SuperNode's `flwr-clientapp`s), so no run leaves Flower processes behind."""
+    spec = importlib.util.spec_from_file_location(
+        "flower_deployment", ROOT / "benchmarks" / "peers" / "flower_deployment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        " print(c.pid, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(parent.stdout.readline())
+    mod._stop([parent])
+    assert parent.poll() is not None
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the started process's child survived")
 
 
 def test_heart_cohort_holds_out_a_stratified_quarter_of_every_hospital(tmp_path, shared_data):
