@@ -190,44 +190,47 @@ def _fedmed(kind: str, root: Path, out: Path, extra: list[str] | None = None) ->
             "to_results_s": (out / "summary.json").stat().st_mtime - t["t0"]}
 
 
+def _flower_app_args(root: Path, result: Path) -> tuple[str, dict[str, str]]:
+    """The Flower app's ``--run-config`` for this job and the environment its runs get."""
+    run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
+                  f"image-size={JOB['image_size']} cohort='{root}' "
+                  f"fedmed-config='{ROOT / JOB['config']}' result='{result}'")
+    env = {**_env(), "PATH": f"{PEER_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           # the peer venv already holds every dependency, as fedmed's and FLARE's do: no `uv sync`
+           # into a fresh runtime environment on every run (Flower 1.42's default)
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return run_config, env
+
+
+def _flower_result(t: dict[str, Any], result: Path) -> dict[str, Any]:
+    r = json.loads(result.read_text())
+    return {**t, "central_test_auc": r["central_test_auc"], "bytes_per_reply": r["payload_bytes"],
+            "central_auc_by_round": r["central_auc_by_round"], "to_results_s": r["finished"] - t["t0"]}
+
+
 def _flower(root: Path, out: Path) -> dict[str, Any]:
     home = out / "flwr-home"
     home.mkdir(parents=True)
     result, n = out / "result.json", len(cohort_sites(root))
-    run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
-                  f"image-size={JOB['image_size']} cohort='{root}' "
-                  f"fedmed-config='{ROOT / JOB['config']}' result='{result}'")
-    env = {**_env(), "FLWR_HOME": str(home), "PATH": f"{PEER_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           # the peer venv already holds every dependency, as fedmed's and FLARE's do: no `uv sync`
-           # into a fresh runtime environment on every run (Flower 1.42's default)
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    run_config, env = _flower_app_args(root, result)
     cmd = [str(PEER_VENV / "bin" / "flwr"), "run", str(HERE / "flower_app"), "--stream",
            "--federation-config",
            f"num_supernodes={n} client_resources_num_cpus=1 init_args_num_cpus={n}",
            "--run-config", run_config]
     try:
-        t = _timed(cmd, log=out / "flwr-run.log", env=env, marker=str(home))
+        t = _timed(cmd, log=out / "flwr-run.log", env={**env, "FLWR_HOME": str(home)}, marker=str(home))
     finally:
         _kill_marked(str(home))
-    r = json.loads(result.read_text())
-    return {**t, "central_test_auc": r["central_test_auc"], "bytes_per_reply": r["payload_bytes"],
-            "central_auc_by_round": r["central_auc_by_round"], "to_results_s": r["finished"] - t["t0"]}
+    return _flower_result(t, result)
 
 
 def _flower_deployment(root: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     result, n = out / "result.json", len(cohort_sites(root))
-    run_config = (f"num-server-rounds={JOB['rounds']} local-epochs={JOB['local_epochs']} "
-                  f"image-size={JOB['image_size']} cohort='{root}' "
-                  f"fedmed-config='{ROOT / JOB['config']}' result='{result}'")
-    env = {**_env(), "PATH": f"{PEER_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    run_config, env = _flower_app_args(root, result)
     cmd = [str(PEER_VENV / "bin" / "python"), str(HERE / "flower_deployment.py"), "--app", str(HERE / "flower_app"),
            "--sites", str(n), "--run-config", run_config, "--out", str(out)]
-    t = _timed(cmd, log=out / "driver.log", env=env)
-    r = json.loads(result.read_text())
-    return {**t, "central_test_auc": r["central_test_auc"], "bytes_per_reply": r["payload_bytes"],
-            "central_auc_by_round": r["central_auc_by_round"], "to_results_s": r["finished"] - t["t0"]}
+    return _flower_result(_timed(cmd, log=out / "driver.log", env=env), result)
 
 
 def _nvflare(root: Path, out: Path) -> dict[str, Any]:
