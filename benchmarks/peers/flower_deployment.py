@@ -6,7 +6,9 @@
 Flower's default isolation (every message runs in a fresh ``flwr-clientapp`` process), submits
 the app with ``flwr run --stream``, and stops them all once the run has ended. Stock Flower
 throughout: what a user deploying the plain app would run, with the peers' venv holding its
-dependencies (no installation at run time, as for fedmed and FLARE). Standard library only.
+dependencies (no installation at run time, as for fedmed and FLARE). Ports, the health wait and
+the flwr CLI's connection file are fedmed's own helpers (:mod:`fedmed.flower`; fedmed is in the
+peers' venv for its model and data).
 """
 
 from __future__ import annotations
@@ -14,32 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _healthy(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as res:
-                if res.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"flower-superlink did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
-        time.sleep(0.2)
+from fedmed.flower import free_port, wait_healthy, write_connection
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -68,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     home = a.out / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(home.resolve())}
-    port = _free_port()
+    address = f"127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], log: str) -> None:
@@ -77,15 +58,14 @@ def main(argv: list[str] | None = None) -> int:
                                           stdin=subprocess.DEVNULL, start_new_session=True))
 
     try:
-        start([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-runtime-dependency-installation"], "superlink.log")
-        _healthy(port)
+        start([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+               "--port", address.rsplit(":", 1)[1], "--disable-runtime-dependency-installation"], "superlink.log")
+        wait_healthy(address, proc=procs[0], log_path=a.out / "superlink.log")
         for i in range(a.sites):
-            start([str(bin_ / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                   "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions={a.sites}"],
+            start([str(bin_ / "flower-supernode"), "--insecure", "--superlink", address,
+                   "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={a.sites}"],
                   f"supernode-{i}.log")
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        write_connection(home, name="local", address=address)
         with open(a.out / "flwr-run.log", "wb") as fh:
             return subprocess.call([str(bin_ / "flwr"), "run", str(a.app), "local", "--stream",
                                     "--run-config", a.run_config], env=env, stdout=fh, stderr=subprocess.STDOUT)
