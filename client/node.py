@@ -16,6 +16,7 @@ import sys
 
 from fedmed.client import flower_compat
 from fedmed.client.marks import NOTICE_MARK
+from fedmed.errors import freeze_at_exit
 from fedmed.flower import console_script
 
 __all__ = ["main"]
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll", type=float, default=0.25, help="longest idle sleep of the node, seconds")
     p.add_argument("node_args", nargs=argparse.REMAINDER, help="flower-supernode's arguments, after --")
     a = p.parse_args(argv)
+    freeze_at_exit()  # a run's end waits on this process's exit
     if not 0.01 <= a.poll <= 3.0:
         p.error("--poll must be between 0.01 and 3 seconds")
     args = a.node_args[1:] if a.node_args[:1] == ["--"] else a.node_args

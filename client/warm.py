@@ -31,6 +31,7 @@ from fedmed.client import flower_compat
 from fedmed.client.approval import AppRefused, check_fab
 from fedmed.client.marks import RUNNER_CANNOT, RUNNER_READY
 from fedmed.client.refusals import log_internal, log_refusal, run_app_safely
+from fedmed.errors import freeze_at_exit
 
 __all__ = ["preload", "serve", "run_task"]
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-images", action="store_true",
                    help="this site holds no images: do not import the image augmentation ahead of the tasks")
     a = p.parse_args(argv)
+    freeze_at_exit()  # a run's end waits on this process's exit
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     problem = flower_compat.check_warm()

@@ -7,16 +7,19 @@ the built-in base callers already catch (``ValueError``, ``RuntimeError``, ``Tim
 
 :func:`run_command` prints those (and a missing file) as one ``prog: error: ...`` line with
 exit code 2. Every other exception — a shape mismatch, a bare ``ValueError`` from a bug —
-shows its traceback: it is a defect to fix, not a message to read.
+shows its traceback: it is a defect to fix, not a message to read. A command's process then
+leaves without the interpreter's last garbage collection (:func:`freeze_at_exit`).
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import sys
 from collections.abc import Callable
 
 __all__ = ["FedmedError", "UsageError", "RunError", "RunTimeout", "TrainingDiverged", "MissingExtra", "USER_ERRORS",
-           "run_command"]
+           "run_command", "freeze_at_exit"]
 
 
 class FedmedError(Exception):
@@ -47,9 +50,31 @@ class MissingExtra(FedmedError, ModuleNotFoundError):
 USER_ERRORS: tuple[type[BaseException], ...] = (FedmedError, FileNotFoundError)
 
 
+_freeze_registered = False
+
+
+def freeze_at_exit() -> None:
+    """Skip the interpreter's last garbage collection when this process exits (once per process).
+
+    At exit CPython collects every object still alive; with torch, scikit-learn, Flower,
+    MLflow and Ray loaded that took 1.4 s of CPU per process here (1.7 s against 0.3 s with
+    the heap frozen), and a federation's processes all pay it at once at its end, the
+    simulation's driver after its results are written. ``gc.freeze`` from an exit handler
+    moves those objects out of the collector's reach: the other exit handlers (logging's
+    flush, Ray's and MLflow's shutdown) and the modules' teardown still run — unlike
+    ``os._exit`` — only cyclic garbage is left unfinalized, and fedmed closes what it writes
+    before a command returns. Hand-rolled: no library offers it; Python has no setting for it.
+    """
+    global _freeze_registered
+    if not _freeze_registered:
+        atexit.register(gc.freeze)
+        _freeze_registered = True
+
+
 def run_command(prog: str, fn: Callable[[], int], *, interrupted: str = "interrupted",
                 interrupted_code: int = 130) -> int:
     """Run ``fn``; a :data:`USER_ERRORS` error prints ``prog: error: ...`` and returns 2."""
+    freeze_at_exit()
     try:
         return int(fn() or 0)
     except USER_ERRORS as exc:

@@ -73,3 +73,28 @@ def _code_of(argv: list[str], capsys) -> int:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fedmed: error: "), err
     return code
+
+
+_EXIT = """
+import atexit, gc, os, sys
+from fedmed.errors import freeze_at_exit, run_command
+gc.disable()  # leave the cycle below to the interpreter's last collection
+class Cycle:
+    def __init__(self):
+        self.me, self.write = self, os.write
+    def __del__(self):
+        self.write(2, b"collected at exit\\n")
+Cycle()
+atexit.register(lambda: sys.stderr.write("exit handler ran\\n"))
+{call}
+"""
+
+
+@pytest.mark.parametrize("call", ["", "sys.exit(run_command('fedmed', lambda: 0))", "freeze_at_exit()"])
+def test_a_command_leaves_without_the_last_collection_but_runs_exit_handlers(call):
+    """fedmed's commands skip the interpreter's final collection of every live object (seconds
+    with torch and Flower loaded) and keep the exit handlers; a plain script keeps both."""
+    res = subprocess.run([sys.executable, "-c", _EXIT.format(call=call)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "exit handler ran" in res.stderr, res.stderr
+    assert ("collected at exit" in res.stderr) == (call == ""), res.stderr
