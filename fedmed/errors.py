@@ -57,9 +57,9 @@ def freeze_at_exit() -> None:
     """Skip the interpreter's last garbage collection when this process exits (once per process).
 
     At exit CPython collects every object still alive; with torch, scikit-learn, Flower,
-    MLflow and Ray loaded that took 1.4 s of CPU per process here (1.7 s against 0.3 s with
-    the heap frozen), and a federation's processes all pay it at once at its end, the
-    simulation's driver after its results are written. ``gc.freeze`` from an exit handler
+    MLflow and Ray loaded, exiting took 1.7 s here against 0.3 s with the heap frozen, and a
+    federation's processes all pay it at once at its end, the simulation's driver after its
+    results are written. ``gc.freeze`` from an exit handler
     moves those objects out of the collector's reach: the other exit handlers (logging's
     flush, Ray's and MLflow's shutdown) and the modules' teardown still run — unlike
     ``os._exit`` — only cyclic garbage is left unfinalized, and fedmed closes what it writes

@@ -6,36 +6,26 @@
 Flower's default isolation (every message runs in a fresh ``flwr-clientapp`` process), submits
 the app with ``flwr run --stream``, and stops them all once the run has ended. Stock Flower
 throughout: what a user deploying the plain app would run, with the peers' venv holding its
-dependencies (no installation at run time, as for fedmed and FLARE). Ports, the health wait and
-the flwr CLI's connection file are fedmed's own helpers (:mod:`fedmed.flower`; fedmed is in the
-peers' venv for its model and data).
+dependencies (no installation at run time, as for fedmed and FLARE). Starting and stopping the
+processes, ports, the health wait and the flwr CLI's connection file are fedmed's own helpers
+(:mod:`fedmed.flower`; fedmed is in the peers' venv for its model and data).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from fedmed.flower import free_port, wait_healthy, write_connection
+from fedmed.flower import console_script, free_port, spawn, stop, wait_healthy, write_connection
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    """End each started process and its children (its own session: its group)."""
+    """End each started process and its children (its own session: its group), last first."""
     for p in reversed(procs):
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except OSError:
-            pass
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        stop(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,29 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", required=True, help="flwr run --run-config")
     p.add_argument("--out", type=Path, required=True, help="logs and FLWR_HOME go here")
     a = p.parse_args(argv)
-    bin_ = Path(sys.executable).parent
     home = a.out / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FLWR_HOME": str(home.resolve())}
     address = f"127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []
-
-    def start(args: list[str], log: str) -> None:
-        with open(a.out / log, "wb") as fh:
-            procs.append(subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True))
-
     try:
-        start([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-               "--port", address.rsplit(":", 1)[1], "--disable-runtime-dependency-installation"], "superlink.log")
+        procs.append(spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+                            address.rsplit(":", 1)[1], "--disable-runtime-dependency-installation"],
+                           env=env, log_path=a.out / "superlink.log"))
         wait_healthy(address, proc=procs[0], log_path=a.out / "superlink.log")
         for i in range(a.sites):
-            start([str(bin_ / "flower-supernode"), "--insecure", "--superlink", address,
-                   "--port", str(free_port()), "--node-config", f"partition-id={i} num-partitions={a.sites}"],
-                  f"supernode-{i}.log")
+            procs.append(spawn(["flower-supernode", "--insecure", "--superlink", address, "--port",
+                                str(free_port()), "--node-config", f"partition-id={i} num-partitions={a.sites}"],
+                               env=env, log_path=a.out / f"supernode-{i}.log"))
         write_connection(home, name="local", address=address)
         with open(a.out / "flwr-run.log", "wb") as fh:
-            return subprocess.call([str(bin_ / "flwr"), "run", str(a.app), "local", "--stream",
+            return subprocess.call([console_script("flwr"), "run", str(a.app), "local", "--stream",
                                     "--run-config", a.run_config], env=env, stdout=fh, stderr=subprocess.STDOUT)
     finally:
         _stop(procs)

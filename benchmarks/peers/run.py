@@ -291,7 +291,7 @@ def _one(name: str, root: Path, out: Path) -> dict[str, Any]:
 
 def measure(work: Path, *, repeats: int = 1, runs: tuple[str, ...] = RUNS) -> dict[str, Any]:
     """Every run in ``runs`` ``repeats`` times (rotating order) under the benchmark lock."""
-    if any(r in ("flower", "nvflare", "flower_deployment") for r in runs) and not (PEER_VENV / "bin" / "flwr").exists():
+    if any(not r.startswith("fedmed_") for r in runs) and not (PEER_VENV / "bin" / "flwr").exists():
         raise FileNotFoundError(f"{PEER_VENV} is missing: run `make bench-peers-setup` first")
     root = heart_cohort(work / "heart") if JOB["name"] == "heart" else cohort(work / "cohort")
     from benchmarks.common import bench_config
